@@ -1,0 +1,3 @@
+from ckpt_ema.cli import main
+
+main()

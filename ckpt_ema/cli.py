@@ -1,0 +1,206 @@
+"""The ``ckpt-ema`` command line: parse options, call the library, print. No logic of its own.
+
+Every error the user can cause is one line on stderr, ``ckpt-ema: error: <file>: <problem>``, with exit code 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ckpt_ema import __version__
+from ckpt_ema.api import ACCUM_DTYPES, DTYPES, plan, run
+from ckpt_ema.plan import INTERPOLATIONS
+from ckpt_ema.output import check_output_path
+from ckpt_ema.errors import CkptEmaError
+
+
+def fail(message: str, code: int = 2) -> None:
+    click.echo(f"ckpt-ema: error: {message}", err=True)
+    sys.exit(code)
+
+
+class OneLineErrors(click.Group):
+    """A group whose errors (ours and Click's usage errors) print as one line, without usage text or traceback."""
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        try:
+            rv = super().main(args, prog_name or "ckpt-ema", complete_var, standalone_mode=False, **extra)
+        except CkptEmaError as exc:
+            fail(str(exc))
+        except click.ClickException as exc:
+            fail(exc.format_message(), exc.exit_code)
+        except (click.exceptions.Abort, KeyboardInterrupt):
+            fail("interrupted; no output was written", 130)
+        if not standalone_mode:
+            return rv
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+class NumbersOption(click.Option):
+    """An option that takes one or more numbers after one flag: ``--decay 0.99 0.999 0.9999``.
+
+    The tokens after the flag are taken while they parse as numbers, so checkpoint paths may follow; repeating
+    the flag works too.
+    """
+
+    def add_to_parser(self, parser: Any, ctx: click.Context) -> None:
+        super().add_to_parser(parser, ctx)
+        for name in self.opts:
+            option = getattr(parser, "_long_opt", {}).get(name) or getattr(parser, "_short_opt", {}).get(name)
+            if option is None:
+                continue  # a Click without these internals: the flag still works, repeated once per value
+            process = option.process
+
+            def take_numbers(value: str, state: Any, process: Any = process) -> None:
+                process(value, state)
+                while state.rargs and _is_number(state.rargs[0]):
+                    process(state.rargs.pop(0), state)
+
+            option.process = take_numbers
+
+
+def _is_number(token: str) -> bool:
+    try:
+        float(token)
+    except ValueError:
+        return False
+    return True
+
+
+def show_progress(quiet: bool) -> bool:
+    """tqdm bars only for a person watching: not with --quiet, not when stderr goes to a file or a pipe."""
+    return not quiet and sys.stderr.isatty()
+
+
+def say(message: str, quiet: bool) -> None:
+    if not quiet:
+        click.echo(message, err=True)
+
+
+@click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="ckpt-ema")
+def main() -> None:
+    """Recover the EMA of a model's weights after training, from the checkpoints the run saved."""
+
+
+def ema_schedule_options(prefix: str = "") -> Any:
+    """The options of timm's ModelEmaV3 that define the per-step decay, shared by ``average`` and ``train``."""
+    return stack(
+        click.option(f"--{prefix}min-decay", type=float, default=0.0, show_default=True,
+                     help="Lower bound on the decay during warmup (timm's min_decay)."),
+        click.option(f"--{prefix}update-after-step", type=int, default=0, show_default=True,
+                     help="Copy the model, without averaging, up to and including this step + 1."),
+        click.option(f"--{prefix}warmup/--no-{prefix}warmup", default=False, show_default=True,
+                     help="timm's use_warmup: decay = 1 - (1 + t/gamma)^-power, capped at --decay."),
+        click.option(f"--{prefix}warmup-gamma", type=float, default=1.0, show_default=True,
+                     help="gamma of the warmup formula."),
+        click.option(f"--{prefix}warmup-power", type=float, default=2 / 3, show_default="2/3",
+                     help="power of the warmup formula (timm's default 2/3)."),
+    )
+
+
+def stack(*decorators: Any) -> Any:
+    """Apply ``decorators`` as if written one above the other, first on top."""
+
+    def decorate(command: Any) -> Any:
+        for decorator in reversed(decorators):
+            command = decorator(command)
+        return command
+
+    return decorate
+
+
+# How the checkpoints are read and the averages computed: shared by ``average`` and ``sweep``.
+averaging_options = stack(
+    ema_schedule_options(),
+    click.option("--bias-correction", is_flag=True,
+                 help="Start from zero and divide by 1 - prod(decay) (Adam's correction) instead of copying the first."),
+    click.option("--interpolate", type=click.Choice(INTERPOLATIONS), default="step", show_default=True,
+                 help="The weights between two checkpoints: held at the newer one (step) or moving linearly (linear)."),
+    click.option("--from-step", type=int, default=None, help="Use only checkpoints at this step or later."),
+    click.option("--to-step", type=int, default=None, help="Use only checkpoints at this step or earlier."),
+    click.option("--per-checkpoint", is_flag=True, help="Ignore steps: every checkpoint counts as one update."),
+    click.option("--key", default=None, help="Where the weights are inside each checkpoint (e.g. state_dict_ema)."),
+    click.option("--device", default="cpu", show_default=True, help="Where to accumulate: cpu, cuda, mps."),
+    click.option("--accum-dtype", type=click.Choice(ACCUM_DTYPES), default="float32", show_default=True,
+                 help="Precision of the running average."),
+    click.option("--out-dtype", type=click.Choice(list(DTYPES)), default=None,
+                 help="dtype of every output tensor [default: each tensor's input dtype]."),
+    click.option("--max-memory", default=None,
+                 help="Memory budget for accumulators, e.g. 500MB [default: a quarter of available memory, at most 2 GB]."),
+    click.option("--max-shard-size", default="5GB", show_default=True,
+                 help="Shard a larger output into NAME-0000k-of-0000n.safetensors + NAME.safetensors.index.json."),
+    click.option("-q", "--quiet", is_flag=True, help="No progress bar, notes or summary."),
+)
+
+
+@main.command("average")
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Where to write the average (.safetensors).")
+@click.option("--decay", type=float, default=None,
+              help="EMA decay per training step, as passed to timm's ModelEmaV3.  [default: 0.999]")
+@click.option("--half-life", type=float, default=None,
+              help="Instead of --decay: steps over which a weight halves (decay = 0.5^(1/STEPS)).")
+@click.option("--last", type=int, default=None, help="Instead of an EMA: the plain mean of the newest K checkpoints.")
+@averaging_options
+@click.option("--dry-run", is_flag=True, help="Print the checkpoints, steps and weights; read no tensor.")
+def average_command(inputs: tuple[str, ...], output: str | None, dry_run: bool, quiet: bool, **options: Any) -> None:
+    """Average checkpoints INPUTS (files, globs, folders) into one .safetensors file.
+
+    Checkpoints are taken in training-step order and folded into timm's EMA recurrence; with a checkpoint saved
+    every step the result equals timm's ModelEmaV3 run online.
+    """
+    if output is None and not dry_run:
+        raise click.UsageError("missing option '-o' / '--output' (or use --dry-run)")
+    if output is not None:
+        check_output_path(output)
+    the_plan = plan(list(inputs), **options)
+    _print_notes(the_plan.discovery, quiet)
+    if dry_run:
+        click.echo(the_plan.table())
+        return
+    result = run(the_plan, output, progress=show_progress(quiet))
+    say(result.summary(), quiet)
+
+
+@main.command("sweep")
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("-o", "--output", "outdir", required=True, type=click.Path(file_okay=False),
+              help="Folder for one .safetensors per candidate (created if missing).")
+@click.option("--decay", "decays", cls=NumbersOption, type=float, multiple=True, help="EMA decays to try: 0.99 0.999 ...")
+@click.option("--half-life", "half_lives", cls=NumbersOption, type=float, multiple=True, help="EMA half-lives, in steps.")
+@click.option("--last", "lasts", cls=NumbersOption, type=int, multiple=True, help="Uniform means of the newest K: 5 10 ...")
+@averaging_options
+def sweep_command(inputs: tuple[str, ...], outdir: str, quiet: bool, **options: Any) -> None:
+    """Many averages of checkpoints INPUTS from one read: every --decay, --half-life and --last at once."""
+    from ckpt_ema.sweep import plan_sweep, run_sweep, sweep_table
+
+    folder = Path(outdir)
+    if not folder.parent.is_dir():
+        raise CkptEmaError("the output folder's parent does not exist", folder)
+    candidates = plan_sweep(list(inputs), **options)
+    _print_notes(candidates[0].plan.discovery, quiet)
+    folder.mkdir(exist_ok=True)
+    result = run_sweep(candidates, folder, progress=show_progress(quiet))
+    click.echo(sweep_table(candidates))
+    say(f"read {len(candidates[0].plan.sources)} checkpoints once for {len(candidates)} candidates in "
+        f"{result.seconds:.1f} s; wrote {folder}/<candidate>.safetensors", quiet)
+
+
+def _print_notes(discovery: Any, quiet: bool) -> None:
+    for line in discovery.skipped:
+        say(f"skipped {line}", quiet)
+    for line in discovery.notes:
+        say(f"note: {line}", quiet)
+
+
+# The CIFAR-10 commands live in their own module: they pull in torchvision and the training loop.
+from ckpt_ema.cli_cifar import eval_command, train_command  # noqa: E402
+
+main.add_command(train_command, "train")
+main.add_command(eval_command, "eval")

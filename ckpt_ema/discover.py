@@ -1,0 +1,205 @@
+"""Turn the user's inputs (files, globs, folders) into the run's checkpoints, each with its training step.
+
+Folders are scanned (not recursively) for weight files and Hugging Face ``checkpoint-N/`` folders. What trainers
+write beside their periodic checkpoints is left out, and every file left out for a reason that is not obvious is
+reported in :attr:`Discovery.skipped`:
+
+* aliases of a periodic checkpoint (timm's ``last.pth.tar``/``model_best.pth.tar``, Lightning's ``last.ckpt``),
+  which would otherwise be averaged a second time;
+* training state that is not weights (``optimizer.pt``, ``scheduler.pt``, ``rng_state.pth``, ``training_args.bin``).
+
+The step of each checkpoint comes from its metadata (:data:`ckpt_ema.checkpoint.STEP_KEYS`, or Hugging Face's
+``trainer_state.json``), or else from the last number in its file or folder name.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ckpt_ema.checkpoint import (
+    HF_INDEX_FILES,
+    HF_WEIGHT_FILES,
+    is_weight_file,
+    read_metadata,
+    step_from_metadata,
+    weight_files_of,
+)
+from ckpt_ema.errors import CkptEmaError
+
+# Copies of a periodic checkpoint under a fixed name (Lightning adds -vN when the name is taken).
+ALIAS_PATTERN = re.compile(r"^(last|model_best|best)(-v\d+)?\.(pth\.tar|ckpt|pt|pth|safetensors)$")
+ALIAS_WRITERS = {"last": "the newest checkpoint", "model_best": "the best checkpoint", "best": "the best checkpoint"}
+
+# Files that a Hugging Face Trainer (and others) save next to the weights; they are training state, not weights.
+NOT_WEIGHTS_PATTERN = re.compile(
+    r"^(optimizer|scheduler|scaler|rng_state(_\d+)?|training_args|trainer_state|lr_scheduler)\.(pt|pth|bin|json)$"
+)
+HF_FOLDER_PATTERN = re.compile(r"^checkpoint-\d+$")
+SHARD_PATTERN = re.compile(r"-\d{5}-of-\d{5}\.(safetensors|bin)$")
+
+
+@dataclass
+class Source:
+    """One checkpoint of the run: a weight file or a Hugging Face folder, and where its step came from."""
+
+    path: Path
+    step: int | None
+    step_from: str  # "metadata:<key>", "trainer_state.json", "name", or "order" (one update per checkpoint)
+    nbytes: int
+    metadata: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+@dataclass
+class Discovery:
+    sources: list[Source]
+    skipped: list[str]  # "<path>: <why>", one per file left out
+    notes: list[str]  # things the user should know, e.g. that steps are unknown
+
+
+def natural_key(text: str) -> list[Any]:
+    """Sort key under which ``ckpt_2`` comes before ``ckpt_10``."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
+
+
+def step_from_name(path: Path) -> int | None:
+    """The last number in a file or folder name (``epoch=3-step=400.ckpt`` -> 400), ignoring its suffixes."""
+    name = path.name
+    for suffix in (".pth.tar", ".safetensors", ".ckpt", ".pth", ".bin", ".pt"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    numbers = re.findall(r"\d+", name)
+    return int(numbers[-1]) if numbers else None
+
+
+def is_hf_checkpoint_folder(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in HF_WEIGHT_FILES + HF_INDEX_FILES)
+
+
+def _expand(inputs: list[str | Path]) -> tuple[list[Path], list[str]]:
+    """Expand globs and scan folders; returns candidate checkpoints and what was skipped."""
+    found: list[Path] = []
+    skipped: list[str] = []
+    for raw in inputs:
+        text = str(raw)
+        path = Path(text).expanduser()
+        if path.exists():
+            matches = [path]
+        elif glob.has_magic(text):
+            matches = sorted((Path(m) for m in glob.glob(os.path.expanduser(text), recursive=True)), key=lambda p: natural_key(str(p)))
+            if not matches:
+                raise CkptEmaError("no checkpoint matches this pattern", text)
+        else:
+            raise CkptEmaError("no such file or folder", text)
+        for match in matches:
+            if match.is_dir() and not is_hf_checkpoint_folder(match):
+                found_here, skipped_here = _scan_folder(match)
+                found += found_here
+                skipped += skipped_here
+            elif match.is_dir() or is_weight_file(match):
+                if NOT_WEIGHTS_PATTERN.match(match.name):
+                    skipped.append(f"{match}: training state, not weights")
+                else:
+                    found.append(match)
+            elif not glob.has_magic(text):
+                raise CkptEmaError(
+                    "not a checkpoint file (expected .pt, .pth, .bin, .ckpt, .pth.tar, .safetensors or a folder)", match
+                )
+    return found, skipped
+
+
+def _scan_folder(folder: Path) -> tuple[list[Path], list[str]]:
+    found: list[Path] = []
+    skipped: list[str] = []
+    for entry in sorted(folder.iterdir(), key=lambda p: natural_key(p.name)):
+        if entry.is_dir():
+            if HF_FOLDER_PATTERN.match(entry.name) and is_hf_checkpoint_folder(entry):
+                found.append(entry)
+        elif is_weight_file(entry):
+            if NOT_WEIGHTS_PATTERN.match(entry.name):
+                skipped.append(f"{entry}: training state, not weights")
+            elif SHARD_PATTERN.search(entry.name):
+                skipped.append(f"{entry}: one shard of a sharded set; pass the folder that holds its index json")
+            else:
+                found.append(entry)
+    if not found:
+        raise CkptEmaError("no checkpoint found in this folder", folder)
+    return found, skipped
+
+
+def _drop_aliases_and_duplicates(paths: list[Path]) -> tuple[list[Path], list[str]]:
+    """Leave out second names for the same file and trainer aliases, when periodic checkpoints are present."""
+    kept: list[Path] = []
+    skipped: list[str] = []
+    seen: dict[Path, Path] = {}
+    for path in paths:
+        real = path.resolve()
+        if real in seen:
+            if seen[real] != path:
+                skipped.append(f"{path}: the same file as {seen[real]}")
+            continue
+        seen[real] = path
+        kept.append(path)
+    periodic = [p for p in kept if not ALIAS_PATTERN.match(p.name)]
+    if not periodic:
+        return kept, skipped  # only aliases given: they are what the user wants averaged
+    for path in kept:
+        match = ALIAS_PATTERN.match(path.name)
+        if match:
+            skipped.append(f"{path}: an alias of {ALIAS_WRITERS[match.group(1)]}, not averaged a second time")
+    return periodic, skipped
+
+
+def _file_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in weight_files_of(path) if f.is_file())
+
+
+def discover(inputs: list[str | Path], key: str | None = None, per_checkpoint: bool = False) -> Discovery:
+    """Resolve ``inputs`` to the run's checkpoints, in training order, reading only their metadata.
+
+    Order is by step; steps that repeat across different checkpoints are an error. When some checkpoint has no
+    step (none in its metadata or its name), or ``per_checkpoint`` is set, every checkpoint counts as one update
+    (steps 1, 2, ...) in natural name order.
+    """
+    if not inputs:
+        raise CkptEmaError("no checkpoints given")
+    paths, skipped = _expand(list(inputs))
+    paths, more_skipped = _drop_aliases_and_duplicates(paths)
+    skipped += more_skipped
+    if not paths:
+        raise CkptEmaError(f"no checkpoint found in {', '.join(str(i) for i in inputs)}")
+
+    sources: list[Source] = []
+    for path in paths:
+        meta = read_metadata(path, key)
+        found = step_from_metadata(meta)
+        if found is not None:
+            step, step_from = found[0], ("trainer_state.json" if path.is_dir() and found[1] == "global_step" else f"metadata:{found[1]}")
+        else:
+            step, step_from = step_from_name(path), "name"
+        sources.append(Source(path=path, step=step, step_from=step_from, nbytes=_file_size(path), metadata=meta))
+
+    notes: list[str] = []
+    unknown = [s for s in sources if s.step is None]
+    if per_checkpoint or unknown:
+        if unknown and not per_checkpoint:
+            notes.append(
+                f"no training step in the metadata or name of {unknown[0].path}"
+                + (f" and {len(unknown) - 1} more" if len(unknown) > 1 else "")
+                + ": counting one update per checkpoint, in name order"
+            )
+        sources.sort(key=lambda s: natural_key(str(s.path)))
+        for i, source in enumerate(sources):
+            source.step, source.step_from = i + 1, "order"
+        return Discovery(sources, skipped, notes)
+
+    sources.sort(key=lambda s: (s.step, natural_key(str(s.path))))
+    for before, after in zip(sources, sources[1:]):
+        if before.step == after.step:
+            raise CkptEmaError(f"two checkpoints have step {after.step}: {before.path} and {after.path}", after.path)
+    return Discovery(sources, skipped, notes)

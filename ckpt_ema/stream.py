@@ -1,0 +1,265 @@
+"""The averaging engine: fold every checkpoint into running weighted means, one chunk of the model at a time.
+
+For checkpoint i in training order and each candidate average c (one for ``average``, several for a sweep)::
+
+    acc_c <- lerp(acc_c, theta_i, t_ci)        (torch._foreach_lerp_; the first weighted checkpoint is copied)
+
+with the lerp weights t of :attr:`ckpt_ema.plan.Weighting.lerps`. The loop runs chunk-major: the model's tensors
+are cut into chunks of ``chunk_elems`` elements (big tensors split, small ones grouped), and for each chunk every
+checkpoint's matching slice is folded in before the next chunk starts. So
+
+* memory is bounded by the chunk, not the model: the accumulator of one chunk per candidate, whatever the model
+  size or the number of checkpoints (checkpoints are mmap'd views, nothing is loaded whole);
+* the accumulator chunk stays in the CPU cache while all checkpoints pass through it, so memory traffic is one
+  read per checkpoint byte (like ``cat``) instead of a read-modify-write of a model-sized accumulator each time;
+* finished chunks go straight to the output writer, in the order of the output file.
+
+Non-float tensors (BatchNorm's ``num_batches_tracked``) are copied from the newest checkpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from ckpt_ema.checkpoint import Checkpoint, open_checkpoint
+from ckpt_ema.errors import CkptEmaError
+
+# Elements per chunk: 1M float32 = 4 MB, small enough to stay in cache, large enough that Python overhead is nil.
+DEFAULT_CHUNK_ELEMS = 1 << 20
+# How many differences to list when two checkpoints do not hold the same tensors.
+SHOWN_DIFFERENCES = 5
+
+
+class Sink(Protocol):
+    """Where finished pieces go, in layout order (an output file, or tensors in memory)."""
+
+    def write(self, name: str, piece: torch.Tensor) -> None: ...
+
+
+@dataclass
+class Layout:
+    """Names (in output order), shapes and dtypes of the tensors every checkpoint of the run must share."""
+
+    shapes: dict[str, tuple[int, ...]]
+    dtypes: dict[str, torch.dtype]
+    source: Path
+
+    @classmethod
+    def of(cls, ckpt: Checkpoint) -> Layout:
+        found = ckpt.shapes()
+        return cls({n: s for n, (s, _) in found.items()}, {n: d for n, (_, d) in found.items()}, ckpt.path)
+
+    def numel(self, name: str) -> int:
+        n = 1
+        for d in self.shapes[name]:
+            n *= d
+        return n
+
+    def is_float(self, name: str) -> bool:
+        return self.dtypes[name].is_floating_point
+
+    def float_nbytes(self) -> int:
+        """Bytes of float tensors in one checkpoint: what each used checkpoint contributes to the fold."""
+        return sum(self.numel(n) * d.itemsize for n, d in self.dtypes.items() if d.is_floating_point)
+
+    def output_dtypes(self, out_dtype: torch.dtype | None) -> dict[str, torch.dtype]:
+        """Each tensor's dtype in the output: its own, or ``out_dtype`` for every float tensor."""
+        return {n: out_dtype if out_dtype is not None and d.is_floating_point else d for n, d in self.dtypes.items()}
+
+    def check_same(self, other: Layout) -> None:
+        """Raise a one-line error listing the first differences between two checkpoints' tensors."""
+        problems = [f"{n} is missing" for n in self.shapes if n not in other.shapes]
+        problems += [f"{n} is extra" for n in other.shapes if n not in self.shapes]
+        problems += [
+            f"{n} has shape {list(other.shapes[n])}, not {list(s)}"
+            for n, s in self.shapes.items()
+            if n in other.shapes and other.shapes[n] != s
+        ]
+        problems += [
+            f"{n} is {other.dtypes[n]}, not a float as in {self.source.name}"
+            for n, d in self.dtypes.items()
+            if n in other.dtypes and d.is_floating_point != other.dtypes[n].is_floating_point
+        ]
+        if problems:
+            more = f" (and {len(problems) - SHOWN_DIFFERENCES} more)" if len(problems) > SHOWN_DIFFERENCES else ""
+            raise CkptEmaError(
+                f"tensors differ from {self.source}: {'; '.join(problems[:SHOWN_DIFFERENCES])}{more}", other.source
+            )
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Elements [start, stop) of one tensor, flattened."""
+
+    name: str
+    start: int
+    stop: int
+
+
+def chunk_pieces(layout: Layout, chunk_elems: int) -> list[list[Piece]]:
+    """Cut the layout's tensors, in order, into chunks of at most ``chunk_elems`` elements."""
+    chunks: list[list[Piece]] = [[]]
+    room = chunk_elems
+    for name in layout.shapes:
+        start, numel = 0, layout.numel(name)
+        if numel == 0:
+            chunks[-1].append(Piece(name, 0, 0))
+            continue
+        while start < numel:
+            if room == 0:
+                chunks.append([])
+                room = chunk_elems
+            stop = min(numel, start + room)
+            chunks[-1].append(Piece(name, start, stop))
+            room -= stop - start
+            start = stop
+    return [c for c in chunks if c]
+
+
+class FlatViews:
+    """Flat views of one checkpoint's tensors; a non-contiguous tensor is made contiguous once, not per chunk."""
+
+    def __init__(self, ckpt: Checkpoint) -> None:
+        self.ckpt = ckpt
+        self._cached: tuple[str, torch.Tensor] | None = None
+
+    def piece(self, p: Piece) -> torch.Tensor:
+        if self._cached is not None and self._cached[0] == p.name:
+            return self._cached[1][p.start : p.stop]
+        t = self.ckpt.tensor(p.name)
+        flat = t.reshape(-1) if t.is_contiguous() else t.contiguous().reshape(-1)
+        self._cached = (p.name, flat)
+        return flat[p.start : p.stop]
+
+
+def open_run(paths: Sequence[Path], needed: Sequence[int], key: str | None) -> tuple[dict[int, FlatViews], Layout]:
+    """Open the checkpoints at the ``needed`` indices and check that they hold the same tensors (headers only)."""
+    opened: dict[int, FlatViews] = {}
+    layout: Layout | None = None
+    for i in needed:
+        ckpt = open_checkpoint(paths[i], key)
+        this = Layout.of(ckpt)
+        if layout is None:
+            layout = this
+        else:
+            layout.check_same(this)
+        opened[i] = FlatViews(ckpt)
+    assert layout is not None
+    return opened, layout
+
+
+def fold(
+    paths: Sequence[Path],
+    lerps: Sequence[Sequence[float]],
+    sinks: Sequence[Sink],
+    *,
+    key: str | None = None,
+    device: str = "cpu",
+    accum_dtype: torch.dtype = torch.float32,
+    chunk_elems: int = DEFAULT_CHUNK_ELEMS,
+    on_bytes: Callable[[int], None] | None = None,
+    on_layout: Callable[[Layout, int], None] | None = None,
+) -> Layout:
+    """Fold the checkpoints at ``paths`` into one running mean per candidate and stream the results to ``sinks``.
+
+    ``lerps[c][i]`` is candidate c's lerp weight for checkpoint i (0: not used; the first nonzero one is 1).
+    Checkpoints no candidate uses are not opened, except the newest, whose non-float tensors are copied.
+    ``on_layout(layout, n_used)`` is called once the tensors are known, before any is written (to open output
+    files, size progress bars); ``on_bytes(n)`` as checkpoint bytes are folded in.
+    """
+    if len(lerps) != len(sinks):
+        raise ValueError("one sink per candidate")
+    last = len(paths) - 1
+    used = [i for i in range(len(paths)) if any(c[i] > 0 for c in lerps)]
+    if not used:
+        raise CkptEmaError("no checkpoint carries any weight")
+    opened, layout = open_run(paths, sorted(set(used) | {last}), key)
+    if on_layout is not None:
+        on_layout(layout, len(used))
+    dev = torch.device(device)
+    stage = _stager(dev)
+    buffers = [torch.empty(chunk_elems, dtype=accum_dtype, device=dev) for _ in lerps]
+    for chunk in chunk_pieces(layout, chunk_elems):
+        floats = [p for p in chunk if layout.is_float(p.name)]
+        offsets = _offsets(floats)
+        accs = [[buf[a:b] for a, b in offsets] for buf in buffers]
+        started = [False] * len(lerps)
+        for i in used:
+            sources = [opened[i].piece(p) for p in floats]
+            if on_bytes is not None:
+                on_bytes(sum(s.numel() * s.element_size() for s in sources))
+            sources = stage(sources, accum_dtype)
+            lerp_accs, lerp_srcs, lerp_weights = [], [], []
+            for c, cand in enumerate(lerps):
+                t = cand[i]
+                if t <= 0:
+                    continue
+                if not started[c]:
+                    torch._foreach_copy_(accs[c], sources)
+                    started[c] = True
+                else:
+                    lerp_accs += accs[c]
+                    lerp_srcs += sources
+                    lerp_weights += [t] * len(sources)
+            _lerp(lerp_accs, lerp_srcs, lerp_weights)
+        used_elems = offsets[-1][1] if offsets else 0
+        for c, buf in enumerate(buffers):
+            # A sum is NaN or Inf when any element is (or, rarely, when finite values overflow it: then look
+            # closer). One reduction over a chunk still in cache, no temporary mask.
+            total = buf[:used_elems].sum()
+            if not bool(torch.isfinite(total)) and not bool(torch.isfinite(buf[:used_elems]).all()):
+                _raise_non_finite(floats, opened, used, lerps[c])
+            folded = iter(accs[c])
+            for p in chunk:
+                sinks[c].write(p.name, next(folded) if layout.is_float(p.name) else opened[last].piece(p))
+    return layout
+
+
+def _offsets(pieces: list[Piece]) -> list[tuple[int, int]]:
+    out, at = [], 0
+    for p in pieces:
+        out.append((at, at + p.stop - p.start))
+        at += p.stop - p.start
+    return out
+
+
+def _lerp(accs: list[torch.Tensor], sources: list[torch.Tensor], weights: list[float]) -> None:
+    """``acc <- acc + w * (src - acc)`` for every triple, in as few kernel launches as torch allows."""
+    if not accs:
+        return
+    if len(set(weights)) == 1:
+        torch._foreach_lerp_(accs, sources, weights[0])
+        return
+    try:
+        torch._foreach_lerp_(accs, sources, weights)  # one weight per tensor: torch >= 2.6
+    except TypeError:
+        for a, s, w in zip(accs, sources, weights):
+            a.lerp_(s, w)
+
+
+def _stager(dev: torch.device) -> Callable[[list[torch.Tensor], torch.dtype], list[torch.Tensor]]:
+    """How source pieces reach the accumulator's device and dtype."""
+    if dev.type != "cuda":
+        return lambda sources, dtype: [s.to(device=dev, dtype=dtype) for s in sources]
+    from ckpt_ema.cuda_staging import PinnedStager
+
+    return PinnedStager(dev)
+
+
+def _raise_non_finite(floats: list[Piece], opened: dict[int, FlatViews], used: list[int], lerps: Sequence[float]) -> None:
+    """Name the checkpoint and tensor that brought NaN or Inf into the average."""
+    for i in used:
+        if lerps[i] <= 0:
+            continue
+        for p in floats:
+            piece = opened[i].piece(p)
+            if not bool(torch.isfinite(piece).all()):
+                kind = "NaN" if bool(torch.isnan(piece).any()) else "Inf"
+                raise CkptEmaError(f"tensor {p.name!r} contains {kind}", opened[i].ckpt.path)
+    name = floats[0].name if floats else "?"
+    raise CkptEmaError(f"the average overflowed to Inf near tensor {name!r} (try --accum-dtype float64)")

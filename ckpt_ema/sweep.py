@@ -1,0 +1,117 @@
+"""Many averages from one read of the checkpoints: a sweep over EMA decays and uniform means of the newest k.
+
+Choosing the EMA length today costs a training run per value. From saved checkpoints it costs one read: every
+candidate is a different set of weights over the same checkpoints (:mod:`ckpt_ema.plan`), so the engine folds
+each checkpoint chunk into all the candidates' accumulators at once (one ``torch._foreach_lerp_`` with a weight
+per accumulator) and every checkpoint byte is read once, whatever the number of candidates. Memory is one
+accumulator chunk per candidate, not one model per candidate.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from ckpt_ema.api import AverageOptions, Plan, fold_plans, output_metadata, plan, weighting_for
+from ckpt_ema.errors import CkptEmaError
+from ckpt_ema.output import SafetensorsOutput
+
+
+@dataclass
+class Candidate:
+    """One average of the sweep: its name (the output's file stem) and its plan."""
+
+    name: str
+    plan: Plan
+    output: Path | None = None
+
+    @property
+    def half_life(self) -> float | None:
+        """Steps over which a weight halves under this EMA's final decay (None for a uniform mean)."""
+        if self.plan.options.last is not None:
+            return None
+        decay = self.plan.options.schedule().decay
+        return math.inf if decay >= 1 else (0.0 if decay <= 0 else math.log(0.5) / math.log(decay))
+
+    def describe(self) -> str:
+        opts = self.plan.options
+        if opts.last is not None:
+            return f"uniform mean of the newest {opts.last}"
+        return f"EMA decay {opts.schedule().decay:.6g} ({opts.interpolate})"
+
+
+def candidate_name(opts: AverageOptions) -> str:
+    if opts.last is not None:
+        return f"last-{opts.last}"
+    if opts.half_life is not None:
+        return f"ema-halflife-{opts.half_life:g}"
+    return f"ema-{opts.schedule().decay:.6g}"
+
+
+def plan_sweep(
+    inputs: list[str | Path], decays: list[float] = (), half_lives: list[float] = (), lasts: list[int] = (),
+    **options: Any,
+) -> list[Candidate]:
+    """One candidate per decay, half-life and k; checkpoints are discovered once and shared by all."""
+    if not (decays or half_lives or lasts):
+        raise CkptEmaError("give at least one --decay, --half-life or --last to sweep")
+    options = {k: v for k, v in options.items() if k not in ("decay", "half_life", "last")}
+    base = plan(inputs, **options)
+    variants = [{"decay": d} for d in decays] + [{"half_life": h} for h in half_lives] + [{"last": k} for k in lasts]
+    candidates: list[Candidate] = []
+    for variant in variants:
+        opts = replace(base.options, **variant)
+        opts.validate()
+        weighting = weighting_for(opts, [s.step for s in base.sources])  # type: ignore[misc]
+        candidates.append(Candidate(candidate_name(opts), Plan(base.discovery, weighting, opts)))
+    names = [c.name for c in candidates]
+    if len(set(names)) != len(names):
+        raise CkptEmaError(f"the sweep lists the same candidate twice: {sorted(n for n in names if names.count(n) > 1)[0]}")
+    return candidates
+
+
+@dataclass
+class SweepResult:
+    candidates: list[Candidate]
+    seconds: float
+    bytes_read: int
+
+
+def run_sweep(candidates: list[Candidate], outdir: Path, *, progress: bool = False) -> SweepResult:
+    """Read every checkpoint once and write one ``OUTDIR/<name>.safetensors`` per candidate."""
+    if not outdir.is_dir():
+        raise CkptEmaError("the output folder does not exist", outdir)
+    started = time.perf_counter()
+    sinks = []
+    for c in candidates:
+        c.output = outdir / f"{c.name}.safetensors"
+        sinks.append(SafetensorsOutput(c.output, output_metadata(c.plan), c.plan.options.max_shard_bytes()))
+    plans = [c.plan for c in candidates]
+    fold_plans(plans, sinks, progress=progress, desc=f"sweeping {len(candidates)} candidates")
+    sources = plans[0].sources
+    used = {i for i in range(len(sources)) if any(p.weighting.lerps[i] > 0 for p in plans)} | {len(sources) - 1}
+    return SweepResult(candidates, time.perf_counter() - started, sum(sources[i].nbytes for i in used))
+
+
+def sweep_table(candidates: list[Candidate], scores: dict[str, dict[str, float]] | None = None,
+                best: str | None = None) -> str:
+    """One row per candidate: name, what it is, half-life, effective window; with scores, val and test accuracy."""
+    header = f"{'candidate':<16} {'half-life':>10} {'window':>7}  "
+    if scores:
+        header += f"{'val acc':>8} {'test acc':>8}  "
+    lines = [header + "what"]
+    for c in candidates:
+        hl = c.half_life
+        row = f"{c.name:<16} {('-' if hl is None else f'{hl:.4g}'):>10} {c.plan.weighting.effective_window():>7}  "
+        if scores:
+            s = scores.get(c.name, {})
+            row += f"{_pct(s.get('val_accuracy')):>8} {_pct(s.get('test_accuracy')):>8}  "
+        lines.append(row + c.describe() + ("   <- best on validation" if c.name == best else ""))
+    return "\n".join(lines)
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.2f}%"

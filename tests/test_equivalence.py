@@ -1,0 +1,147 @@
+"""``average`` over checkpoints saved every step equals timm's ModelEmaV3 updated online (issue 2).
+
+A tiny real training loop (SGD on random data, a model with BatchNorm so that float buffers and the integer
+``num_batches_tracked`` are exercised) saves a checkpoint after every optimizer step and updates a
+``timm.utils.model_ema.ModelEmaV3`` online with ``update(model, step=s)``, exactly as timm's train script does.
+The post hoc average of those checkpoints must equal the EMA module's state dict to float32 rounding.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import ckpt_ema
+from ckpt_ema.cli import main
+
+timm_model_ema = pytest.importorskip("timm.utils.model_ema")
+ModelEmaV3 = timm_model_ema.ModelEmaV3
+
+STEPS = 24
+TOLERANCE = 1e-5  # the contract: float32 rounding, <= 1e-5 absolute
+
+
+class TinyNet(nn.Module):
+    """Conv + BatchNorm + Linear: parameters, float buffers (running stats) and an int64 buffer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.head = nn.Linear(4 * 4 * 4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn(self.conv(x)))
+        return self.head(x.flatten(1))
+
+
+def train_and_checkpoint(
+    folder: Path, ema_kwargs: dict, *, save_initial: bool, steps: int = STEPS, seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """Train TinyNet for ``steps`` SGD steps, saving ``step_<s>.pt`` after each; return timm's online EMA.
+
+    With ``save_initial`` the weights before training are saved too, as step 0 (``global_step`` metadata).
+    """
+    torch.manual_seed(seed)
+    model = TinyNet()
+    ema = ModelEmaV3(model, **ema_kwargs)
+    opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
+    x = torch.randn(16, 3, 4, 4)
+    y = torch.randint(0, 5, (16,))
+    folder.mkdir(parents=True, exist_ok=True)
+    if save_initial:
+        torch.save({"state_dict": model.state_dict(), "global_step": 0}, folder / "step_0.pt")
+    for step in range(1, steps + 1):
+        model.train()
+        noisy = x + 0.5 * torch.randn_like(x)  # a new batch each step: BN running stats keep moving
+        loss = nn.functional.cross_entropy(model(noisy), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        ema.update(model, step=step)
+        torch.save({"state_dict": model.state_dict(), "global_step": step}, folder / f"step_{step}.pt")
+    return {k: v.detach().clone() for k, v in ema.module.state_dict().items()}
+
+
+def assert_matches_timm(result: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert sorted(result) == sorted(expected)
+    for name, want in expected.items():
+        got = result[name]
+        assert got.dtype == want.dtype, name
+        assert got.shape == want.shape, name
+        if want.is_floating_point():
+            diff = (got.double() - want.double()).abs().max().item()
+            assert diff <= TOLERANCE, f"{name}: max abs difference {diff}"
+        else:
+            assert torch.equal(got, want), name
+
+
+# Each case is (ModelEmaV3 keyword arguments, the same options for ckpt_ema.average).
+CASES = {
+    "plain": (dict(decay=0.8), dict(decay=0.8)),
+    "update_after_step": (dict(decay=0.8, update_after_step=5), dict(decay=0.8, update_after_step=5)),
+    "warmup": (dict(decay=0.9, use_warmup=True), dict(decay=0.9, warmup=True)),
+    "warmup_min_decay": (
+        dict(decay=0.95, use_warmup=True, min_decay=0.6, warmup_gamma=2.0, warmup_power=0.75),
+        dict(decay=0.95, warmup=True, min_decay=0.6, warmup_gamma=2.0, warmup_power=0.75),
+    ),
+    "warmup_update_after_step": (
+        dict(decay=0.9, use_warmup=True, update_after_step=3),
+        dict(decay=0.9, warmup=True, update_after_step=3),
+    ),
+}
+
+
+@pytest.mark.parametrize("save_initial", [False, True], ids=["from_step_1", "from_step_0"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_average_equals_timm_online_ema(tmp_path: Path, case: str, save_initial: bool) -> None:
+    timm_kwargs, our_kwargs = CASES[case]
+    expected = train_and_checkpoint(tmp_path / "run", timm_kwargs, save_initial=save_initial)
+    result = ckpt_ema.average([tmp_path / "run"], **our_kwargs)
+    steps = [s.step for s in result.plan.sources]
+    assert steps == list(range(0 if save_initial else 1, STEPS + 1))
+    assert_matches_timm(result.state_dict, expected)
+    if save_initial:
+        # timm's first update (step 1) copies the model: the weights before training count for nothing.
+        assert result.plan.weighting.weights[0] == 0.0
+
+
+def test_checkpoints_differ_from_the_ema(tmp_path: Path) -> None:
+    """Guard against a vacuous equivalence: the EMA is far from both the last and the first checkpoint."""
+    expected = train_and_checkpoint(tmp_path / "run", dict(decay=0.8), save_initial=False)
+    last = torch.load(tmp_path / "run" / f"step_{STEPS}.pt", weights_only=True)["state_dict"]
+    first = torch.load(tmp_path / "run" / "step_1.pt", weights_only=True)["state_dict"]
+    for other in (last, first):
+        gap = max((expected[n] - other[n]).abs().max().item() for n in expected if expected[n].is_floating_point())
+        assert gap > 100 * TOLERANCE
+    # and the BatchNorm buffers are really averaged, not copied
+    assert not torch.allclose(expected["bn.running_mean"], last["bn.running_mean"], atol=1e-4)
+    assert int(expected["bn.num_batches_tracked"]) == STEPS
+
+
+def test_cli_output_equals_timm_online_ema(tmp_path: Path) -> None:
+    """The same through the command line and the written safetensors file, shuffled on disk by name."""
+    from click.testing import CliRunner
+    from safetensors.torch import load_file
+
+    expected = train_and_checkpoint(tmp_path / "run", dict(decay=0.9, use_warmup=True, update_after_step=2),
+                                    save_initial=True)
+    out = tmp_path / "ema.safetensors"
+    res = CliRunner().invoke(
+        main,
+        ["average", str(tmp_path / "run" / "step_*.pt"), "--decay", "0.9", "--warmup", "--update-after-step", "2",
+         "-o", str(out), "--quiet"],
+    )
+    assert res.exit_code == 0, res.output
+    assert_matches_timm(load_file(out), expected)
+
+
+
+def test_float64_accumulation_also_matches(tmp_path: Path) -> None:
+    """--accum-dtype float64 changes the rounding, not the result: still timm's EMA, output dtype float32."""
+    expected = train_and_checkpoint(tmp_path / "run", dict(decay=0.85), save_initial=False)
+    result = ckpt_ema.average([tmp_path / "run"], decay=0.85, accum_dtype="float64")
+    assert_matches_timm(result.state_dict, expected)
