@@ -13,6 +13,7 @@ import click
 
 from ckpt_ema import __version__
 from ckpt_ema.api import ACCUM_DTYPES, DTYPES, plan, run
+from ckpt_ema.cli_options import NumbersOption, ema_schedule_options, stack
 from ckpt_ema.plan import INTERPOLATIONS
 from ckpt_ema.output import check_output_path
 from ckpt_ema.errors import CkptEmaError
@@ -35,41 +36,10 @@ class OneLineErrors(click.Group):
         except click.ClickException as exc:
             fail(exc.format_message(), exc.exit_code)
         except (click.exceptions.Abort, KeyboardInterrupt):
-            fail("interrupted; no output was written", 130)
+            fail("interrupted", 130)
         if not standalone_mode:
             return rv
         sys.exit(rv if isinstance(rv, int) else 0)
-
-
-class NumbersOption(click.Option):
-    """An option that takes one or more numbers after one flag: ``--decay 0.99 0.999 0.9999``.
-
-    The tokens after the flag are taken while they parse as numbers, so checkpoint paths may follow; repeating
-    the flag works too.
-    """
-
-    def add_to_parser(self, parser: Any, ctx: click.Context) -> None:
-        super().add_to_parser(parser, ctx)
-        for name in self.opts:
-            option = getattr(parser, "_long_opt", {}).get(name) or getattr(parser, "_short_opt", {}).get(name)
-            if option is None:
-                continue  # a Click without these internals: the flag still works, repeated once per value
-            process = option.process
-
-            def take_numbers(value: str, state: Any, process: Any = process) -> None:
-                process(value, state)
-                while state.rargs and _is_number(state.rargs[0]):
-                    process(state.rargs.pop(0), state)
-
-            option.process = take_numbers
-
-
-def _is_number(token: str) -> bool:
-    try:
-        float(token)
-    except ValueError:
-        return False
-    return True
 
 
 def show_progress(quiet: bool) -> bool:
@@ -86,33 +56,6 @@ def say(message: str, quiet: bool) -> None:
 @click.version_option(__version__, prog_name="ckpt-ema")
 def main() -> None:
     """Recover the EMA of a model's weights after training, from the checkpoints the run saved."""
-
-
-def ema_schedule_options(prefix: str = "") -> Any:
-    """The options of timm's ModelEmaV3 that define the per-step decay, shared by ``average`` and ``train``."""
-    return stack(
-        click.option(f"--{prefix}min-decay", type=float, default=0.0, show_default=True,
-                     help="Lower bound on the decay during warmup (timm's min_decay)."),
-        click.option(f"--{prefix}update-after-step", type=int, default=0, show_default=True,
-                     help="Copy the model, without averaging, up to and including this step + 1."),
-        click.option(f"--{prefix}warmup/--no-{prefix}warmup", default=False, show_default=True,
-                     help="timm's use_warmup: decay = 1 - (1 + t/gamma)^-power, capped at --decay."),
-        click.option(f"--{prefix}warmup-gamma", type=float, default=1.0, show_default=True,
-                     help="gamma of the warmup formula."),
-        click.option(f"--{prefix}warmup-power", type=float, default=2 / 3, show_default="2/3",
-                     help="power of the warmup formula (timm's default 2/3)."),
-    )
-
-
-def stack(*decorators: Any) -> Any:
-    """Apply ``decorators`` as if written one above the other, first on top."""
-
-    def decorate(command: Any) -> Any:
-        for decorator in reversed(decorators):
-            command = decorator(command)
-        return command
-
-    return decorate
 
 
 # How the checkpoints are read and the averages computed: shared by ``average`` and ``sweep``.
@@ -171,14 +114,24 @@ def average_command(inputs: tuple[str, ...], output: str | None, dry_run: bool, 
 @main.command("sweep")
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("-o", "--output", "outdir", required=True, type=click.Path(file_okay=False),
-              help="Folder for one .safetensors per candidate (created if missing).")
+              help="Folder for one .safetensors per candidate, and the pictures (created if missing).")
 @click.option("--decay", "decays", cls=NumbersOption, type=float, multiple=True, help="EMA decays to try: 0.99 0.999 ...")
 @click.option("--half-life", "half_lives", cls=NumbersOption, type=float, multiple=True, help="EMA half-lives, in steps.")
 @click.option("--last", "lasts", cls=NumbersOption, type=int, multiple=True, help="Uniform means of the newest K: 5 10 ...")
 @averaging_options
-def sweep_command(inputs: tuple[str, ...], outdir: str, quiet: bool, **options: Any) -> None:
+@click.option("--eval", "evaluate", is_flag=True,
+              help="Score every candidate on the run's validation images (train --val-split) and the test set; "
+                   "copy the best on validation to OUTDIR/best.safetensors.")
+@click.option("--data", default=None, help="CIFAR-10 folder for --eval [default: $CKPT_EMA_DATA or the cache].")
+@click.option("--test-subset", type=int, default=None, help="With --eval: score on the first M test images only.")
+@click.option("--plot/--no-plot", default=True, show_default=True,
+              help="Write weights.png (and accuracy.png with --eval) to OUTDIR; needs matplotlib.")
+def sweep_command(inputs: tuple[str, ...], outdir: str, quiet: bool, evaluate: bool, data: str | None,
+                  test_subset: int | None, plot: bool, **options: Any) -> None:
     """Many averages of checkpoints INPUTS from one read: every --decay, --half-life and --last at once."""
-    from ckpt_ema.sweep import plan_sweep, run_sweep, sweep_table
+    from ckpt_ema.output import copy_atomically
+    from ckpt_ema.plots import plot_accuracy, plot_weights
+    from ckpt_ema.sweep import plan_sweep, run_sweep, score_candidates, sweep_table
 
     folder = Path(outdir)
     if not folder.parent.is_dir():
@@ -187,9 +140,35 @@ def sweep_command(inputs: tuple[str, ...], outdir: str, quiet: bool, **options: 
     _print_notes(candidates[0].plan.discovery, quiet)
     folder.mkdir(exist_ok=True)
     result = run_sweep(candidates, folder, progress=show_progress(quiet))
-    click.echo(sweep_table(candidates))
     say(f"read {len(candidates[0].plan.sources)} checkpoints once for {len(candidates)} candidates in "
         f"{result.seconds:.1f} s; wrote {folder}/<candidate>.safetensors", quiet)
+    pictures = [folder / "weights.png"] if plot and plot_weights(candidates, folder / "weights.png") else []
+    if not evaluate:
+        click.echo(sweep_table(candidates))
+    else:
+        scores = score_candidates(candidates, data, options["device"], test_subset)
+        click.echo(sweep_table(candidates, scores.by_candidate, scores.best))
+        final = scores.final_model
+        click.echo(f"{'final model':<16} {'':>10} {'':>7}  {_pct(final.get('val_accuracy')):>8} "
+                   f"{_pct(final.get('test_accuracy')):>8}  {candidates[0].plan.sources[-1].path}")
+        if scores.best is None:
+            say("note: the run kept no validation images (train --val-split N), so no candidate is chosen: "
+                "choosing on the test set would inflate the result", quiet)
+        else:
+            best = next(c for c in candidates if c.name == scores.best)
+            copy_atomically(best.output, folder / "best.safetensors")
+            say(f"best on validation: {best.name} -> {folder / 'best.safetensors'}", quiet)
+        reference = {f"final model, {k.split('_')[0]}": v for k, v in final.items()}
+        if plot and plot_accuracy(candidates, scores.by_candidate, reference, folder / "accuracy.png"):
+            pictures.append(folder / "accuracy.png")
+    if plot and not pictures:
+        say("note: no pictures: matplotlib is not installed (pip install 'ckpt-ema[plot]')", quiet)
+    for picture in pictures:
+        say(f"picture: {picture}", quiet)
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.2f}%"
 
 
 def _print_notes(discovery: Any, quiet: bool) -> None:

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
 import click
 
+from ckpt_ema.cli_options import ema_schedule_options
+from ckpt_ema.discover import expand_inputs
 from ckpt_ema.errors import CkptEmaError
 from ckpt_ema.evaluate import EvalData, evaluate_file
 from ckpt_ema.models import ARCHS
@@ -32,49 +33,99 @@ EMA_SHAPE_OPTIONS = ("ema_min_decay", "ema_update_after_step", "ema_warmup", "em
 
 
 def data_option(command: Any) -> Any:
-    return click.option("--data", type=click.Path(file_okay=False), default=None,
-                        help="Folder holding cifar-10-batches-py/ [default: $CKPT_EMA_DATA, else ~/.cache/ckpt-ema/cifar10].")(command)
+    return click.option(
+        "--data",
+        type=click.Path(file_okay=False),
+        default=None,
+        help="Folder holding cifar-10-batches-py/ [default: $CKPT_EMA_DATA, else ~/.cache/ckpt-ema/cifar10].",
+    )(command)
 
 
 @click.command("train")
-@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="The run folder (checkpoints, run.json).")
-@click.option("--model", "arch", type=click.Choice(list(ARCHS)), default="net", show_default=True,
-              help="net: the seed's CNN; resnet: a small ResNet with BatchNorm.")
+@click.option(
+    "-o", "--output", required=True, type=click.Path(file_okay=False), help="The run folder (checkpoints, run.json)."
+)
+@click.option(
+    "--model",
+    "arch",
+    type=click.Choice(list(ARCHS)),
+    default="net",
+    show_default=True,
+    help="net: the seed's CNN; resnet: a small ResNet with BatchNorm.",
+)
 @click.option("--epochs", type=int, default=10, show_default=True)
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--lr", type=float, default=1e-3, show_default=True, help="AdamW's peak learning rate.")
-@click.option("--min-lr", type=float, default=1e-4, show_default=True, help="Where the cosine ends (the seed's eta_min).")
-@click.option("--lr-schedule", type=click.Choice(["cosine", "constant"]), default="cosine", show_default=True,
-              help="cosine: per step over the whole run; constant: what the seed's per-epoch scheduler amounts to.")
+@click.option(
+    "--min-lr", type=float, default=1e-4, show_default=True, help="Where the cosine ends (the seed's eta_min)."
+)
+@click.option(
+    "--lr-schedule",
+    type=click.Choice(["cosine", "constant"]),
+    default="cosine",
+    show_default=True,
+    help="cosine: per step over the whole run; constant: what the seed's per-epoch scheduler amounts to.",
+)
 @click.option("--weight-decay", type=float, default=0.01, show_default=True, help="AdamW's decoupled weight decay.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Initialisation, data order, augmentation, val split.")
+@click.option(
+    "--seed", type=int, default=0, show_default=True, help="Initialisation, data order, augmentation, val split."
+)
 @click.option("--save-every", type=int, default=None, help="Save a checkpoint every N steps [default: once per epoch].")
-@click.option("--val-split", type=int, default=0, show_default=True, help="Keep N training images out of training (recorded in run.json).")
-@click.option("--augment/--no-augment", default=True, show_default=True, help="Random crop (padding 4) and horizontal flip.")
-@click.option("--ema-decay", type=float, default=None, help="Also keep timm's ModelEmaV3 online with this decay; saved to RUN/online_ema/ema.pt.")
-@click.option("--ema-min-decay", type=float, default=0.0, show_default=True, help="As average's --min-decay.")
-@click.option("--ema-update-after-step", type=int, default=0, show_default=True, help="As average's --update-after-step.")
-@click.option("--ema-warmup/--no-ema-warmup", default=False, show_default=True, help="As average's --warmup (the seed uses it).")
-@click.option("--ema-warmup-gamma", type=float, default=1.0, show_default=True, help="As average's --warmup-gamma.")
-@click.option("--ema-warmup-power", type=float, default=2 / 3, show_default=True, help="As average's --warmup-power.")
+@click.option(
+    "--val-split",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Keep N training images out of training (recorded in run.json).",
+)
+@click.option(
+    "--augment/--no-augment", default=True, show_default=True, help="Random crop (padding 4) and horizontal flip."
+)
+@click.option(
+    "--ema-decay",
+    type=float,
+    default=None,
+    help="Also keep timm's ModelEmaV3 online with this decay; saved to RUN/online_ema/ema.pt.",
+)
+@ema_schedule_options(prefix="ema-")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, mps.")
 @data_option
-@click.option("--train-subset", type=int, default=None, help="Train on the first N training images only (quick runs, tests).")
+@click.option(
+    "--train-subset", type=int, default=None, help="Train on the first N training images only (quick runs, tests)."
+)
 @click.option("--test-subset", type=int, default=None, help="Score the summary on the first M test images only.")
-@click.option("--eval/--no-eval", "evaluate", default=True, show_default=True, help="Score the final model (and EMA) on the test set.")
+@click.option(
+    "--eval/--no-eval",
+    "evaluate",
+    default=True,
+    show_default=True,
+    help="Score the final model (and EMA) on the test set.",
+)
 @click.option("--resume", is_flag=True, help="Continue from the newest step_*.pt in the run folder.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar, notes or summary.")
 def train_command(output: str, ema_decay: float | None, quiet: bool, **options: Any) -> None:
-    """Train a CIFAR-10 model, saving step_XXXXXXXX.pt checkpoints to the run folder OUTPUT."""
+    """Train a CIFAR-10 model, saving step_XXXXXXXX.pt checkpoints to the run folder -o RUN_DIR."""
     ctx = click.get_current_context()
     shape = {name: options.pop(name) for name in EMA_SHAPE_OPTIONS}
     if ema_decay is None:
-        given = [f"--{n.replace('_', '-')}" for n in EMA_SHAPE_OPTIONS if ctx.get_parameter_source(n) == click.core.ParameterSource.COMMANDLINE]
+        given = [
+            f"--{n.replace('_', '-')}"
+            for n in EMA_SHAPE_OPTIONS
+            if ctx.get_parameter_source(n) == click.core.ParameterSource.COMMANDLINE
+        ]
         if given:
             raise CkptEmaError(f"{', '.join(given)}: these shape the online EMA, which needs --ema-decay D")
-    ema = None if ema_decay is None else DecaySchedule(
-        decay=ema_decay, min_decay=shape["ema_min_decay"], update_after_step=shape["ema_update_after_step"],
-        warmup=shape["ema_warmup"], warmup_gamma=shape["ema_warmup_gamma"], warmup_power=shape["ema_warmup_power"],
+    ema = (
+        None
+        if ema_decay is None
+        else DecaySchedule(
+            decay=ema_decay,
+            min_decay=shape["ema_min_decay"],
+            update_after_step=shape["ema_update_after_step"],
+            warmup=shape["ema_warmup"],
+            warmup_gamma=shape["ema_warmup_gamma"],
+            warmup_power=shape["ema_warmup_power"],
+        )
     )
     result = train(TrainConfig(output=Path(output), ema=ema, quiet=quiet, **options))
     if not quiet:
@@ -83,30 +134,52 @@ def train_command(output: str, ema_decay: float | None, quiet: bool, **options: 
 
 @click.command("eval")
 @click.argument("weights", nargs=-1, required=True, type=click.Path())
-@click.option("--model", "arch", type=click.Choice(list(ARCHS)), default=None,
-              help="Architecture [default: the 'arch' in each file's metadata].")
+@click.option(
+    "--model",
+    "arch",
+    type=click.Choice(list(ARCHS)),
+    default=None,
+    help="Architecture [default: the 'arch' in each file's metadata].",
+)
 @data_option
 @click.option("--key", default=None, help="Where the weights are inside a .pt/.ckpt (e.g. state_dict_ema).")
 @click.option("--per-class", is_flag=True, help="Also report accuracy per class.")
-@click.option("--bn-recalibrate", "bn_batches", type=int, default=0, show_default=True,
-              help="Recompute BatchNorm statistics on N training batches first; report before and after.")
+@click.option(
+    "--bn-recalibrate",
+    "bn_batches",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Recompute BatchNorm statistics on N training batches first; report before and after.",
+)
 @click.option("--test-subset", type=int, default=None, help="Score on the first M test images only.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, mps.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of objects (file, accuracy, loss, ...).")
 @click.option("-q", "--quiet", is_flag=True, help="No notes on stderr.")
-def eval_command(weights: tuple[str, ...], arch: str | None, data: str | None, key: str | None, per_class: bool,
-                 bn_batches: int, test_subset: int | None, device: str, as_json: bool, quiet: bool) -> None:
+def eval_command(
+    weights: tuple[str, ...],
+    arch: str | None,
+    data: str | None,
+    key: str | None,
+    per_class: bool,
+    bn_batches: int,
+    test_subset: int | None,
+    device: str,
+    as_json: bool,
+    quiet: bool,
+) -> None:
     """Score WEIGHTS (anything average reads or writes) on the CIFAR-10 test set."""
     from ckpt_ema.api import check_device
 
     if bn_batches < 0:
         raise CkptEmaError(f"--bn-recalibrate must be >= 0 batches, got {bn_batches}")
     dev = check_device(device)
+    paths, _ = expand_inputs(list(weights), drop_aliases=False)  # folders and globs, as average reads them
     eval_data = EvalData(data, test_subset, dev)
     results = []
-    for path in weights:
+    for path in paths:
         results.append(evaluate_file(path, eval_data, arch, key, bn_batches, per_class, dev))
-        if not quiet and not as_json and len(weights) > 1:
+        if not quiet and not as_json and len(paths) > 1:
             click.echo(f"scored {path}", err=True)
     click.echo(json.dumps(results, indent=1) if as_json else format_table(results, per_class))
 
@@ -124,7 +197,13 @@ def format_table(results: list[dict[str, Any]], per_class: bool = False) -> str:
         header += list(SHORT_CLASSES)
     rows = []
     for r in results:
-        row = [r["file"], r["arch"], "" if r["step"] is None else str(r["step"]), f"{r['accuracy']:.4f}", f"{r['loss']:.4f}"]
+        row = [
+            r["file"],
+            r["arch"],
+            "" if r["step"] is None else str(r["step"]),
+            f"{r['accuracy']:.4f}",
+            f"{r['loss']:.4f}",
+        ]
         if has_bn:
             before = r.get("bn_recalibrate", {}).get("before")
             row += [f"{before['accuracy']:.4f}", f"{before['loss']:.4f}"] if before else ["", ""]
@@ -135,14 +214,7 @@ def format_table(results: list[dict[str, Any]], per_class: bool = False) -> str:
         rows.append(row)
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
     lines = ["  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths)))]
-    lines += ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in rows]
+    lines += [
+        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in rows
+    ]
     return "\n".join(lines)
-
-
-if __name__ == "__main__":  # pragma: no cover - `python -m ckpt_ema.cli_cifar train ...` before cli.py registers them
-    group = click.Group(commands={"train": train_command, "eval": eval_command})
-    try:
-        group.main(standalone_mode=False)
-    except CkptEmaError as exc:
-        click.echo(f"ckpt-ema: error: {exc}", err=True)
-        sys.exit(2)

@@ -94,7 +94,9 @@ def download_cifar10(root: Path) -> None:
     root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".download-", dir=root))
     try:
-        download_and_extract_archive(CIFAR10.url, download_root=str(staging), filename=CIFAR10.filename, md5=CIFAR10.tgz_md5)
+        download_and_extract_archive(
+            CIFAR10.url, download_root=str(staging), filename=CIFAR10.filename, md5=CIFAR10.tgz_md5
+        )
         os.replace(staging / BATCHES_FOLDER, root / BATCHES_FOLDER)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -139,9 +141,14 @@ def read_batch_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
     except (OSError, pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as exc:
         raise CkptEmaError(f"not a CIFAR-10 batch file: {exc}", path) from None
     if images.dtype != np.uint8 or images.shape != (IMAGES_PER_FILE, 3 * 32 * 32):
-        raise CkptEmaError(f"expected {IMAGES_PER_FILE} uint8 images of 3072 bytes, found {images.dtype} {images.shape}", path)
+        raise CkptEmaError(
+            f"expected {IMAGES_PER_FILE} uint8 images of 3072 bytes, found {images.dtype} {images.shape}", path
+        )
     if labels.shape != (IMAGES_PER_FILE,) or labels.min() < 0 or labels.max() >= len(CLASSES):
-        raise CkptEmaError(f"expected {IMAGES_PER_FILE} labels in 0..9, found {labels.shape[0]} in {labels.min()}..{labels.max()}", path)
+        raise CkptEmaError(
+            f"expected {IMAGES_PER_FILE} labels in 0..9, found {labels.shape[0]} in {labels.min()}..{labels.max()}",
+            path,
+        )
     return images.reshape(-1, 3, 32, 32), labels
 
 
@@ -177,11 +184,11 @@ def load_cifar10(
     return out
 
 
-# ---------------------------------------------------------------------------------------------------- validation
+# ---------------------------------------------------------------------------------------------------- seeds, val split
 
 
 def seeded_generator(seed: int, *stream: object) -> torch.Generator:
-    """A CPU generator for one named stream of randomness (``seeded_generator(seed, "perm", epoch)``).
+    """A CPU generator for one named stream of randomness (``seeded_generator(seed, "order", epoch)``).
 
     Streams are independent of each other and of how many numbers other streams drew, which is what makes a
     resumed run draw exactly what the uninterrupted run drew.
@@ -193,7 +200,9 @@ def seeded_generator(seed: int, *stream: object) -> torch.Generator:
 def validation_indices(n_train: int, val_split: int, seed: int) -> list[int]:
     """The ``val_split`` training indices (sorted) kept out of training: a seeded draw, so eval can redo it."""
     if not 0 <= val_split < n_train:
-        raise CkptEmaError(f"--val-split must be in 0..{n_train - 1} (there are {n_train} training images), got {val_split}")
+        raise CkptEmaError(
+            f"--val-split must be in 0..{n_train - 1} (there are {n_train} training images), got {val_split}"
+        )
     chosen = torch.randperm(n_train, generator=seeded_generator(seed, "val"))[:val_split]
     return sorted(chosen.tolist())
 
@@ -238,7 +247,9 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return padded.gather(2, source.expand(n, c, h * w)).reshape(n, c, h, w)
 
 
-def training_batch(split: Split, indices: torch.Tensor, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+def training_batch(
+    split: Split, indices: torch.Tensor, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The normalised (and, given a generator, augmented) images at ``indices`` and their labels."""
     images = split.images.index_select(0, indices)
     if generator is not None:

@@ -81,6 +81,11 @@ def is_hf_checkpoint_folder(folder: Path) -> bool:
     return any((folder / name).is_file() for name in HF_WEIGHT_FILES + HF_INDEX_FILES)
 
 
+def holds_hf_checkpoints(folder: Path) -> bool:
+    """A Hugging Face Trainer's output folder: checkpoint-N/ folders inside, maybe the final model beside them."""
+    return any(e.is_dir() and HF_FOLDER_PATTERN.match(e.name) and is_hf_checkpoint_folder(e) for e in folder.iterdir())
+
+
 def _expand(inputs: list[str | Path]) -> tuple[list[Path], list[str]]:
     """Expand globs and scan folders; returns candidate checkpoints and what was skipped."""
     found: list[Path] = []
@@ -97,7 +102,7 @@ def _expand(inputs: list[str | Path]) -> tuple[list[Path], list[str]]:
         else:
             raise CkptEmaError("no such file or folder", text)
         for match in matches:
-            if match.is_dir() and not is_hf_checkpoint_folder(match):
+            if match.is_dir() and (not is_hf_checkpoint_folder(match) or holds_hf_checkpoints(match)):
                 found_here, skipped_here = _scan_folder(match)
                 found += found_here
                 skipped += skipped_here
@@ -116,6 +121,7 @@ def _expand(inputs: list[str | Path]) -> tuple[list[Path], list[str]]:
 def _scan_folder(folder: Path) -> tuple[list[Path], list[str]]:
     found: list[Path] = []
     skipped: list[str] = []
+    hf_run = holds_hf_checkpoints(folder)
     for entry in sorted(folder.iterdir(), key=lambda p: natural_key(p.name)):
         if entry.is_dir():
             if HF_FOLDER_PATTERN.match(entry.name) and is_hf_checkpoint_folder(entry):
@@ -123,6 +129,8 @@ def _scan_folder(folder: Path) -> tuple[list[Path], list[str]]:
         elif is_weight_file(entry):
             if NOT_WEIGHTS_PATTERN.match(entry.name):
                 skipped.append(f"{entry}: training state, not weights")
+            elif hf_run and entry.name in HF_WEIGHT_FILES:
+                skipped.append(f"{entry}: the final model saved beside the checkpoint-N folders, not averaged again")
             elif SHARD_PATTERN.search(entry.name):
                 skipped.append(f"{entry}: one shard of a sharded set; pass the folder that holds its index json")
             else:
@@ -132,13 +140,13 @@ def _scan_folder(folder: Path) -> tuple[list[Path], list[str]]:
     return found, skipped
 
 
-def _drop_aliases_and_duplicates(paths: list[Path]) -> tuple[list[Path], list[str]]:
+def _drop_aliases_and_duplicates(paths: list[Path], drop_aliases: bool = True) -> tuple[list[Path], list[str]]:
     """Leave out second names for the same file and trainer aliases, when periodic checkpoints are present."""
     kept: list[Path] = []
     skipped: list[str] = []
-    seen: dict[Path, Path] = {}
+    seen: dict[object, Path] = {}
     for path in paths:
-        real = path.resolve()
+        real = _identity(path)
         if real in seen:
             if seen[real] != path:
                 skipped.append(f"{path}: the same file as {seen[real]}")
@@ -146,7 +154,7 @@ def _drop_aliases_and_duplicates(paths: list[Path]) -> tuple[list[Path], list[st
         seen[real] = path
         kept.append(path)
     periodic = [p for p in kept if not ALIAS_PATTERN.match(p.name)]
-    if not periodic:
+    if not periodic or not drop_aliases:
         return kept, skipped  # only aliases given: they are what the user wants averaged
     for path in kept:
         match = ALIAS_PATTERN.match(path.name)
@@ -155,8 +163,28 @@ def _drop_aliases_and_duplicates(paths: list[Path]) -> tuple[list[Path], list[st
     return periodic, skipped
 
 
+def _identity(path: Path) -> object:
+    """The file itself, whatever its name: symlinks and hard links (timm's milestone-N and last copies) count once."""
+    try:
+        st = path.stat()
+    except OSError:
+        return path.resolve()  # unreadable: reading it later says why
+    return st.st_dev, st.st_ino
+
+
 def _file_size(path: Path) -> int:
     return sum(f.stat().st_size for f in weight_files_of(path) if f.is_file())
+
+
+def expand_inputs(inputs: list[str | Path], drop_aliases: bool = True) -> tuple[list[Path], list[str]]:
+    """The checkpoint files and folders that ``inputs`` name, second names (and aliases) left out; and what was."""
+    if not inputs:
+        raise CkptEmaError("no checkpoints given")
+    paths, skipped = _expand(list(inputs))
+    paths, more_skipped = _drop_aliases_and_duplicates(paths, drop_aliases)
+    if not paths:
+        raise CkptEmaError(f"no checkpoint found in {', '.join(str(i) for i in inputs)}")
+    return paths, skipped + more_skipped
 
 
 def discover(inputs: list[str | Path], key: str | None = None, per_checkpoint: bool = False) -> Discovery:
@@ -166,13 +194,7 @@ def discover(inputs: list[str | Path], key: str | None = None, per_checkpoint: b
     step (none in its metadata or its name), or ``per_checkpoint`` is set, every checkpoint counts as one update
     (steps 1, 2, ...) in natural name order.
     """
-    if not inputs:
-        raise CkptEmaError("no checkpoints given")
-    paths, skipped = _expand(list(inputs))
-    paths, more_skipped = _drop_aliases_and_duplicates(paths)
-    skipped += more_skipped
-    if not paths:
-        raise CkptEmaError(f"no checkpoint found in {', '.join(str(i) for i in inputs)}")
+    paths, skipped = expand_inputs(inputs)
 
     sources: list[Source] = []
     for path in paths:

@@ -23,7 +23,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ckpt_ema.checkpoint import load_state_dict, step_from_metadata
-from ckpt_ema.data import CLASSES, Split, load_cifar10, normalize, seeded_generator, split_validation, training_batch, validation_indices
+from ckpt_ema.data import (
+    CLASSES,
+    Split,
+    load_cifar10,
+    normalize,
+    seeded_generator,
+    split_validation,
+    training_batch,
+    validation_indices,
+)
 from ckpt_ema.errors import CkptEmaError
 from ckpt_ema.models import ARCHS, build_model
 
@@ -47,7 +56,9 @@ class Score:
 
 
 @torch.no_grad()
-def score(model: nn.Module, split: Split, device: torch.device | str = "cpu", batch_size: int = EVAL_BATCH_SIZE) -> Score:
+def score(
+    model: nn.Module, split: Split, device: torch.device | str = "cpu", batch_size: int = EVAL_BATCH_SIZE
+) -> Score:
     """Accuracy, mean loss and per-class accuracy of ``model`` (put in eval mode) on the un-augmented ``split``."""
     model.eval()
     n_classes = len(CLASSES)
@@ -80,7 +91,10 @@ def arch_of(metadata: Mapping[str, Any], model_option: str | None, path: Path) -
     for where in (metadata, metadata.get("hparams"), metadata.get("hyper_parameters")):
         if isinstance(where, Mapping) and isinstance(where.get("arch"), str):
             if where["arch"] not in ARCHS:
-                raise CkptEmaError(f"its metadata names architecture {where['arch']!r}, which eval does not know ({', '.join(ARCHS)})", path)
+                raise CkptEmaError(
+                    f"its metadata names architecture {where['arch']!r}, which eval does not know ({', '.join(ARCHS)})",
+                    path,
+                )
             return where["arch"]
     raise CkptEmaError(f"no architecture in its metadata; pass --model ({' or '.join(ARCHS)})", path)
 
@@ -105,9 +119,14 @@ def fit_state_dict(state: Mapping[str, torch.Tensor], model: nn.Module, path: Pa
     unexpected = [n for n in state if n not in set(wanted)]
     detail = []
     if missing:
-        detail.append(f"missing {', '.join(missing[:4])}" + (f" and {len(missing) - 4} more" if len(missing) > 4 else ""))
+        detail.append(
+            f"missing {', '.join(missing[:4])}" + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+        )
     if unexpected:
-        detail.append(f"unexpected {', '.join(unexpected[:4])}" + (f" and {len(unexpected) - 4} more" if len(unexpected) > 4 else ""))
+        detail.append(
+            f"unexpected {', '.join(unexpected[:4])}"
+            + (f" and {len(unexpected) - 4} more" if len(unexpected) > 4 else "")
+        )
     raise CkptEmaError(f"its tensors do not fit the model ({'; '.join(detail)}); is --model right?", path)
 
 
@@ -220,11 +239,15 @@ def evaluate_file(
     model, arch, metadata = load_model(path, arch, key, device)
     found = step_from_metadata(metadata)
     result: dict[str, Any] = {"file": str(path), "arch": arch, "step": found[0] if found else None}
-    needs_train = bn_batches > 0 or isinstance(metadata.get("hparams"), Mapping) and metadata["hparams"].get("val_split")
+    hparams = metadata.get("hparams")
+    needs_train = bn_batches > 0 or (isinstance(hparams, Mapping) and bool(hparams.get("val_split")))
     train, val = run_splits(metadata, data) if needs_train else (None, None)
     if bn_batches > 0:
         if not batchnorm_layers(model):
-            print(f"ckpt-ema: note: {path}: {arch} has no BatchNorm layers; --bn-recalibrate does nothing", file=sys.stderr)
+            print(
+                f"ckpt-ema: note: {path}: {arch} has no BatchNorm layers; --bn-recalibrate does nothing",
+                file=sys.stderr,
+            )
         else:
             before = score(model, data.test, device)
             bn_recalibrate(model, train, bn_batches, device=device)  # type: ignore[arg-type]

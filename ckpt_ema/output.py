@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import BinaryIO
 
@@ -93,15 +94,18 @@ class SafetensorsOutput:
             self.index_path = self.path.with_name(self.path.name + ".index.json")
             self._index = {"metadata": dict(self.metadata), "weight_map": {}}
         for names, final in zip(shards, finals):
-            f, tmp = self._temporary(final)
-            writer = StreamingWriter(f, {n: shapes[n] for n in names}, {n: dtypes[n] for n in names}, self.metadata)
+            try:  # a full disk or a folder gone read-only shows here first: one line, like a failed write
+                f, tmp = self._temporary(final)
+                self._files.append((tmp, final, f))  # before the header is written, so that abort() closes it
+                writer = StreamingWriter(f, {n: shapes[n] for n in names}, {n: dtypes[n] for n in names}, self.metadata)
+            except OSError as exc:
+                raise CkptEmaError(f"cannot write the output: {exc.strerror or exc}", self.path) from None
             self._writers.append(writer)
             self.total_bytes += writer.total
             for n in names:
                 self._writer_of[n] = writer
                 if self._index is not None:
                     self._index["weight_map"][n] = final.name
-            self._files.append((tmp, final, f))
         if self._index is not None:
             self._index["metadata"]["total_size"] = self.total_bytes
 
@@ -171,6 +175,27 @@ class MemoryOutput:
         at = self._filled[name]
         self._flat[name][at : at + piece.numel()].copy_(piece.reshape(-1))
         self._filled[name] = at + piece.numel()
+
+
+def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
+    """Call ``write(tmp)`` for a temporary file beside ``path``, flush it, then rename it to ``path``."""
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def copy_atomically(source: Path, path: Path) -> None:
+    """A complete copy of ``source`` at ``path``, or nothing."""
+    write_atomically(path, lambda tmp: shutil.copyfile(source, tmp))
 
 
 def save_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:

@@ -72,7 +72,10 @@ class SafetensorsFile:
             raise CkptEmaError(f"cannot read: {exc.strerror or exc}", path) from None
         if not isinstance(header, dict):
             raise CkptEmaError("not a safetensors file: its header is not a JSON object", path)
-        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        metadata = header.pop("__metadata__", None) or {}
+        if not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+            raise CkptEmaError("not a safetensors file: its __metadata__ does not map strings to strings", path)
+        self.metadata: dict[str, str] = metadata
         self._data_start = 8 + header_len
         self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
         for name, info in header.items():

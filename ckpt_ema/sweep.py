@@ -115,3 +115,39 @@ def sweep_table(candidates: list[Candidate], scores: dict[str, dict[str, float]]
 
 def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.2f}%"
+
+
+@dataclass
+class SweepScores:
+    """Validation and test accuracy of every candidate and of the newest checkpoint; the best by validation."""
+
+    by_candidate: dict[str, dict[str, float]]
+    final_model: dict[str, float]
+    best: str | None  # None when the run kept no validation images: never choose on test
+
+
+def score_candidates(candidates: list[Candidate], data: str | Path | None = None, device: str = "cpu",
+                     test_subset: int | None = None) -> SweepScores:
+    """Score each candidate's output (and the newest checkpoint) on the run's validation images and the test set.
+
+    The validation images are the ones ``train --val-split`` kept out of training, recomputed from the run's
+    recorded hyperparameters. Choosing on the test set would inflate the result, so without them nothing is chosen.
+    """
+    from ckpt_ema.evaluate import EvalData, load_model, run_splits, score
+
+    eval_data = EvalData(data, test_subset, device)
+    newest = candidates[0].plan.sources[-1].path
+
+    def scores_of(path: Path) -> dict[str, float]:
+        model, _, metadata = load_model(path, None, candidates[0].plan.options.key if path == newest else None, device)
+        out = {"test_accuracy": score(model, eval_data.test, device).accuracy}
+        _, val = run_splits(metadata, eval_data)
+        if val is not None:
+            out["val_accuracy"] = score(model, val.to(device), device).accuracy
+        return out
+
+    by_candidate = {c.name: scores_of(c.output) for c in candidates if c.output is not None}
+    final = scores_of(newest)
+    has_val = all("val_accuracy" in s for s in by_candidate.values())
+    best = max(by_candidate, key=lambda n: by_candidate[n]["val_accuracy"]) if has_val and by_candidate else None
+    return SweepScores(by_candidate, final, best)

@@ -43,7 +43,15 @@ from tqdm.auto import tqdm
 
 from ckpt_ema.api import check_device
 from ckpt_ema.checkpoint import torch_load_safely
-from ckpt_ema.data import Split, load_cifar10, resolve_data_dir, seeded_generator, split_validation, training_batch, validation_indices
+from ckpt_ema.data import (
+    Split,
+    load_cifar10,
+    resolve_data_dir,
+    seeded_generator,
+    split_validation,
+    training_batch,
+    validation_indices,
+)
 from ckpt_ema.errors import CkptEmaError
 from ckpt_ema.evaluate import Score, score
 from ckpt_ema.models import ARCHS, build_model
@@ -170,7 +178,7 @@ def hparams_of(config: TrainConfig, train_images: int, steps_per_epoch: int) -> 
 
 def hparams_ema(hparams: dict[str, Any]) -> dict[str, Any]:
     """The online EMA's settings under the names ``average`` uses (decay, min_decay, warmup, ...)."""
-    return {k[len("ema_"):]: v for k, v in hparams.items() if k.startswith("ema_")}
+    return {k[len("ema_") :]: v for k, v in hparams.items() if k.startswith("ema_")}
 
 
 @torch.no_grad()
@@ -191,6 +199,12 @@ def on_cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {name: t.detach().cpu() for name, t in state.items()}
 
 
+def current_umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
+
+
 def atomic_save(obj: Any, path: Path) -> None:
     """``torch.save`` (or JSON for .json) to a hidden temporary file beside ``path``, then rename it into place.
 
@@ -207,6 +221,7 @@ def atomic_save(obj: Any, path: Path) -> None:
                 torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes the file private; give it a normal file's mode
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -214,12 +229,24 @@ def atomic_save(obj: Any, path: Path) -> None:
 
 
 def save_checkpoint(
-    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, ema_state: dict[str, torch.Tensor] | None,
-    step: int, epoch: int, arch: str, hparams: dict[str, Any],
+    path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    ema_state: dict[str, torch.Tensor] | None,
+    step: int,
+    epoch: int,
+    arch: str,
+    hparams: dict[str, Any],
 ) -> None:
     """One checkpoint in the format ``average`` and ``eval`` read; optimizer and EMA state are there for resuming."""
-    obj: dict[str, Any] = {"state_dict": on_cpu(model.state_dict()), "step": step, "epoch": epoch, "arch": arch,
-                           "hparams": hparams, "optimizer": optimizer.state_dict()}
+    obj: dict[str, Any] = {
+        "state_dict": on_cpu(model.state_dict()),
+        "step": step,
+        "epoch": epoch,
+        "arch": arch,
+        "hparams": hparams,
+        "optimizer": optimizer.state_dict(),
+    }
     if ema_state is not None:
         obj["state_dict_ema"] = on_cpu(ema_state)  # timm's key for the EMA inside a checkpoint
     atomic_save(obj, path)
@@ -237,7 +264,11 @@ def newest_checkpoint(run_dir: Path) -> Path | None:
 
 def check_same_run(saved: dict[str, Any], now: dict[str, Any], path: Path) -> None:
     """On resume: every hparam must be what the run was started with, or the result would be neither run."""
-    changed = [f"{k} was {saved.get(k)!r}, now {now.get(k)!r}" for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+    changed = [
+        f"{k} was {saved.get(k)!r}, now {now.get(k)!r}"
+        for k in sorted(set(saved) | set(now))
+        if saved.get(k) != now.get(k)
+    ]
     if changed:
         raise CkptEmaError(f"--resume with different settings: {'; '.join(changed[:4])}", path)
 
@@ -269,11 +300,16 @@ def train(config: TrainConfig) -> TrainResult:
 
     resume_from = newest_checkpoint(run_dir) if run_dir.is_dir() else None
     if resume_from is not None and not config.resume:
-        raise CkptEmaError(f"already holds checkpoints (newest {resume_from.name}); pass --resume to continue the run, or choose another --output", run_dir)
+        raise CkptEmaError(
+            f"already holds checkpoints (newest {resume_from.name}); "
+            "pass --resume to continue the run, or choose another --output",
+            run_dir,
+        )
 
     train_split, val, test, val_indices = prepare_data(config, device)
     n_train = len(train_split) + len(val_indices)
-    steps_per_epoch = -(-len(train_split) // config.batch_size)  # the last, smaller batch is kept, as the seed's loader does
+    # The last, smaller batch of an epoch is kept, as the seed's DataLoader does: 782 steps per epoch on 50,000.
+    steps_per_epoch = -(-len(train_split) // config.batch_size)
     total_steps = steps_per_epoch * config.epochs
     save_every = config.save_every or steps_per_epoch
     hparams = hparams_of(config, n_train, steps_per_epoch)
@@ -302,8 +338,13 @@ def train(config: TrainConfig) -> TrainResult:
         "arch": config.arch,
         "hparams": hparams,
         "ema": None if config.ema is None else hparams_ema(hparams),
-        "data": {"dir": str(resolve_data_dir(config.data)), "train_subset": config.train_subset,
-                 "test_subset": config.test_subset, "train_images": n_train, "val_split": config.val_split},
+        "data": {
+            "dir": str(resolve_data_dir(config.data)),
+            "train_subset": config.train_subset,
+            "test_subset": config.test_subset,
+            "train_images": n_train,
+            "val_split": config.val_split,
+        },
         "val_indices": val_indices,
         "started": datetime.datetime.now().isoformat(timespec="seconds"),
         "resumed_at_step": step if resume_from is not None else None,
@@ -318,8 +359,14 @@ def train(config: TrainConfig) -> TrainResult:
     written = [] if resume_from is not None else [save(0)]
     start_step, started, images_seen = step, time.perf_counter(), 0
     losses: list[torch.Tensor] = []  # this epoch's per-step losses, kept on the device until they are read
-    bar = tqdm(total=total_steps, initial=step, unit="step", desc=f"train {config.arch}", dynamic_ncols=True,
-               disable=config.quiet or not sys.stderr.isatty())
+    bar = tqdm(
+        total=total_steps,
+        initial=step,
+        unit="step",
+        desc=f"train {config.arch}",
+        dynamic_ncols=True,
+        disable=config.quiet or not sys.stderr.isatty(),
+    )
     model.train()
     for epoch in range(step // steps_per_epoch, config.epochs):
         order = torch.randperm(len(train_split), generator=seeded_generator(config.seed, "order", epoch)).to(device)
@@ -348,18 +395,33 @@ def train(config: TrainConfig) -> TrainResult:
     seconds = time.perf_counter() - started
 
     result = TrainResult(
-        run_dir=run_dir, start_step=start_step, final_step=step, total_steps=total_steps, seconds=seconds,
+        run_dir=run_dir,
+        start_step=start_step,
+        final_step=step,
+        total_steps=total_steps,
+        seconds=seconds,
         images_per_second=images_seen / seconds if seconds > 0 else 0.0,
-        last_loss=torch.stack(losses).mean().item() if losses else float("nan"), checkpoints=written,
+        last_loss=torch.stack(losses).mean().item() if losses else float("nan"),
+        checkpoints=written,
     )
     if ema_state is not None:
         result.online_ema = run_dir / ONLINE_EMA_PATH
-        atomic_save({"state_dict": on_cpu(ema_state), "step": step, "epoch": step // steps_per_epoch,
-                     "arch": config.arch, "hparams": hparams}, result.online_ema)
+        atomic_save(
+            {
+                "state_dict": on_cpu(ema_state),
+                "step": step,
+                "epoch": step // steps_per_epoch,
+                "arch": config.arch,
+                "hparams": hparams,
+            },
+            result.online_ema,
+        )
     if config.evaluate:
         result.scores = score_run(model, ema_state, config.arch, test, val, device)
     run_info["summary"] = {
-        "final_step": step, "seconds": round(seconds, 2), "last_loss": result.last_loss,
+        "final_step": step,
+        "seconds": round(seconds, 2),
+        "last_loss": result.last_loss,
         "scores": {who: {split: s.as_dict() for split, s in by.items()} for who, by in result.scores.items()},
     }
     atomic_save(run_info, run_dir / "run.json")
@@ -367,7 +429,11 @@ def train(config: TrainConfig) -> TrainResult:
 
 
 def score_run(
-    model: nn.Module, ema_state: dict[str, torch.Tensor] | None, arch: str, test: Split | None, val: Split | None,
+    model: nn.Module,
+    ema_state: dict[str, torch.Tensor] | None,
+    arch: str,
+    test: Split | None,
+    val: Split | None,
     device: torch.device,
 ) -> dict[str, dict[str, Score]]:
     """Test (and val) scores of the final model and, when kept, of the online EMA."""

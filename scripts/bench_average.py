@@ -2,6 +2,8 @@
 
     python scripts/bench_average.py                      # 10 checkpoints x 25M float32 params, .pt and .safetensors
     python scripts/bench_average.py --params 50e6 --checkpoints 10 --repeats 5
+    python scripts/bench_average.py growth               # N = 2, 8, 32 checkpoints at 5M and 20M params
+    python scripts/bench_average.py memory               # accumulator 4x --max-memory: peak RssAnon vs budget
 
 For each input format it writes the checkpoints once, warms the page cache, then runs, alternately and
 ``--repeats`` times each, in a fresh interpreter per run (start-up excluded from the timing):
@@ -45,7 +47,7 @@ def sample():
         peak[0] = max(peak[0], rss_anon_kib())
         time.sleep(0.002)
 
-method, files, out = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
+method, files, out, options = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], json.loads(sys.argv[4])
 import torch
 import ckpt_ema
 baseline = rss_anon_kib()
@@ -66,11 +68,11 @@ if method == "naive":
             for k, v in sd.items():
                 avg[k].mul_(0.5).add_(v, alpha=0.5)
 else:
-    ckpt_ema.average(files, out, decay=0.999)
+    ckpt_ema.average(files, out, decay=0.999, **options)
 seconds = time.perf_counter() - t0
 stop.set()
 peak[0] = max(peak[0], rss_anon_kib())
-print(json.dumps({"seconds": seconds, "peak_anon_bytes": (peak[0] - baseline) * 1024}))
+print(json.dumps({"seconds": seconds, "peak_anon_bytes": (peak[0] - baseline) * 1024, "baseline_anon_bytes": baseline * 1024}))
 """
 
 
@@ -101,22 +103,16 @@ def run_cat(files: list[Path]) -> dict[str, float]:
     return {"seconds": time.perf_counter() - t0, "peak_anon_bytes": 0}
 
 
-def run_worker(method: str, files: list[Path], out: Path) -> dict[str, float]:
+def run_worker(method: str, files: list[Path], out: Path, **options: object) -> dict[str, float]:
     done = subprocess.run(
-        [sys.executable, "-c", WORKER, method, json.dumps([str(f) for f in files]), str(out)],
+        [sys.executable, "-c", WORKER, method, json.dumps([str(f) for f in files]), str(out), json.dumps(options)],
         capture_output=True, text=True, check=True,
     )
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoints", type=int, default=10)
-    parser.add_argument("--params", type=float, default=25e6, help="float32 parameters per checkpoint")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--formats", nargs="+", default=["pt", "safetensors"])
-    parser.add_argument("--dir", type=Path, default=None, help="where to write the checkpoints (default: a temp dir)")
-    args = parser.parse_args()
+def throughput(args: argparse.Namespace) -> None:
+    """cat, naive and ckpt-ema alternately on the same files, for each format: medians and ratios."""
     params = int(args.params)
     model_bytes = params * 4
     print(f"{args.checkpoints} checkpoints x {params / 1e6:.0f}M float32 params ({model_bytes / 1e9:.2f} GB each), "
@@ -141,6 +137,59 @@ def main() -> None:
                 peak = statistics.median(r["peak_anon_bytes"] for r in runs)
                 peak_text = f"{peak / 1e9:>9.2f}G {peak / model_bytes:>8.2f}" if method != "cat" else f"{'-':>10} {'-':>8}"
                 print(f"  {method:<10} {s:>9.3f} {total / s / 1e9:>7.2f} {cat_s / s:>7.2f} {peak_text}")
+
+
+def growth(args: argparse.Namespace) -> None:
+    """Time and peak memory of ckpt-ema for N = 2, 8, 32 checkpoints at two model sizes (.safetensors)."""
+    print(f"cost growth, .safetensors, {args.repeats} runs each, medians; time should grow with bytes, memory stay flat")
+    print(f"  {'params':>7} {'N':>4} {'GB':>6} {'median s':>9} {'s/GB':>6} {'x cat':>6} {'peak anon MB':>13}")
+    for params in (int(5e6), int(20e6)):
+        for n in (2, 8, 32):
+            with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+                files = make_checkpoints(Path(tmp), "safetensors", n, params)
+                total = sum(f.stat().st_size for f in files)
+                run_cat(files)
+                cats, runs = [], []
+                for _ in range(args.repeats):
+                    cats.append(run_cat(files)["seconds"])
+                    runs.append(run_worker("ckpt-ema", files, Path(tmp) / "out.safetensors"))
+                s = statistics.median(r["seconds"] for r in runs)
+                peak = statistics.median(r["peak_anon_bytes"] for r in runs)
+                print(f"  {params / 1e6:>6.0f}M {n:>4} {total / 1e9:>6.2f} {s:>9.3f} {s / (total / 1e9):>6.2f} "
+                      f"{statistics.median(cats) / s:>6.2f} {peak / 1e6:>13.1f}")
+
+
+def memory(args: argparse.Namespace) -> None:
+    """Average checkpoints whose float32 accumulator is 4x --max-memory; report peak RssAnon against the budget."""
+    budget = 64 * 2**20
+    params = budget  # float32: the accumulator is 4 bytes a parameter, 4x the budget
+    print(f"bounded memory: {args.checkpoints} checkpoints of {params / 1e6:.0f}M float32 params "
+          f"(accumulator {params * 4 / 2**20:.0f} MiB) with --max-memory {budget / 2**20:.0f}MiB")
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        for fmt in args.formats:
+            files = make_checkpoints(Path(tmp), fmt, args.checkpoints, params)
+            run_cat(files)
+            runs = [run_worker("ckpt-ema", files, Path(tmp) / "out.safetensors", max_memory=budget)
+                    for _ in range(args.repeats)]
+            peak = max(r["peak_anon_bytes"] for r in runs)
+            base = statistics.median(r["baseline_anon_bytes"] for r in runs)
+            print(f"  .{fmt}: peak RssAnon above the interpreter's {base / 2**20:.0f} MiB after imports: "
+                  f"{peak / 2**20:.1f} MiB (max of {args.repeats} runs) = {peak / budget:.2f} x budget, "
+                  f"{peak / (params * 4):.2f} x accumulator")
+            for f in files:
+                f.unlink()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("mode", nargs="?", choices=("throughput", "growth", "memory"), default="throughput")
+    parser.add_argument("--checkpoints", type=int, default=10)
+    parser.add_argument("--params", type=float, default=25e6, help="float32 parameters per checkpoint")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--formats", nargs="+", default=["pt", "safetensors"])
+    parser.add_argument("--dir", type=Path, default=None, help="where to write the checkpoints (default: a temp dir)")
+    args = parser.parse_args()
+    {"throughput": throughput, "growth": growth, "memory": memory}[args.mode](args)
 
 
 if __name__ == "__main__":

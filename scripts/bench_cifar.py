@@ -72,8 +72,10 @@ def main() -> None:
     model = build_model(args.model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     order = torch.randperm(len(train_split), generator=seeded_generator(0, "bench"))
-    print(f"{args.model} on {torch.get_num_threads()} threads, torch {torch.__version__}, batch {bs}, "
-          f"{n_batches} batches x {args.repeats} repeats (medians, min-max)")
+    print(
+        f"{args.model} on {torch.get_num_threads()} threads, torch {torch.__version__}, batch {bs}, "
+        f"{n_batches} batches x {args.repeats} repeats (median rate; best, worst)"
+    )
 
     def data_only() -> None:
         for i in range(n_batches):
@@ -109,25 +111,48 @@ def main() -> None:
         for start in range(0, len(test), EVAL_BATCH_SIZE):
             model(normalize(test.images[start : start + EVAL_BATCH_SIZE])).argmax(1)
 
-    t = timed({"data": data_only, "compute": compute_only, "step": train_steps, "eval_norm": eval_normalize,
-               "eval": eval_all}, args.repeats)
+    t = timed(
+        {
+            "data": data_only,
+            "compute": compute_only,
+            "step": train_steps,
+            "eval_norm": eval_normalize,
+            "eval": eval_all,
+        },
+        args.repeats,
+    )
     t_data, t_compute, t_step, t_eval_norm, t_eval = (t[k] for k in ("data", "compute", "step", "eval_norm", "eval"))
     images_per_repeat = n_batches * bs
     data_s, compute_s = statistics.median(t_data), statistics.median(t_compute)
-    print(f"train data handling  {spread(t_data, images_per_repeat)} images  ({1e3 * data_s / n_batches:.2f} ms/batch)")
-    print(f"train model compute  {spread(t_compute, images_per_repeat)} images  ({1e3 * compute_s / n_batches:.2f} ms/batch)")
-    print(f"train step (both)    {spread(t_step, images_per_repeat)} images  ({1e3 * statistics.median(t_step) / n_batches:.2f} ms/batch)")
-    print(f"eval (10k test)      {spread(t_eval, len(test))} images  (normalising {100 * statistics.median(t_eval_norm) / statistics.median(t_eval):.1f}% of it)")
+    ms = {name: 1e3 * statistics.median(times) / n_batches for name, times in t.items()}
+    norm_share = 100 * statistics.median(t_eval_norm) / statistics.median(t_eval)
+    print(f"train data handling  {spread(t_data, images_per_repeat)} images  ({ms['data']:.2f} ms/batch)")
+    print(f"train model compute  {spread(t_compute, images_per_repeat)} images  ({ms['compute']:.2f} ms/batch)")
+    print(f"train step (both)    {spread(t_step, images_per_repeat)} images  ({ms['step']:.2f} ms/batch)")
+    print(f"eval (10k test)      {spread(t_eval, len(test))} images  (normalising {norm_share:.1f}% of it)")
     best_data, best_compute = min(t_data), min(t_compute)
-    print(f"data share of a training step: {100 * data_s / (data_s + compute_s):.1f}% of medians, "
-          f"{100 * best_data / (best_data + best_compute):.1f}% of bests (compute / data = {compute_s / data_s:.1f}x)")
+    print(
+        f"data share of a training step: {100 * data_s / (data_s + compute_s):.1f}% of medians, "
+        f"{100 * best_data / (best_data + best_compute):.1f}% of bests (compute / data = {compute_s / data_s:.1f}x)"
+    )
 
     if not args.no_epoch:
         with tempfile.TemporaryDirectory() as tmp:
-            result = train(TrainConfig(output=Path(tmp) / "run", arch=args.model, epochs=1, batch_size=bs,
-                                       data=args.data, evaluate=False, quiet=True))
-        print(f"one epoch of train(): {result.final_step} steps in {result.seconds:.1f} s = "
-              f"{len(train_split) / result.seconds:.0f} images/s (checkpoints at steps 0 and {result.final_step})")
+            result = train(
+                TrainConfig(
+                    output=Path(tmp) / "run",
+                    arch=args.model,
+                    epochs=1,
+                    batch_size=bs,
+                    data=args.data,
+                    evaluate=False,
+                    quiet=True,
+                )
+            )
+        print(
+            f"one epoch of train(): {result.final_step} steps in {result.seconds:.1f} s = "
+            f"{len(train_split) / result.seconds:.0f} images/s (checkpoints at steps 0 and {result.final_step})"
+        )
 
 
 if __name__ == "__main__":

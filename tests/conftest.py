@@ -20,4 +20,7 @@ def cifar_dir() -> Path:
     for folder in candidates:
         if has_batches(folder):
             return folder
-    pytest.skip(f"no CIFAR-10 batches in {' or '.join(map(str, candidates))}; set CKPT_EMA_DATA to a folder holding cifar-10-batches-py/")
+    pytest.skip(
+        f"no CIFAR-10 batches in {' or '.join(map(str, candidates))}; "
+        "set CKPT_EMA_DATA to a folder holding cifar-10-batches-py/"
+    )

@@ -45,6 +45,15 @@ def train_and_checkpoint(
 
     With ``save_initial`` the weights before training are saved too, as step 0 (``global_step`` metadata).
     """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: threads only add overhead, and spin for seconds when cores are busy
+    try:
+        return _train(folder, ema_kwargs, save_initial, steps, seed)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(folder: Path, ema_kwargs: dict, save_initial: bool, steps: int, seed: int) -> dict[str, torch.Tensor]:
     torch.manual_seed(seed)
     model = TinyNet()
     ema = ModelEmaV3(model, **ema_kwargs)
@@ -145,3 +154,39 @@ def test_float64_accumulation_also_matches(tmp_path: Path) -> None:
     expected = train_and_checkpoint(tmp_path / "run", dict(decay=0.85), save_initial=False)
     result = ckpt_ema.average([tmp_path / "run"], decay=0.85, accum_dtype="float64")
     assert_matches_timm(result.state_dict, expected)
+
+
+SCHEDULES = [
+    dict(decay=0.999),
+    dict(decay=0.9, update_after_step=7),
+    dict(decay=0.9999, use_warmup=True),
+    dict(decay=0.99, use_warmup=True, min_decay=0.5, update_after_step=3),
+    dict(decay=0.999, use_warmup=True, warmup_gamma=10.0, warmup_power=0.75, min_decay=0.2),
+]
+
+
+@pytest.mark.parametrize("kwargs", SCHEDULES, ids=lambda k: "-".join(f"{a}={b}" for a, b in k.items()))
+def test_schedule_is_timm_get_decay(kwargs: dict) -> None:
+    """d(s) of ckpt_ema.DecaySchedule is ModelEmaV3.get_decay(s): exactly for one step, to 1e-15 vectorised."""
+    timm_ema = ModelEmaV3(nn.Linear(1, 1), **kwargs)
+    ours = ckpt_ema.DecaySchedule(**{("warmup" if k == "use_warmup" else k): v for k, v in kwargs.items()})
+    steps = list(range(0, 60)) + [100, 1_000, 31_623, 10**6]
+    for s in steps:
+        assert ours.decay_at(s) == timm_ema.get_decay(s), s
+    vector = ours.decays(0, 2_000).tolist()
+    assert vector == pytest.approx([timm_ema.get_decay(s) for s in range(0, 2_001)], abs=1e-15)
+    # the product over an interval, closed form or not, is the product of the per-step decays
+    for a, b in ((0, 5), (3, 40), (40, 41), (100, 1_000)):
+        want = 1.0
+        for s in range(a + 1, b + 1):
+            want *= timm_ema.get_decay(s)
+        assert ours.product(a, b) == pytest.approx(want, rel=1e-12, abs=1e-300)
+
+
+@pytest.mark.parametrize("update_after_step", [0, 4])
+def test_bias_corrected_schedule(update_after_step: int) -> None:
+    """With bias correction no step copies: d(s) = 1 (no update) up to update_after_step, then the decay."""
+    ours = ckpt_ema.DecaySchedule(decay=0.9, update_after_step=update_after_step).bias_corrected()
+    want = [1.0 if s <= update_after_step else 0.9 for s in range(1, 30)]
+    assert [ours.decay_at(s) for s in range(1, 30)] == want
+    assert ours.decays(1, 29).tolist() == want

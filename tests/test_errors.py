@@ -7,12 +7,14 @@ as it was by a failed or interrupted run, and no temporary file stays behind.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
 import signal
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -136,11 +138,25 @@ def test_not_a_checkpoint(tmp_path: Path, content: str) -> None:
     assert "not a" in line or "no weights" in line, line
 
 
-@pytest.mark.parametrize("seed", range(8))
-def test_random_bytes_never_crash(tmp_path: Path, seed: int) -> None:
-    """Whatever the garbage, the answer is one error line (not a traceback, not a hang)."""
-    run, bad = broken_copy_of_run(tmp_path, "ckpt_3.pt", random.Random(seed).randbytes(1 + 997 * seed))
-    assert_bad_input([run], "ckpt_3.pt", out=tmp_path / "o.safetensors")
+GARBAGE = {
+    **{f"random{seed}": random.Random(seed).randbytes(1 + 997 * seed) for seed in range(6)},
+    # what a legacy (non-zip) torch.save file starts with, then garbage that breaks the unpickler in other ways
+    # (IndexError, KeyError, UnicodeDecodeError inside torch's weights-only unpickler for these seeds)
+    **{f"pickle_garbage{seed}": b"\x80\x02" + random.Random(seed).randbytes(200) for seed in (2, 14, 20, 195)},
+    "unknown_pickle_protocol": b"\x80\x57" + random.Random(0).randbytes(200),  # torch would warn about it
+    "zip_garbage": b"PK\x03\x04" + random.Random(1).randbytes(300),
+}
+
+
+@pytest.mark.parametrize("name", list(GARBAGE))
+def test_garbage_never_crashes(tmp_path: Path, name: str) -> None:
+    """Whatever the garbage, the answer is one error line: no traceback, no hang, no warning printed besides."""
+    run, bad = broken_copy_of_run(tmp_path, "ckpt_3.pt", GARBAGE[name])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        line = assert_bad_input([run], "ckpt_3.pt", out=tmp_path / "o.safetensors")
+    assert not [str(w.message) for w in caught]
+    assert "refusing" not in line  # corrupt data is not a security refusal
 
 
 def test_unreadable_file(tmp_path: Path) -> None:
@@ -166,6 +182,35 @@ def test_truncated_safetensors(tmp_path: Path, cut: str) -> None:
         save_file(weights(s, n=32), str(run / f"ckpt_{s}.safetensors"))
     data = (run / "ckpt_2.safetensors").read_bytes()
     (run / "ckpt_2.safetensors").write_bytes(data[:20] if cut == "header" else data[: len(data) - 100])
+    assert_bad_input([run], "ckpt_2.safetensors", out=tmp_path / "o.safetensors")
+
+
+def safetensors_bytes(header: object, data: bytes = b"\0" * 4, header_len: int | None = None) -> bytes:
+    text = json.dumps(header).encode()
+    return (len(text) if header_len is None else header_len).to_bytes(8, "little") + text + data
+
+
+ONE_F32 = {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}
+MALFORMED_SAFETENSORS = {
+    "header_not_json": b"\x06\0\0\0\0\0\0\0{\"a\": " + b"\0" * 4,
+    "header_not_an_object": safetensors_bytes([1, 2, 3]),
+    "header_longer_than_file": safetensors_bytes({"w": ONE_F32}, header_len=10**6),
+    "absurd_header_length": safetensors_bytes({"w": ONE_F32}, header_len=2**62),
+    "unknown_dtype": safetensors_bytes({"w": {**ONE_F32, "dtype": "F33"}}),
+    "offsets_do_not_fit_shape": safetensors_bytes({"w": {**ONE_F32, "shape": [2]}}),
+    "entry_not_an_object": safetensors_bytes({"w": 5}),
+    "metadata_not_strings": safetensors_bytes({"__metadata__": {"step": 3}, "w": ONE_F32}),
+    "metadata_not_a_map": safetensors_bytes({"__metadata__": ["step"], "w": ONE_F32}),
+    "data_missing": safetensors_bytes({"w": {**ONE_F32, "shape": [100], "data_offsets": [0, 400]}}),
+}
+
+
+@pytest.mark.parametrize("name", list(MALFORMED_SAFETENSORS))
+def test_malformed_safetensors(tmp_path: Path, name: str) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    save_file({"w": torch.ones(1)}, str(run / "ckpt_1.safetensors"))
+    (run / "ckpt_2.safetensors").write_bytes(MALFORMED_SAFETENSORS[name])
     assert_bad_input([run], "ckpt_2.safetensors", out=tmp_path / "o.safetensors")
 
 
@@ -398,7 +443,8 @@ def test_interrupted_write_leaves_existing_output_intact(tmp_path: Path, monkeyp
     assert any(name.endswith(".tmp") for name in seen[0]), seen  # a partial file existed when Ctrl-C came
     assert res.exit_code == 130
     # (Click ends the ^C line the terminal echoed with a newline first: blank lines aside, one line)
-    assert [ln for ln in res.stderr.splitlines() if ln] == ["ckpt-ema: error: interrupted; no output was written"]
+    lines = [ln for ln in res.stderr.splitlines() if ln]
+    assert len(lines) == 1 and lines[0].startswith("ckpt-ema: error: interrupted"), lines
     assert out.read_bytes() == old
     assert files_in(out.parent) == {"ema.safetensors"}
 
@@ -423,22 +469,44 @@ def test_interrupted_rename_leaves_existing_output_intact(tmp_path: Path, monkey
     assert files_in(out.parent) == {"ema.safetensors"}
 
 
-def test_disk_error_while_writing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """An OSError (disk full) while writing: one line, exit 2, old output intact, no temporary file."""
+class FillsUp:
+    """A file on a disk that is full after ``room`` bytes: writes beyond raise ENOSPC, like a real full disk."""
+
+    def __init__(self, file, room: int) -> None:  # noqa: ANN001
+        self._file = file
+        self._room = room
+
+    def write(self, data) -> int:  # noqa: ANN001
+        n = len(memoryview(data).cast("B"))
+        if n > self._room:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self._room -= n
+        return self._file.write(data)
+
+    def __getattr__(self, name: str):  # noqa: ANN204
+        return getattr(self._file, name)
+
+    def __enter__(self):  # noqa: ANN204
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._file.close()
+
+
+@pytest.mark.parametrize("room", [0, 100, 8_000], ids=["at_once", "in_the_header", "in_the_data"])
+def test_disk_full_while_writing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, room: int) -> None:
+    """ENOSPC while writing: one line, exit 2, the old output intact, no temporary file left."""
     out, old = existing_output(tmp_path)
-    run = good_run(tmp_path / "run", (1, 2, 3, 4))
-    original = ckpt_ema.output.SafetensorsOutput.write
-    calls = []
-
-    def write(self, name, piece):
-        calls.append(name)
-        if len(calls) > 1:
-            raise ckpt_ema.CkptEmaError("cannot write the output: No space left on device", self.path)
-        return original(self, name, piece)
-
-    monkeypatch.setattr(ckpt_ema.output.SafetensorsOutput, "write", write)
+    run = tmp_path / "run"
+    run.mkdir()
+    for s in (1, 2, 3, 4):
+        torch.save(weights(s, n=64), run / f"ckpt_{s}.pt")  # 16 KB of tensor data: the header is well under 8 KB
+    real_fdopen = os.fdopen
+    monkeypatch.setattr(ckpt_ema.output.os, "fdopen", lambda *a, **k: FillsUp(real_fdopen(*a, **k), room))
     res = invoke(run, "-o", out)
-    assert res.exit_code == 2 and "No space left" in res.stderr and str(out) in res.stderr
+    assert res.exit_code == 2, (res.output, res.exception)
+    assert len(res.stderr.splitlines()) == 1
+    assert "No space left" in res.stderr and str(out) in res.stderr
     assert out.read_bytes() == old
     assert files_in(out.parent) == {"ema.safetensors"}
 

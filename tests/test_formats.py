@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import types
 from collections.abc import Iterator
@@ -201,10 +202,42 @@ def test_timm_checkpoint_saver(tmp_path: Path) -> None:
     assert_same(from_ema.state_dict, ema(ema_states))
     assert not torch.allclose(from_ema.state_dict["fc.weight"], result.state_dict["fc.weight"])
 
-    # the CLI says what it skipped, and why
+    # the CLI says what it skipped, and why (timm hard-links its aliases: "the same file as checkpoint-N")
     res = CliRunner().invoke(main, ["average", str(tmp_path), "--dry-run"])
     assert res.exit_code == 0, res.output
-    assert "last.pth.tar" in res.stderr and "model_best.pth.tar" in res.stderr and "alias" in res.stderr
+    for alias in ("last.pth.tar", "model_best.pth.tar"):
+        line = next(ln for ln in res.stderr.splitlines() if alias in ln)
+        assert line.startswith("skipped") and ("alias" in line or "the same file as" in line), line
+
+
+def test_timm_aliases_as_copies_and_milestones(tmp_path: Path) -> None:
+    """Where hard links fail timm copies its aliases; milestone-N files (timm >= 1.0.2x) hard-link `last`."""
+    timm_utils = pytest.importorskip("timm.utils")
+    model = TinyModel()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    saver = timm_utils.CheckpointSaver(model, opt, args=argparse.Namespace(model="tiny"), checkpoint_dir=str(tmp_path),
+                                       recovery_dir=str(tmp_path))
+    states = {}
+    for epoch in range(1, 5):
+        model.load_state_dict(weights(epoch))
+        states[epoch] = weights(epoch)
+        saver.save_checkpoint(epoch, metric=float(epoch % 3))
+        if epoch % 2 == 0 and hasattr(saver, "save_milestone"):
+            saver.save_milestone(epoch + 1)
+    if hasattr(saver, "save_milestone"):
+        same = os.stat(tmp_path / "milestone-5.pth.tar").st_ino == os.stat(tmp_path / "checkpoint-4.pth.tar").st_ino
+        if not same:
+            pytest.skip("no hard links on this filesystem: timm copied its milestones")
+    # a copied alias (a filesystem without hard links) is still left out, by its name
+    (tmp_path / "model_best.pth.tar").unlink()
+    (tmp_path / "model_best.pth.tar").write_bytes((tmp_path / "checkpoint-2.pth.tar").read_bytes())
+    result = ckpt_ema.average([tmp_path], decay=DECAY)
+    assert [s.path.name for s in result.plan.sources] == [f"checkpoint-{e}.pth.tar" for e in range(1, 5)]
+    skipped = "\n".join(result.plan.discovery.skipped)
+    assert "model_best.pth.tar: an alias" in skipped and "last.pth.tar" in skipped
+    if hasattr(saver, "save_milestone"):
+        assert "milestone-3.pth.tar: the same file as" in skipped and "milestone-5.pth.tar" in skipped
+    assert_same(result.state_dict, ema(states))
 
 
 def test_state_dict_ema_is_not_picked_by_default(tmp_path: Path) -> None:
@@ -302,6 +335,21 @@ def test_hugging_face_checkpoint_folders(tmp_path: Path) -> None:
     single = ckpt_ema.average([run / "checkpoint-40", run / "checkpoint-10", run / "checkpoint-30",
                                run / "checkpoint-20"], decay=DECAY)
     assert_same(single.state_dict, ema(states))
+
+
+def test_hugging_face_output_folder_with_the_final_model(tmp_path: Path) -> None:
+    """Trainer.save_model() writes the final model beside the checkpoint-N folders: the folder is still a run."""
+    run = tmp_path / "run"
+    states = {s: weights(s) for s in (10, 20, 30)}
+    for s in states:
+        hf_folder(run / f"checkpoint-{s}", states[s], s, "safetensors")
+    save_file(states[30], str(run / "model.safetensors"), metadata={"format": "pt"})
+    (run / "config.json").write_text("{}")
+    torch.save(TrainingArguments(str(run)), run / "training_args.bin")
+    result = ckpt_ema.average([run], decay=DECAY)
+    assert [s.path.name for s in result.plan.sources] == ["checkpoint-10", "checkpoint-20", "checkpoint-30"]
+    assert any("model.safetensors" in line and "final model" in line for line in result.plan.discovery.skipped)
+    assert_same(result.state_dict, ema(states))
 
 
 def test_hugging_face_step_comes_from_trainer_state(tmp_path: Path) -> None:

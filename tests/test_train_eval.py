@@ -53,9 +53,11 @@ def eval_json(*args: object) -> list[dict]:
 @pytest.fixture(scope="session")
 def net_run(cifar_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     run = tmp_path_factory.mktemp("runs") / "net"
+    # fmt: off
     ok(cli("train", "-o", run, "--data", cifar_dir, "--train-subset", TRAIN_IMAGES, "--test-subset", TEST_IMAGES,
            "--epochs", EPOCHS, "--save-every", SAVE_EVERY, "--val-split", VAL_IMAGES,
            "--ema-decay", 0.99, "--ema-warmup", "--quiet"))
+    # fmt: on
     return run
 
 
@@ -95,16 +97,23 @@ def test_online_ema_update_is_timms_model_ema_v3() -> None:
     theirs = timm_ema.ModelEmaV3(model, decay=0.9, use_warmup=True)
     for step in range(1, 6):
         with torch.no_grad():
-            for t in model.state_dict().values():
-                t.add_(torch.randn_like(t.float()).to(t.dtype)) if t.is_floating_point() else t.add_(1)
+            for t in model.state_dict().values():  # a "training step": floats move, the BN batch counters count
+                if t.is_floating_point():
+                    t.add_(torch.randn_like(t))
+                else:
+                    t.add_(1)
         update_ema(ours, model, schedule.decay_at(step))
         theirs.update(model, step=step)
     assert all(torch.equal(ours[k], v) for k, v in theirs.module.state_dict().items())
 
 
-def test_resume_continues_from_the_newest_checkpoint_and_matches_an_uninterrupted_run(cifar_dir: Path, tmp_path: Path) -> None:
+def test_resume_continues_from_the_newest_checkpoint_and_matches_an_uninterrupted_run(
+    cifar_dir: Path, tmp_path: Path
+) -> None:
+    # fmt: off
     args = ["--data", cifar_dir, "--train-subset", 1000, "--epochs", 2, "--save-every", 7, "--val-split", 50,
             "--ema-decay", 0.95, "--ema-warmup", "--no-eval"]
+    # fmt: on
     ok(cli("train", "-o", tmp_path / "full", *args, "-q"))
     # An interruption after step 21: its checkpoint is the newest one the run left.
     shutil.copytree(tmp_path / "full", tmp_path / "cut")
@@ -118,7 +127,9 @@ def test_resume_continues_from_the_newest_checkpoint_and_matches_an_uninterrupte
     assert changed.exit_code == 2 and "seed was 0, now 1" in changed.stderr
     resumed = ok(cli("train", "-o", tmp_path / "cut", *args, "--resume"))
     assert "from step_00000021.pt (step 21 of 30)" in resumed.stderr
-    assert sorted(p.name for p in (tmp_path / "cut").glob("*.pt")) == sorted(p.name for p in (tmp_path / "full").glob("*.pt"))
+    assert sorted(p.name for p in (tmp_path / "cut").glob("*.pt")) == sorted(
+        p.name for p in (tmp_path / "full").glob("*.pt")
+    )
     for name in ("step_00000028.pt", "step_00000030.pt", "online_ema/ema.pt"):
         full = torch.load(tmp_path / "full" / name, weights_only=True)
         cut = torch.load(tmp_path / "cut" / name, weights_only=True)
@@ -135,16 +146,32 @@ def test_eval_of_the_trained_model_beats_chance_by_a_wide_margin(net_run: Path) 
     last = net_run / f"step_{TOTAL_STEPS:08d}.pt"
     first = net_run / "step_00000000.pt"
     trained, untrained, online = eval_json(last, first, net_run / "online_ema" / "ema.pt", "--per-class")
-    print(f"\ntest accuracy after {TOTAL_STEPS} steps on {TRAIN_IMAGES - VAL_IMAGES} images: model {trained['accuracy']:.3f} "
-          f"(loss {trained['loss']:.3f}), online EMA {online['accuracy']:.3f}, initial weights {untrained['accuracy']:.3f}")
+    print(
+        f"\ntest accuracy after {TOTAL_STEPS} steps on {TRAIN_IMAGES - VAL_IMAGES} images: "
+        f"model {trained['accuracy']:.3f} (loss {trained['loss']:.3f}), online EMA {online['accuracy']:.3f}, "
+        f"initial weights {untrained['accuracy']:.3f}"
+    )
     assert trained["n"] == TEST_IMAGES and trained["arch"] == "net" and trained["step"] == TOTAL_STEPS
     assert trained["accuracy"] > 0.3 and untrained["accuracy"] < 0.2  # chance is 0.1
     assert trained["loss"] < math.log(10) - 0.4 < untrained["loss"]
     assert online["accuracy"] > 0.3
-    assert set(trained["per_class"]) == {"airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"}
+    assert set(trained["per_class"]) == {
+        "airplane",
+        "automobile",
+        "bird",
+        "cat",
+        "deer",
+        "dog",
+        "frog",
+        "horse",
+        "ship",
+        "truck",
+    }
     assert trained["val"]["n"] == VAL_IMAGES and trained["val"]["accuracy"] > 0.2  # the split redone from hparams
     table = ok(cli("eval", last, "--test-subset", TEST_IMAGES)).stdout
-    assert table.splitlines()[0].split()[:4] == ["file", "arch", "step", "test"] and f"{trained['accuracy']:.4f}" in table
+    assert (
+        table.splitlines()[0].split()[:4] == ["file", "arch", "step", "test"] and f"{trained['accuracy']:.4f}" in table
+    )
 
 
 def test_eval_reads_pt_average_safetensors_and_lightning_ckpt(net_run: Path, tmp_path: Path) -> None:
@@ -157,11 +184,17 @@ def test_eval_reads_pt_average_safetensors_and_lightning_ckpt(net_run: Path, tmp
     # A Lightning checkpoint: the LightningModule holds the network as `self.model`.
     lightning = {
         "state_dict": {f"model.{k}": v for k, v in ckpt["state_dict"].items()},
-        "global_step": TOTAL_STEPS, "epoch": EPOCHS - 1, "pytorch-lightning_version": "2.4.0",
-        "hyper_parameters": {"lr": 1e-3, "arch": "net"}, "optimizer_states": [], "lr_schedulers": [], "callbacks": {},
+        "global_step": TOTAL_STEPS,
+        "epoch": EPOCHS - 1,
+        "pytorch-lightning_version": "2.4.0",
+        "hyper_parameters": {"lr": 1e-3},  # no architecture: --model names it
+        "optimizer_states": [],
+        "lr_schedulers": [],
+        "callbacks": {},
     }
     torch.save(lightning, tmp_path / "epoch=4-step=145.ckpt")
-    pt, averaged, light = eval_json(last, tmp_path / "ema.safetensors", tmp_path / "epoch=4-step=145.ckpt")
+    pt, averaged = eval_json(last, tmp_path / "ema.safetensors")
+    light = eval_json(tmp_path / "epoch=4-step=145.ckpt", "--model", "net")[0]
     ema_key = eval_json(last, "--key", "state_dict_ema")[0]  # timm's key for the EMA inside a checkpoint
     online = eval_json(net_run / "online_ema" / "ema.pt")[0]
     assert averaged["arch"] == "net" and averaged["accuracy"] > 0.3
@@ -180,7 +213,12 @@ def test_eval_errors_are_one_clear_line(net_run: Path, tmp_path: Path) -> None:
 
 
 def test_missing_data_is_a_clear_error(net_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):  # a download must fail fast, even with a network
+    for var in (
+        "http_proxy",
+        "https_proxy",
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+    ):  # a download must fail fast, even with a network
         monkeypatch.setenv(var, "http://127.0.0.1:9")
     monkeypatch.delenv("no_proxy", raising=False)
     monkeypatch.delenv("NO_PROXY", raising=False)
@@ -196,8 +234,18 @@ def test_missing_data_is_a_clear_error(net_run: Path, tmp_path: Path, monkeypatc
 
 
 def test_bn_recalibration_changes_running_stats_not_parameters(cifar_dir: Path, tmp_path: Path) -> None:
-    result = train(TrainConfig(output=tmp_path / "resnet", arch="resnet", epochs=1, data=cifar_dir, train_subset=640,
-                               save_every=5, evaluate=False, quiet=True))
+    result = train(
+        TrainConfig(
+            output=tmp_path / "resnet",
+            arch="resnet",
+            epochs=1,
+            data=cifar_dir,
+            train_subset=640,
+            save_every=5,
+            evaluate=False,
+            quiet=True,
+        )
+    )
     path = result.checkpoints[-1]
     model, arch, _ = load_model(path)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -224,7 +272,11 @@ def test_augmentation_is_a_padded_crop_and_flip_per_image(cifar_dir: Path) -> No
     images = load_cifar10(cifar_dir, train_subset=64, test_subset=1)["train"].images
     out = augment(images, seeded_generator(0, "t"))
     g = seeded_generator(0, "t")  # the same draws, in the same order, replayed one image at a time
-    dy, dx, flip = torch.randint(0, 9, (64,), generator=g), torch.randint(0, 9, (64,), generator=g), torch.rand(64, generator=g) < 0.5
+    dy, dx, flip = (
+        torch.randint(0, 9, (64,), generator=g),
+        torch.randint(0, 9, (64,), generator=g),
+        torch.rand(64, generator=g) < 0.5,
+    )
     padded = torch.nn.functional.pad(images, (4, 4, 4, 4))
     for i in range(64):
         crop = padded[i, :, dy[i] : dy[i] + 32, dx[i] : dx[i] + 32]

@@ -1,0 +1,79 @@
+"""Pictures of a sweep, where a person would rather look than read (matplotlib: ``pip install ckpt-ema[plot]``).
+
+* ``weights.png``: the weight each checkpoint gets under each candidate, against its step;
+* ``accuracy.png``: validation and test accuracy of the EMA candidates against their half-life (log scale), with
+  the final model and the uniform means as reference lines.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ckpt_ema.output import write_atomically
+
+
+def matplotlib_or_none() -> Any:
+    """pyplot on the Agg backend (files only, no display), or None when matplotlib is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, path: Path) -> None:
+    write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png"))
+
+
+def plot_weights(candidates: list[Any], path: Path) -> bool:
+    """Draw the weight of each checkpoint under each candidate; False when matplotlib is missing."""
+    plt = matplotlib_or_none()
+    if plt is None:
+        return False
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for c in candidates:
+        steps, weights = c.plan.weighting.steps, c.plan.weighting.weights
+        ax.plot(steps, weights, marker="." if len(steps) <= 60 else None, linewidth=1.2, label=c.name)
+    ax.set_xlabel("training step of the checkpoint")
+    ax.set_ylabel("weight in the average")
+    ax.set_title("The weight each checkpoint gets")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    _save(fig, path)
+    plt.close(fig)
+    return True
+
+
+def plot_accuracy(candidates: list[Any], scores: Mapping[str, Mapping[str, float]], reference: Mapping[str, float],
+                  path: Path) -> bool:
+    """Accuracy against EMA half-life; uniform means and the final model as horizontal lines."""
+    plt = matplotlib_or_none()
+    if plt is None:
+        return False
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    emas = sorted((c for c in candidates if c.half_life is not None and math.isfinite(c.half_life)), key=lambda c: c.half_life)
+    for split, style in (("val_accuracy", "o-"), ("test_accuracy", "s--")):
+        points = [(c.half_life, 100 * scores[c.name][split]) for c in emas if scores.get(c.name, {}).get(split) is not None]
+        if points:
+            ax.plot(*zip(*points), style, label=f"EMA, {split.split('_')[0]}")
+    colors = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"][2:] * 4)
+    for c in candidates:
+        if c.half_life is None and scores.get(c.name, {}).get("val_accuracy") is not None:
+            ax.axhline(100 * scores[c.name]["val_accuracy"], linestyle=":", color=next(colors), label=f"{c.name}, val")
+    for name, acc in reference.items():
+        ax.axhline(100 * acc, color="black", linewidth=1, linestyle="--" if "test" in name else "-", label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("EMA half-life (training steps, log scale)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title("Post-hoc averages of the saved checkpoints")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    _save(fig, path)
+    plt.close(fig)
+    return True
