@@ -63,7 +63,7 @@ averaging_options = stack(
     ema_schedule_options(),
     click.option("--bias-correction", is_flag=True,
                  help="Start from zero and divide by 1 - prod(decay) (Adam's correction) instead of copying the first."),
-    click.option("--interpolate", type=click.Choice(INTERPOLATIONS), default="step", show_default=True,
+    click.option("--interpolate", type=click.Choice(INTERPOLATIONS), default="linear", show_default=True,
                  help="The weights between two checkpoints: held at the newer one (step) or moving linearly (linear)."),
     click.option("--from-step", type=int, default=None, help="Use only checkpoints at this step or later."),
     click.option("--to-step", type=int, default=None, help="Use only checkpoints at this step or earlier."),

@@ -39,6 +39,8 @@ ALIAS_WRITERS = {"last": "the newest checkpoint", "model_best": "the best checkp
 NOT_WEIGHTS_PATTERN = re.compile(
     r"^(optimizer|scheduler|scaler|rng_state(_\d+)?|training_args|trainer_state|lr_scheduler)\.(pt|pth|bin|json)$"
 )
+# The metadata key every output of ckpt-ema carries.
+OWN_OUTPUT_KEY = "ckpt_ema_version"
 HF_FOLDER_PATTERN = re.compile(r"^checkpoint-\d+$")
 SHARD_PATTERN = re.compile(r"-\d{5}-of-\d{5}\.(safetensors|bin)$")
 
@@ -187,6 +189,15 @@ def expand_inputs(inputs: list[str | Path], drop_aliases: bool = True) -> tuple[
     return paths, skipped + more_skipped
 
 
+def _drop_own_outputs(sources: list[Source], skipped: list[str]) -> tuple[list[Source], list[str]]:
+    """Leave out earlier outputs of ckpt-ema (an average saved in the run folder) when training checkpoints remain."""
+    training = [s for s in sources if OWN_OUTPUT_KEY not in s.metadata]
+    if not training or len(training) == len(sources):
+        return sources, skipped
+    skipped = skipped + [f"{s.path}: an output of ckpt-ema, not a training checkpoint" for s in sources if s not in training]
+    return training, skipped
+
+
 def discover(inputs: list[str | Path], key: str | None = None, per_checkpoint: bool = False) -> Discovery:
     """Resolve ``inputs`` to the run's checkpoints, in training order, reading only their metadata.
 
@@ -205,6 +216,7 @@ def discover(inputs: list[str | Path], key: str | None = None, per_checkpoint: b
         else:
             step, step_from = step_from_name(path), "name"
         sources.append(Source(path=path, step=step, step_from=step_from, nbytes=_file_size(path), metadata=meta))
+    sources, skipped = _drop_own_outputs(sources, skipped)
 
     notes: list[str] = []
     unknown = [s for s in sources if s.step is None]

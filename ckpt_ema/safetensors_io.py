@@ -80,6 +80,10 @@ class SafetensorsFile:
         self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
         for name, info in header.items():
             self.entries[name] = self._parse_entry(name, info, size)
+        spans = sorted((begin, end, name) for name, (_, _, begin, end) in self.entries.items() if end > begin)
+        for (_, end, name), (begin, _, other) in zip(spans, spans[1:]):
+            if begin < end:
+                raise CkptEmaError(f"bad header: tensors {name!r} and {other!r} overlap", path)
 
     def _parse_entry(self, name: str, info: Any, size: int) -> tuple[torch.dtype, tuple[int, ...], int, int]:
         try:

@@ -28,6 +28,16 @@ import ckpt_ema
 from ckpt_ema import CkptEmaError
 from ckpt_ema.cli import main
 
+
+# These tests check the reading and the held-weights model of issue 2 ("the weights sat at the newer checkpoint"),
+# so they pin --interpolate step; linear interpolation has its own reference in test_sweep.py.
+def average_held(*args, **options):
+    return ckpt_ema.average(*args, **{"interpolate": "step", **options})
+
+
+def plan_held(*args, **options):
+    return ckpt_ema.plan(*args, **{"interpolate": "step", **options})
+
 DECAY = 0.9
 
 
@@ -71,7 +81,7 @@ def assert_loads_into_plain_model(sd: dict[str, torch.Tensor]) -> None:
 
 
 def steps_of(inputs: list, **options) -> list[tuple[str, int, str]]:
-    return [(s.path.name, s.step, s.step_from) for s in ckpt_ema.plan(inputs, **options).sources]
+    return [(s.path.name, s.step, s.step_from) for s in plan_held(inputs, **options).sources]
 
 
 # ------------------------------------------------------------------------------------------- containers
@@ -83,7 +93,7 @@ def test_containers(tmp_path: Path, container: str | None) -> None:
     for s, sd in states.items():
         obj = sd if container is None else {container: sd, "epoch": s // 10, "optimizer": {"lr": 0.1}, "note": "x"}
         torch.save(obj, tmp_path / f"ckpt_{s}.pt")
-    result = ckpt_ema.average([tmp_path], decay=DECAY)
+    result = average_held([tmp_path], decay=DECAY)
     assert [s.step for s in result.plan.sources] == [10, 20, 35]
     assert_same(result.state_dict, ema(states))
     assert_loads_into_plain_model(result.state_dict)
@@ -95,10 +105,10 @@ def test_explicit_key_picks_a_container(tmp_path: Path) -> None:
     b = {s: weights(100 + s) for s in (1, 2, 3)}
     for s in a:
         torch.save({"model": a[s], "extra": {"teacher": b[s]}}, tmp_path / f"ckpt_{s}.pt")
-    assert_same(ckpt_ema.average([tmp_path], decay=DECAY).state_dict, ema(a))
-    assert_same(ckpt_ema.average([tmp_path], decay=DECAY, key="extra.teacher").state_dict, ema(b))
+    assert_same(average_held([tmp_path], decay=DECAY).state_dict, ema(a))
+    assert_same(average_held([tmp_path], decay=DECAY, key="extra.teacher").state_dict, ema(b))
     with pytest.raises(CkptEmaError, match="no key 'nope'"):
-        ckpt_ema.plan([tmp_path], key="nope")
+        plan_held([tmp_path], key="nope")
 
 
 @contextmanager
@@ -154,7 +164,7 @@ def test_lightning_layout_with_attribute_dict_and_last_ckpt(tmp_path: Path) -> N
     assert "lightning" not in sys.modules  # the class is now unknown: only the allow-list can load it
 
     out = tmp_path / "ema.safetensors"
-    result = ckpt_ema.average([tmp_path], out, decay=DECAY)
+    result = average_held([tmp_path], out, decay=DECAY)
     assert [(s.path.name, s.step, s.step_from) for s in result.plan.sources] == [
         (f"epoch={s // 100 - 1}-step={s}.ckpt", s, "metadata:global_step") for s in (100, 200, 300)
     ]
@@ -188,7 +198,7 @@ def test_timm_checkpoint_saver(tmp_path: Path) -> None:
     assert isinstance(torch.load(tmp_path / "last.pth.tar", weights_only=False)["args"], argparse.Namespace)
 
     out = tmp_path.parent / f"{tmp_path.name}-ema.safetensors"
-    result = ckpt_ema.average([tmp_path], out, decay=DECAY)
+    result = average_held([tmp_path], out, decay=DECAY)
     assert [s.path.name for s in result.plan.sources] == [f"checkpoint-{e}.pth.tar" for e in range(1, 5)]
     skipped = "\n".join(result.plan.discovery.skipped)
     assert "last.pth.tar" in skipped and "model_best.pth.tar" in skipped
@@ -198,7 +208,7 @@ def test_timm_checkpoint_saver(tmp_path: Path) -> None:
         assert f.metadata()["arch"] == "tiny_model"  # what eval needs, carried from the newest checkpoint
 
     # state_dict_ema only when asked for
-    from_ema = ckpt_ema.average([tmp_path], decay=DECAY, key="state_dict_ema")
+    from_ema = average_held([tmp_path], decay=DECAY, key="state_dict_ema")
     assert_same(from_ema.state_dict, ema(ema_states))
     assert not torch.allclose(from_ema.state_dict["fc.weight"], result.state_dict["fc.weight"])
 
@@ -231,7 +241,7 @@ def test_timm_aliases_as_copies_and_milestones(tmp_path: Path) -> None:
     # a copied alias (a filesystem without hard links) is still left out, by its name
     (tmp_path / "model_best.pth.tar").unlink()
     (tmp_path / "model_best.pth.tar").write_bytes((tmp_path / "checkpoint-2.pth.tar").read_bytes())
-    result = ckpt_ema.average([tmp_path], decay=DECAY)
+    result = average_held([tmp_path], decay=DECAY)
     assert [s.path.name for s in result.plan.sources] == [f"checkpoint-{e}.pth.tar" for e in range(1, 5)]
     skipped = "\n".join(result.plan.discovery.skipped)
     assert "model_best.pth.tar: an alias" in skipped and "last.pth.tar" in skipped
@@ -245,8 +255,8 @@ def test_state_dict_ema_is_not_picked_by_default(tmp_path: Path) -> None:
     for s in states:
         torch.save({"state_dict_ema": states[s], "epoch": s}, tmp_path / f"checkpoint-{s}.pth.tar")
     with pytest.raises(CkptEmaError, match="--key"):
-        ckpt_ema.plan([tmp_path])
-    assert_same(ckpt_ema.average([tmp_path], decay=DECAY, key="state_dict_ema").state_dict, ema(states))
+        plan_held([tmp_path])
+    assert_same(average_held([tmp_path], decay=DECAY, key="state_dict_ema").state_dict, ema(states))
 
 
 # ------------------------------------------------------------------------------------------- safetensors
@@ -257,7 +267,7 @@ def test_safetensors_files_with_step_metadata(tmp_path: Path) -> None:
     for i, (s, sd) in enumerate(states.items()):
         # names say nothing about the order: only the metadata does
         save_file(sd, str(tmp_path / f"model_{'cab'[i]}.safetensors"), metadata={"format": "pt", "step": str(s)})
-    result = ckpt_ema.average([tmp_path], decay=DECAY)
+    result = average_held([tmp_path], decay=DECAY)
     assert [(s.path.name, s.step, s.step_from) for s in result.plan.sources] == [
         ("model_c.safetensors", 7, "metadata:step"), ("model_a.safetensors", 8, "metadata:step"),
         ("model_b.safetensors", 30, "metadata:step")]
@@ -269,7 +279,7 @@ def test_low_precision_safetensors_keep_dtype(tmp_path: Path) -> None:
               for s in (1, 2, 3)}
     for s, sd in states.items():
         save_file(sd, str(tmp_path / f"ckpt_{s}.safetensors"))
-    result = ckpt_ema.average([tmp_path], decay=DECAY)
+    result = average_held([tmp_path], decay=DECAY)
     assert_same(result.state_dict, ema(states), atol=2e-2)
 
 
@@ -325,14 +335,14 @@ def test_hugging_face_checkpoint_folders(tmp_path: Path) -> None:
     for s, kind in kinds.items():
         hf_folder(run / f"checkpoint-{s}", states[s], s, kind)
     (run / "runs").mkdir()  # tensorboard logs and the like are not checkpoints
-    result = ckpt_ema.average([run], decay=DECAY)
+    result = average_held([run], decay=DECAY)
     assert [(s.path.name, s.step, s.step_from) for s in result.plan.sources] == [
         (f"checkpoint-{s}", s, "trainer_state.json") for s in kinds]
     assert_same(result.state_dict, ema(states))
     assert_loads_into_plain_model(result.state_dict)
 
     # the folders given one by one (shell glob order is not step order)
-    single = ckpt_ema.average([run / "checkpoint-40", run / "checkpoint-10", run / "checkpoint-30",
+    single = average_held([run / "checkpoint-40", run / "checkpoint-10", run / "checkpoint-30",
                                run / "checkpoint-20"], decay=DECAY)
     assert_same(single.state_dict, ema(states))
 
@@ -346,7 +356,7 @@ def test_hugging_face_output_folder_with_the_final_model(tmp_path: Path) -> None
     save_file(states[30], str(run / "model.safetensors"), metadata={"format": "pt"})
     (run / "config.json").write_text("{}")
     torch.save(TrainingArguments(str(run)), run / "training_args.bin")
-    result = ckpt_ema.average([run], decay=DECAY)
+    result = average_held([run], decay=DECAY)
     assert [s.path.name for s in result.plan.sources] == ["checkpoint-10", "checkpoint-20", "checkpoint-30"]
     assert any("model.safetensors" in line and "final model" in line for line in result.plan.discovery.skipped)
     assert_same(result.state_dict, ema(states))
@@ -357,7 +367,7 @@ def test_hugging_face_step_comes_from_trainer_state(tmp_path: Path) -> None:
     states = {s: weights(s) for s in (5, 50)}
     hf_folder(tmp_path / "checkpoint-2", states[50], 50, "safetensors")
     hf_folder(tmp_path / "checkpoint-1", states[5], 5, "safetensors")
-    result = ckpt_ema.average([tmp_path], decay=DECAY)
+    result = average_held([tmp_path], decay=DECAY)
     assert [(s.path.name, s.step) for s in result.plan.sources] == [("checkpoint-1", 5), ("checkpoint-2", 50)]
     assert_same(result.state_dict, ema(states))
 
@@ -365,7 +375,7 @@ def test_hugging_face_step_comes_from_trainer_state(tmp_path: Path) -> None:
 def test_training_state_files_given_explicitly_are_skipped(tmp_path: Path) -> None:
     hf_folder(tmp_path / "checkpoint-3", weights(3), 3, "safetensors")
     hf_folder(tmp_path / "checkpoint-4", weights(4), 4, "safetensors")
-    the_plan = ckpt_ema.plan([tmp_path / "checkpoint-*" / "*"])
+    the_plan = plan_held([tmp_path / "checkpoint-*" / "*"])
     assert sorted(s.path.name for s in the_plan.sources) == ["model.safetensors", "model.safetensors"]
     skipped = "\n".join(the_plan.discovery.skipped)
     for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth", "training_args.bin"):
@@ -396,7 +406,7 @@ def test_wrapper_prefixes_average_together(tmp_path: Path, fmt: str) -> None:
         else:
             save_file(stored, str(tmp_path / f"ckpt_{i}.safetensors"))
     out = tmp_path / "ema.safetensors"
-    result = ckpt_ema.average([tmp_path / f"ckpt_*.{fmt}"], out, decay=DECAY)
+    result = average_held([tmp_path / f"ckpt_*.{fmt}"], out, decay=DECAY)
     assert len(result.plan.sources) == len(WRAPPERS)
     assert_same(result.state_dict, ema(states))
     assert_loads_into_plain_model(load_file(out))
@@ -412,7 +422,7 @@ def test_real_ddp_prefix_from_a_wrapped_model(tmp_path: Path) -> None:
         states[s] = weights(s)
         torch.save(wrapper.state_dict(), tmp_path / f"ckpt_{s}.pt")
     assert all(k.startswith("module.") for k in torch.load(tmp_path / "ckpt_1.pt", weights_only=True))
-    result = ckpt_ema.average([tmp_path], decay=DECAY)
+    result = average_held([tmp_path], decay=DECAY)
     assert_loads_into_plain_model(result.state_dict)
     assert_same(result.state_dict, ema(states))
 
@@ -430,7 +440,7 @@ def test_a_submodule_called_module_is_kept(tmp_path: Path) -> None:
         torch.manual_seed(s)
         states[s] = WithModule().state_dict()
         torch.save(states[s], tmp_path / f"ckpt_{s}.pt")
-    result = ckpt_ema.average([tmp_path], decay=DECAY)
+    result = average_held([tmp_path], decay=DECAY)
     WithModule().load_state_dict(result.state_dict, strict=True)
     assert_same(result.state_dict, ema(states))
 
@@ -445,7 +455,7 @@ def test_step_from_metadata_beats_the_name(tmp_path: Path, key: str) -> None:
     for name, s in name_and_step.items():
         states[s] = weights(s)
         torch.save({"model": states[s], key: s}, tmp_path / name)
-    result = ckpt_ema.average([tmp_path], decay=DECAY)
+    result = average_held([tmp_path], decay=DECAY)
     assert [(s.path.name, s.step, s.step_from) for s in result.plan.sources] == [
         ("ckpt_2.pt", 10, f"metadata:{key}"), ("ckpt_3.pt", 20, f"metadata:{key}"),
         ("ckpt_1.pt", 30, f"metadata:{key}")]
@@ -467,7 +477,7 @@ def test_step_from_the_last_number_in_the_name(tmp_path: Path) -> None:
     assert steps_of([tmp_path]) == [(f"run3-epoch=2-step=90.pt", 90, "name"),
                                     ("run3-epoch=0-step=400.pt", 400, "name"),
                                     ("run3-epoch=1-step=1200.pt", 1200, "name")]
-    assert_same(ckpt_ema.average([tmp_path], decay=DECAY).state_dict, ema(states))
+    assert_same(average_held([tmp_path], decay=DECAY).state_dict, ema(states))
 
 
 def test_natural_order(tmp_path: Path) -> None:
@@ -479,7 +489,7 @@ def test_natural_order(tmp_path: Path) -> None:
     assert [n for n, _, _ in steps_of([tmp_path / "ckpt_*.pt"])] == want
     assert steps_of([tmp_path], per_checkpoint=True) == [(n, i, "order") for i, n in enumerate(want, start=1)]
     by_position = {i: weights(s) for i, s in enumerate((1, 2, 10, 11, 100), start=1)}
-    assert_same(ckpt_ema.average([tmp_path], decay=DECAY, per_checkpoint=True).state_dict, ema(by_position))
+    assert_same(average_held([tmp_path], decay=DECAY, per_checkpoint=True).state_dict, ema(by_position))
 
 
 def test_globs_and_mixed_inputs(tmp_path: Path) -> None:
@@ -504,7 +514,7 @@ def test_duplicate_steps_are_an_error(tmp_path: Path) -> None:
         (tmp_path / run).mkdir()
         torch.save(weights(ord(run)), tmp_path / run / "ckpt_5.pt")
     with pytest.raises(CkptEmaError, match="two checkpoints have step 5"):
-        ckpt_ema.plan([tmp_path / "a", tmp_path / "b"])
+        plan_held([tmp_path / "a", tmp_path / "b"])
     res = CliRunner().invoke(main, ["average", str(tmp_path / "a"), str(tmp_path / "b"), "--dry-run"])
     assert res.exit_code == 2
     assert "two checkpoints have step 5" in res.stderr and "ckpt_5.pt" in res.stderr
@@ -516,7 +526,7 @@ def test_unknown_steps_fall_back_to_one_update_per_checkpoint(tmp_path: Path) ->
     for i, name in enumerate(names, start=1):
         states[i] = weights(i)
         torch.save(states[i], tmp_path / name)
-    result = ckpt_ema.average([tmp_path], decay=DECAY)
+    result = average_held([tmp_path], decay=DECAY)
     assert [(s.path.name, s.step, s.step_from) for s in result.plan.sources] == [
         (n, i, "order") for i, n in enumerate(names, start=1)]
     assert len(result.plan.discovery.notes) == 1 and "alpha.pt" in result.plan.discovery.notes[0]
@@ -549,11 +559,11 @@ def test_output_metadata(tmp_path: Path) -> None:
     assert set(ckpt_ema.AverageOptions.__dataclass_fields__) <= set(options)
     inputs = json.loads(meta["ckpt_ema_inputs"])
     assert [(Path(i["path"]).name, i["step"]) for i in inputs] == [(f"ckpt_{s}.pt", s) for s in (10, 20, 40)]
-    the_plan = ckpt_ema.plan([tmp_path], **{k: options[k] for k in ("decay", "update_after_step", "warmup",
+    the_plan = plan_held([tmp_path], **{k: options[k] for k in ("decay", "update_after_step", "warmup", "interpolate",
                                                                       "min_decay")})
     assert [i["weight"] for i in inputs] == pytest.approx(list(the_plan.weighting.weights), abs=1e-15)
     assert sum(i["weight"] for i in inputs) == pytest.approx(1.0)
     assert meta["arch"] == "tinymodel"
     # reproducible: the recorded options give the same tensors again
-    again = ckpt_ema.average([i["path"] for i in inputs], **{k: v for k, v in options.items()})
+    again = average_held([i["path"] for i in inputs], **{k: v for k, v in options.items()})
     assert_same(on_disk, again.state_dict, atol=0)

@@ -21,6 +21,16 @@ from torch import nn
 import ckpt_ema
 from ckpt_ema import CkptEmaError
 
+
+# These tests check the reading and the held-weights model of issue 2 ("the weights sat at the newer checkpoint"),
+# so they pin --interpolate step; linear interpolation has its own reference in test_sweep.py.
+def average_held(*args, **options):
+    return ckpt_ema.average(*args, **{"interpolate": "step", **options})
+
+
+def plan_held(*args, **options):
+    return ckpt_ema.plan(*args, **{"interpolate": "step", **options})
+
 timm_model_ema = pytest.importorskip("timm.utils.model_ema")
 
 SPARSE_STEPS = [3, 10, 11, 40, 100]
@@ -153,7 +163,7 @@ def sparse_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[int
 
 def check_against_reference(folder: Path, saved: dict, bias_correction: bool, schedule: dict) -> None:
     ref = reference_ema(saved, bias_correction=bias_correction, **schedule)
-    result = ckpt_ema.average([folder], bias_correction=bias_correction, accum_dtype="float64", **schedule)
+    result = average_held([folder], bias_correction=bias_correction, accum_dtype="float64", **schedule)
     for name, want in ref.items():
         assert result.state_dict[name].dtype == torch.float32
         assert max_abs_diff(result.state_dict[name], want) <= 1e-6, name  # float32 output rounding
@@ -184,8 +194,8 @@ def test_bias_correction_matches_reference(sparse_run, name: str) -> None:
 def test_bias_correction_changes_the_result(sparse_run) -> None:
     """Not a no-op: with decay 0.999 over 100 steps, copying the first and starting from zero differ a lot."""
     folder, saved = sparse_run
-    plain = ckpt_ema.average([folder], decay=0.999)
-    corrected = ckpt_ema.average([folder], decay=0.999, bias_correction=True)
+    plain = average_held([folder], decay=0.999)
+    corrected = average_held([folder], decay=0.999, bias_correction=True)
     assert max_abs_diff(plain.state_dict["layer.weight"], corrected.state_dict["layer.weight"]) > 0.1
     # Without correction the first checkpoint keeps prod_{s=4..100} d = 0.999**97 of the weight (timm's copy).
     assert plain.plan.weighting.weights[0] == pytest.approx(0.999 ** 97, rel=1e-12)
@@ -197,13 +207,13 @@ def test_bias_correction_changes_the_result(sparse_run) -> None:
 def test_nothing_to_average_with_bias_correction(sparse_run) -> None:
     folder, _ = sparse_run
     with pytest.raises(CkptEmaError, match="update-after-step"):
-        ckpt_ema.plan([folder], decay=0.9, bias_correction=True, update_after_step=100)
+        plan_held([folder], decay=0.9, bias_correction=True, update_after_step=100)
 
 
 def test_step_zero_checkpoint_counts_for_nothing_without_correction(tmp_path: Path) -> None:
     """timm's first update copies the model: initial weights saved at step 0 get weight 0 (and need no reading)."""
     saved = write_run(tmp_path, [0, 2, 5])
-    result = ckpt_ema.average([tmp_path], decay=0.9)
+    result = average_held([tmp_path], decay=0.9)
     assert result.plan.weighting.weights[0] == 0.0
     ref = reference_ema(saved, decay=0.9)
     assert max_abs_diff(result.state_dict["layer.weight"], ref["layer.weight"]) <= 1e-6
@@ -218,14 +228,14 @@ def test_per_checkpoint_is_the_seed_formula(tmp_path: Path, bias_correction: boo
     steps = [5, 17, 18, 300, 1000, 1001]
     saved = write_run(tmp_path, steps)
     beta = 0.7
-    result = ckpt_ema.average([tmp_path], decay=beta, per_checkpoint=True, bias_correction=bias_correction,
+    result = average_held([tmp_path], decay=beta, per_checkpoint=True, bias_correction=bias_correction,
                               accum_dtype="float64")
     assert [s.step for s in result.plan.sources] == list(range(1, len(steps) + 1))
     for name in ("layer.weight", "layer.bias", "bn.running_var"):
         want = seed_ema([saved[s][name] for s in steps], beta, bias_correction)
         assert max_abs_diff(result.state_dict[name], want) <= 1e-6, name
     # and it is not what the steps would have given
-    by_step = ckpt_ema.average([tmp_path], decay=beta, bias_correction=bias_correction)
+    by_step = average_held([tmp_path], decay=beta, bias_correction=bias_correction)
     assert max_abs_diff(result.state_dict["layer.weight"], by_step.state_dict["layer.weight"]) > 1e-3
 
 
@@ -235,7 +245,7 @@ def test_effective_window_closed_form(tmp_path: Path) -> None:
     steps = list(range(1, n + 1))
     for s in steps:
         torch.save({"x": torch.zeros(1)}, tmp_path / f"c{s}.pt")
-    the_plan = ckpt_ema.plan([tmp_path], decay=beta, per_checkpoint=True)
+    the_plan = plan_held([tmp_path], decay=beta, per_checkpoint=True)
     expected = math.ceil(math.log(0.01) / math.log(beta))
     assert expected == 44
     assert the_plan.weighting.effective_window() == expected
@@ -250,8 +260,8 @@ def test_float64_accumulation_is_used(tmp_path: Path) -> None:
     """float64 checkpoints: float64 accumulation matches the reference to 1e-12, float32 cannot (proves it's used)."""
     saved = write_run(tmp_path, SPARSE_STEPS, dtype=torch.float64)
     ref = reference_ema(saved, decay=0.9)["layer.weight"]
-    f64 = ckpt_ema.average([tmp_path], decay=0.9, accum_dtype="float64").state_dict["layer.weight"]
-    f32 = ckpt_ema.average([tmp_path], decay=0.9, accum_dtype="float32").state_dict["layer.weight"]
+    f64 = average_held([tmp_path], decay=0.9, accum_dtype="float64").state_dict["layer.weight"]
+    f32 = average_held([tmp_path], decay=0.9, accum_dtype="float32").state_dict["layer.weight"]
     assert f64.dtype == f32.dtype == torch.float64  # the output keeps the input dtype
     assert max_abs_diff(f64, ref) <= 1e-12
     assert 1e-10 < max_abs_diff(f32, ref) <= 1e-5
@@ -262,7 +272,7 @@ def test_out_dtype(sparse_run, tmp_path: Path, out_dtype: str) -> None:
     folder, saved = sparse_run
     dtype = getattr(torch, out_dtype)
     out = tmp_path / "ema.safetensors"
-    result = ckpt_ema.average([folder], out, decay=0.97, accum_dtype="float64", out_dtype=out_dtype)
+    result = average_held([folder], out, decay=0.97, accum_dtype="float64", out_dtype=out_dtype)
     ref = reference_ema(saved, decay=0.97)
     on_disk = load_file(out)
     for name, want in ref.items():
@@ -291,7 +301,7 @@ def test_low_precision_inputs_keep_their_dtype(tmp_path: Path) -> None:
             "c.weight": (1 + torch.randn(64, generator=g)),
         }
         torch.save(saved[s], tmp_path / f"ckpt_{s}.pt")
-    result = ckpt_ema.average([tmp_path], decay=0.99, bias_correction=True)
+    result = average_held([tmp_path], decay=0.99, bias_correction=True)
     ref = reference_ema(saved, decay=0.99, bias_correction=True)
     for name, dtype in (("a.weight", torch.bfloat16), ("b.weight", torch.float16), ("c.weight", torch.float32)):
         got = result.state_dict[name]
@@ -316,7 +326,7 @@ def test_tied_tensors(tmp_path: Path) -> None:
     assert loaded["embed.weight"].untyped_storage().data_ptr() == loaded["head.weight"].untyped_storage().data_ptr()
 
     out = tmp_path / "ema.safetensors"
-    result = ckpt_ema.average([tmp_path / "step_*.pt"], out, decay=0.9)
+    result = average_held([tmp_path / "step_*.pt"], out, decay=0.9)
     ref = reference_ema(saved, decay=0.9)
     on_disk = load_file(out)
     for name, want in ref.items():
@@ -332,7 +342,7 @@ def test_output_records_the_reference_weights(sparse_run, tmp_path: Path) -> Non
     folder, saved = sparse_run
     out = tmp_path / "ema.safetensors"
     schedule = dict(decay=0.97, update_after_step=5)
-    ckpt_ema.average([folder], out, **schedule)
+    average_held([folder], out, **schedule)
     with safe_open(str(out), framework="pt") as f:
         meta = f.metadata()
     inputs = json.loads(meta["ckpt_ema_inputs"])
@@ -363,7 +373,7 @@ def test_large_tensors_streamed_in_small_chunks(tmp_path: Path) -> None:
     ref = reference_ema(saved, decay=0.8)
     out = tmp_path / "out.safetensors"
     # 48 KiB of working memory: chunks of 4096 float32 elements
-    ckpt_ema.average([tmp_path / "ckpt_*.pt"], out, decay=0.8, max_memory="48KiB")
+    average_held([tmp_path / "ckpt_*.pt"], out, decay=0.8, max_memory="48KiB")
     on_disk = load_file(out)
     for name, want in ref.items():
         assert on_disk[name].shape == want.shape
@@ -373,4 +383,4 @@ def test_large_tensors_streamed_in_small_chunks(tmp_path: Path) -> None:
     saved[9]["big"][9_999] = float("nan")  # in the last chunk of the big tensor
     torch.save(saved[9], tmp_path / "ckpt_9.pt")
     with pytest.raises(CkptEmaError, match=r"ckpt_9\.pt.*'(big|tied)'.*NaN"):
-        ckpt_ema.average([tmp_path / "ckpt_*.pt"], decay=0.8, max_memory="48KiB")
+        average_held([tmp_path / "ckpt_*.pt"], decay=0.8, max_memory="48KiB")
