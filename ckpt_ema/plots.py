@@ -40,6 +40,10 @@ def plot_weights(candidates: list[Any], path: Path) -> bool:
     for c in candidates:
         steps, weights = c.plan.weighting.steps, c.plan.weighting.weights
         ax.plot(steps, weights, marker="." if len(steps) <= 60 else None, linewidth=1.2, label=c.name)
+    # Show where the weight is: from the oldest checkpoint any candidate needs for 99.9% of its weight.
+    first = min(c.plan.weighting.steps[-c.plan.weighting.effective_window(0.999)] for c in candidates)
+    last = candidates[0].plan.weighting.steps[-1]
+    ax.set_xlim(first - 0.02 * (last - first + 1), last + 0.02 * (last - first + 1))
     ax.set_xlabel("training step of the checkpoint")
     ax.set_ylabel("weight in the average")
     ax.set_title("The weight each checkpoint gets")

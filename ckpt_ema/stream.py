@@ -122,19 +122,43 @@ def chunk_pieces(layout: Layout, chunk_elems: int) -> list[list[Piece]]:
 
 
 class FlatViews:
-    """Flat views of one checkpoint's tensors; a non-contiguous tensor is made contiguous once, not per chunk."""
+    """Flat pieces of one checkpoint's tensors: views of the mapped file, or, for a tensor stored non-contiguous
+    (a transposed weight, channels_last convolutions), a copy of just the piece asked for, never of the whole
+    tensor (one whole copy per open checkpoint would make memory grow with the number of checkpoints)."""
 
     def __init__(self, ckpt: Checkpoint) -> None:
         self.ckpt = ckpt
         self._cached: tuple[str, torch.Tensor] | None = None
 
     def piece(self, p: Piece) -> torch.Tensor:
-        if self._cached is not None and self._cached[0] == p.name:
-            return self._cached[1][p.start : p.stop]
-        t = self.ckpt.tensor(p.name)
-        flat = t.reshape(-1) if t.is_contiguous() else t.contiguous().reshape(-1)
-        self._cached = (p.name, flat)
-        return flat[p.start : p.stop]
+        if self._cached is None or self._cached[0] != p.name:
+            self._cached = (p.name, self.ckpt.tensor(p.name))
+        return flat_slice(self._cached[1], p.start, p.stop)
+
+
+def flat_slice(t: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Elements [start, stop) of ``t`` in row-major order: a view when ``t`` is contiguous, else a copy of about
+    stop - start elements (whole rows in the middle, partial rows at either end, recursively)."""
+    if t.is_contiguous():
+        return t.reshape(-1)[start:stop]
+    if start >= stop:
+        return t.new_empty(0)
+    if t.dim() == 1:
+        return t[start:stop]  # a strided view
+    row = t[0].numel()
+    first, begin = divmod(start, row)
+    last, end = divmod(stop, row)
+    if first == last:
+        return flat_slice(t[first], begin, end)
+    parts = []
+    if begin:
+        parts.append(flat_slice(t[first], begin, row))
+        first += 1
+    if last > first:
+        parts.append(t[first:last].reshape(-1))  # copies these rows only
+    if end:
+        parts.append(flat_slice(t[last], 0, end))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def open_run(paths: Sequence[Path], needed: Sequence[int], key: str | None) -> tuple[dict[int, FlatViews], Layout]:

@@ -30,10 +30,13 @@ class Candidate:
 
     @property
     def half_life(self) -> float | None:
-        """Steps over which a weight halves under this EMA's final decay (None for a uniform mean)."""
+        """Steps over which a weight halves at the decay in force at the newest checkpoint (None: uniform mean).
+
+        That is the decay, or less under warmup: with warmup a large decay may never be reached in the run.
+        """
         if self.plan.options.last is not None:
             return None
-        decay = self.plan.options.schedule().decay
+        decay = self.plan.options.schedule().decay_at(self.plan.sources[-1].step)
         return math.inf if decay >= 1 else (0.0 if decay <= 0 else math.log(0.5) / math.log(decay))
 
     def describe(self) -> str:
