@@ -19,11 +19,13 @@ import torch
 from tqdm.auto import tqdm
 
 from ckpt_ema import __version__
+from ckpt_ema import distributed
 from ckpt_ema.discover import Discovery, discover
+from ckpt_ema.distributed import World
 from ckpt_ema.stream import DEFAULT_CHUNK_ELEMS, Layout, fold
 from ckpt_ema.errors import CkptEmaError
 from ckpt_ema.checkpoint import load_state_dict
-from ckpt_ema.output import MemoryOutput, SafetensorsOutput, check_output_path
+from ckpt_ema.output import QUEUED_CHUNKS, MemoryOutput, SafetensorsOutput, check_output_path
 from ckpt_ema.plan import INTERPOLATIONS, Weighting, ema_weighting, uniform_weighting
 from ckpt_ema.schedule import DecaySchedule
 
@@ -36,7 +38,7 @@ CARRIED_METADATA = ("arch", "epoch", "step", "global_step", "hparams", "hyper_pa
 
 DEFAULT_DECAY = 0.999
 # The smallest chunk worth folding: below it, Python overhead per chunk dominates.
-MIN_CHUNK_ELEMS = 4096
+MIN_CHUNK_ELEMS = 1024
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
               "GIB": 2**30, "TIB": 2**40}
 
@@ -100,13 +102,19 @@ class AverageOptions:
         return min(2 << 30, available_memory() // 4)
 
     def chunk_elems(self, candidates: int) -> int:
-        """Elements per chunk such that every candidate's accumulator chunk, and two temporaries, fit the budget."""
-        itemsize = DTYPES[self.accum_dtype].itemsize
-        elems = min(DEFAULT_CHUNK_ELEMS, self.memory_budget() // ((candidates + 2) * itemsize))
+        """Elements per chunk such that everything a chunk costs fits the memory budget.
+
+        Per candidate: its accumulator chunk, and the copies of finished chunks on their way to the output file
+        (the writer's queue, the one being written, the one being queued); plus two temporaries for dtype
+        conversion of the checkpoint being read. All in the widest dtype involved.
+        """
+        itemsize = max(DTYPES[self.accum_dtype].itemsize, DTYPES[self.out_dtype].itemsize if self.out_dtype else 0, 4)
+        per_element = (candidates * (1 + QUEUED_CHUNKS + 2) + 2) * itemsize
+        elems = min(DEFAULT_CHUNK_ELEMS, self.memory_budget() // per_element)
         if elems < MIN_CHUNK_ELEMS:
             raise CkptEmaError(
                 f"--max-memory {self.max_memory} is too small for {candidates} accumulator(s): "
-                f"at least {_human_bytes(MIN_CHUNK_ELEMS * (candidates + 2) * itemsize)} is needed"
+                f"at least {_human_bytes(MIN_CHUNK_ELEMS * per_element)} is needed"
             )
         return elems
 
@@ -298,34 +306,97 @@ def fold_plans(plans: list[Plan], sinks: list[SafetensorsOutput | MemoryOutput],
     """Fold the checkpoints of ``plans`` (same checkpoints, different weights) into ``sinks`` in one read.
 
     Output files become visible only when every candidate is complete; returns the files each sink wrote.
+    Under torchrun (WORLD_SIZE > 1) with output files, the work is split by tensor: :func:`fold_plans_on_ranks`.
     """
-    opts = plans[0].options
-    bar = tqdm(unit="B", unit_scale=True, desc=desc, disable=not progress)
-
-    def open_outputs(layout: Layout, n_used: int) -> None:
-        out_dtype = DTYPES[opts.out_dtype] if opts.out_dtype else None
-        for sink in sinks:
-            sink.open(layout.shapes, layout.output_dtypes(out_dtype))
-        bar.total = n_used * layout.float_nbytes()
-
+    world = World.from_env()
+    if world.is_distributed and all(isinstance(s, SafetensorsOutput) for s in sinks):
+        return fold_plans_on_ranks(plans, sinks, world, progress=progress, desc=desc)  # type: ignore[arg-type]
     files = [s for s in sinks if isinstance(s, SafetensorsOutput)]
     try:
-        with bar:
-            fold(
-                [s.path for s in plans[0].sources],
-                [p.weighting.lerps for p in plans],
-                sinks,
-                key=opts.key,
-                device=opts.device,
-                accum_dtype=DTYPES[opts.accum_dtype],
-                chunk_elems=opts.chunk_elems(candidates=len(plans)),
-                on_bytes=bar.update,
-                on_layout=open_outputs,
-            )
+        _fold_into(plans, sinks, progress=progress, desc=desc)
         return [s.commit() if isinstance(s, SafetensorsOutput) else [] for s in sinks]
     finally:
         for f in files:
             f.abort()  # removes whatever temporary files a failure left; nothing once committed
+
+
+def fold_plans_on_ranks(plans: list[Plan], sinks: list[SafetensorsOutput], world: World, *, progress: bool,
+                        desc: str) -> list[list[Path]]:
+    """This rank's share of the fold under torchrun, and a commit all ranks agree to.
+
+    Each rank folds the tensors :func:`ckpt_ema.distributed.partition` gives it and writes them as its own
+    shards under temporary names. Only once every rank has its shards complete on disk do the ranks rename them,
+    and only once all are renamed does rank 0 rename the index into place: the commit point, so no index ever
+    presents partial output. A failure on any rank is raised on every rank, naming the rank(s) and the cause;
+    the temporary files are removed and an existing output is left as it was. Returns every file of each output.
+    """
+    device = world.device(plans[0].options.device)
+
+    def fold_and_prepare() -> None:
+        _fold_into(plans, sinks, progress=progress and world.rank == 0, desc=desc, world=world, device=device)
+        for sink in sinks:
+            sink.prepare()
+
+    def publish_index() -> None:
+        if world.rank == 0:
+            for sink in sinks:
+                sink.publish_index()
+
+    with distributed.process_group(world, device):
+        try:
+            distributed.on_every_rank(fold_and_prepare)
+            distributed.on_every_rank(lambda: [sink.publish_shards() for sink in sinks])  # then all are in place
+            distributed.on_every_rank(publish_index)  # and no rank reports success before the index is
+            return [sink.written for sink in sinks]
+        except CkptEmaError:  # raised on every rank alike by on_every_rank
+            for sink in sinks:
+                sink.abort()
+            # The first rank to exit makes torchrun stop the others: let every rank remove its temporary files first.
+            distributed.barrier()
+            raise
+        finally:
+            for sink in sinks:
+                sink.abort()
+
+
+def _fold_into(plans: list[Plan], sinks: list[SafetensorsOutput | MemoryOutput], *, progress: bool, desc: str,
+               world: World | None = None, device: str | None = None) -> None:
+    """One read of the checkpoints into the (opened, uncommitted) sinks; with a ``world``, only this rank's share."""
+    opts = plans[0].options
+    bar = tqdm(unit="B", unit_scale=True, desc=desc, disable=not progress)
+    shares: list[list[str]] | None = None  # tensor names per rank, once the layout is known
+    mine: set[str] | None = None
+
+    def select(layout: Layout) -> set[str]:
+        nonlocal shares, mine
+        assert world is not None
+        shares = distributed.partition(layout, world.size)
+        mine = set(shares[world.rank])
+        return mine
+
+    def open_outputs(layout: Layout, n_used: int) -> None:
+        out_dtype = DTYPES[opts.out_dtype] if opts.out_dtype else None
+        for sink in sinks:
+            if shares is None:
+                sink.open(layout.shapes, layout.output_dtypes(out_dtype))
+            else:
+                assert isinstance(sink, SafetensorsOutput) and world is not None
+                sink.open(layout.shapes, layout.output_dtypes(out_dtype), partition=shares, rank=world.rank)
+        bar.total = n_used * layout.float_nbytes(mine)
+
+    with bar:
+        fold(
+            [s.path for s in plans[0].sources],
+            [p.weighting.lerps for p in plans],
+            sinks,
+            key=opts.key,
+            device=opts.device if device is None else device,
+            accum_dtype=DTYPES[opts.accum_dtype],
+            chunk_elems=opts.chunk_elems(candidates=len(plans)),
+            on_bytes=bar.update,
+            on_layout=open_outputs,
+            select=None if world is None else select,
+        )
 
 
 def output_metadata(the_plan: Plan) -> dict[str, str]:

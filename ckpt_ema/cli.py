@@ -13,6 +13,7 @@ import click
 
 from ckpt_ema import __version__
 from ckpt_ema.api import ACCUM_DTYPES, DTYPES, plan, run
+from ckpt_ema.distributed import World
 from ckpt_ema.cli_options import NumbersOption, ema_schedule_options, stack
 from ckpt_ema.plan import INTERPOLATIONS
 from ckpt_ema.output import check_output_path
@@ -45,6 +46,11 @@ class OneLineErrors(click.Group):
 def show_progress(quiet: bool) -> bool:
     """tqdm bars only for a person watching: not with --quiet, not when stderr goes to a file or a pipe."""
     return not quiet and sys.stderr.isatty()
+
+
+def is_rank_zero() -> bool:
+    """True but in the ranks other than 0 under torchrun: one process speaks for all of them."""
+    return World.from_env().rank == 0
 
 
 def say(message: str, quiet: bool) -> None:
@@ -102,10 +108,12 @@ def average_command(inputs: tuple[str, ...], output: str | None, dry_run: bool, 
         raise click.UsageError("missing option '-o' / '--output' (or use --dry-run)")
     if output is not None:
         check_output_path(output)
+    quiet = quiet or not is_rank_zero()
     the_plan = plan(list(inputs), **options)
     _print_notes(the_plan.discovery, quiet)
     if dry_run:
-        click.echo(the_plan.table())
+        if is_rank_zero():
+            click.echo(the_plan.table())
         return
     result = run(the_plan, output, progress=show_progress(quiet))
     say(result.summary(), quiet)
@@ -134,12 +142,15 @@ def sweep_command(inputs: tuple[str, ...], outdir: str, quiet: bool, evaluate: b
     from ckpt_ema.sweep import plan_sweep, run_sweep, score_candidates, sweep_table
 
     folder = Path(outdir)
+    quiet = quiet or not is_rank_zero()
     if not folder.parent.is_dir():
         raise CkptEmaError("the output folder's parent does not exist", folder)
     candidates = plan_sweep(list(inputs), **options)
     _print_notes(candidates[0].plan.discovery, quiet)
     folder.mkdir(exist_ok=True)
     result = run_sweep(candidates, folder, progress=show_progress(quiet))
+    if not is_rank_zero():
+        return  # under torchrun: the table, scores and pictures come from rank 0
     say(f"read {len(candidates[0].plan.sources)} checkpoints once for {len(candidates)} candidates in "
         f"{result.seconds:.1f} s; wrote {folder}/<candidate>.safetensors", quiet)
     pictures = [folder / "weights.png"] if plot and plot_weights(candidates, folder / "weights.png") else []

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping
+import threading
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -59,10 +61,19 @@ def shard_plan(
     return shards
 
 
+# Finished chunks wait in a short queue for the writer thread: memory stays a few chunks.
+QUEUED_CHUNKS = 2
+# The writer flushes to disk every this many bytes, while the next chunks are folded, so that the final fsync
+# before the rename has little left to do.
+SYNC_EVERY_BYTES = 64 << 20
+
+
 class SafetensorsOutput:
     """A sink that streams tensors into ``path`` (or shards beside it) and makes them visible only on commit().
 
-    Use as a context manager: leaving the block without commit() (an error, Ctrl-C) removes every temporary file.
+    Pieces are written by a background thread: writing and flushing to disk overlap the folding of the next
+    chunks on the other core. Use as a context manager: leaving the block without commit() (an error, Ctrl-C)
+    stops the thread and removes every temporary file.
     """
 
     def __init__(self, path: Path, metadata: Mapping[str, str], max_shard_bytes: int | None = None) -> None:
@@ -75,7 +86,14 @@ class SafetensorsOutput:
         self._writers: list[StreamingWriter] = []
         self.index_path: Path | None = None
         self._index: dict | None = None
-        self.total_bytes = 0
+        self.total_bytes = 0  # tensor bytes of the files this process writes
+        self._finals: list[Path] = []  # every file of the output but the index, in order
+        self._writes_index = True
+        self._index_tmp: Path | None = None
+        self._dtypes: dict[str, torch.dtype] = {}
+        self._queue: queue.Queue[tuple[str, torch.Tensor] | None] = queue.Queue(maxsize=QUEUED_CHUNKS)
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
 
     def __enter__(self) -> SafetensorsOutput:
         return self
@@ -83,17 +101,30 @@ class SafetensorsOutput:
     def __exit__(self, *exc: object) -> None:
         self.abort()
 
-    def open(self, shapes: Mapping[str, tuple[int, ...]], dtypes: Mapping[str, torch.dtype]) -> None:
-        """Create the temporary files and write their headers; tensors must then arrive in ``shapes`` order."""
-        shards = shard_plan(shapes, dtypes, self.max_shard_bytes)
-        if len(shards) == 1:
-            finals = [self.path]
+    def open(self, shapes: Mapping[str, tuple[int, ...]], dtypes: Mapping[str, torch.dtype], *,
+             partition: Sequence[Sequence[str]] | None = None, rank: int = 0) -> None:
+        """Create the temporary files and write their headers; tensors must then arrive in ``shapes`` order.
+
+        With ``partition`` (tensor names per rank, under torchrun) the output is always sharded and this process
+        writes only the shards of ``partition[rank]``. Every rank derives the same global shard names and index
+        from the same partition, so no names need to be exchanged; rank 0 writes the index.
+        """
+        shards, mine = self._shards(shapes, dtypes, partition, rank)
+        if len(shards) == 1 and partition is None:
+            self._finals = [self.path]
         else:
             stem = self.path.name[: -len(".safetensors")]
-            finals = [self.path.with_name(f"{stem}-{k:05d}-of-{len(shards):05d}.safetensors") for k in range(1, len(shards) + 1)]
+            self._finals = [self.path.with_name(f"{stem}-{k:05d}-of-{len(shards):05d}.safetensors")
+                            for k in range(1, len(shards) + 1)]
             self.index_path = self.path.with_name(self.path.name + ".index.json")
-            self._index = {"metadata": dict(self.metadata), "weight_map": {}}
-        for names, final in zip(shards, finals):
+            self._writes_index = partition is None or rank == 0
+            shard_of = {n: final.name for names, final in zip(shards, self._finals) for n in names}
+            self._index = {"metadata": dict(self.metadata), "weight_map": {n: shard_of[n] for n in shapes}}
+            # Tensor bytes of the whole output, whoever writes them (what the writers' totals add up to).
+            self._index["metadata"]["total_size"] = sum(
+                torch.Size(shape).numel() * dtypes[n].itemsize for n, shape in shapes.items())
+        for k in mine:
+            names, final = shards[k], self._finals[k]
             try:  # a full disk or a folder gone read-only shows here first: one line, like a failed write
                 f, tmp = self._temporary(final)
                 self._files.append((tmp, final, f))  # before the header is written, so that abort() closes it
@@ -104,10 +135,21 @@ class SafetensorsOutput:
             self.total_bytes += writer.total
             for n in names:
                 self._writer_of[n] = writer
-                if self._index is not None:
-                    self._index["weight_map"][n] = final.name
-        if self._index is not None:
-            self._index["metadata"]["total_size"] = self.total_bytes
+        self._dtypes = dict(dtypes)
+        self._thread = threading.Thread(target=self._write_queued, name="ckpt-ema-writer", daemon=True)
+        self._thread.start()
+
+    def _shards(self, shapes: Mapping[str, tuple[int, ...]], dtypes: Mapping[str, torch.dtype],
+                partition: Sequence[Sequence[str]] | None, rank: int) -> tuple[list[list[str]], range]:
+        """All shards of the output (names of their tensors) and the indices of those this process writes: with a
+        partition, each rank's tensors are sharded on their own and the ranks' shards follow in rank order."""
+        if partition is None:
+            shards = shard_plan(shapes, dtypes, self.max_shard_bytes)
+            return shards, range(len(shards))
+        per_rank = [shard_plan({n: shapes[n] for n in names}, dtypes, self.max_shard_bytes) if names else []
+                    for names in partition]
+        first = sum(len(p) for p in per_rank[:rank])
+        return [s for p in per_rank for s in p], range(first, first + len(per_rank[rank]))
 
     def _temporary(self, final: Path) -> tuple[BinaryIO, Path]:
         fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
@@ -115,13 +157,55 @@ class SafetensorsOutput:
         return os.fdopen(fd, "wb"), Path(name)
 
     def write(self, name: str, piece: torch.Tensor) -> None:
-        try:
-            self._writer_of[name].write(name, piece)
-        except OSError as exc:
-            raise CkptEmaError(f"cannot write the output: {exc.strerror or exc}", self.path) from None
+        """Queue the next piece of tensor ``name``; a copy is queued, so the caller may reuse its buffer."""
+        self._raise_writer_error()
+        self._queue.put((name, piece.detach().to(device="cpu", dtype=self._dtypes[name], copy=True)))
+
+    def _write_queued(self) -> None:
+        unsynced = 0
+        while (item := self._queue.get()) is not None:
+            if self._error is not None:
+                continue  # keep taking pieces, so that write() never blocks on a full queue
+            name, data = item
+            try:
+                writer = self._writer_of[name]
+                writer.write(name, data)
+                unsynced += data.numel() * data.element_size()
+                if unsynced >= SYNC_EVERY_BYTES:
+                    writer.file.flush()
+                    os.fdatasync(writer.file.fileno())
+                    unsynced = 0
+            except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+                self._error = exc
+
+    def _stop_writer(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+
+    def _raise_writer_error(self) -> None:
+        if isinstance(self._error, OSError):
+            raise CkptEmaError(f"cannot write the output: {self._error.strerror or self._error}", self.path) from None
+        if self._error is not None:
+            raise self._error
 
     def commit(self) -> list[Path]:
         """Flush everything to disk, then rename: shards first, the index (the commit point) last."""
+        self.prepare()
+        self.publish_shards()
+        self.publish_index()
+        return self.written
+
+    @property
+    def written(self) -> list[Path]:
+        """Every file of the output, the index last: the files of all ranks under torchrun."""
+        return list(self._finals) + ([self.index_path] if self.index_path else [])
+
+    def prepare(self) -> None:
+        """Complete this process's files and flush them to disk, the index too under its temporary name: all
+        that can fail is done before anything is renamed (under torchrun, before the ranks agree to commit)."""
+        self._stop_writer()
+        self._raise_writer_error()
         try:
             for writer in self._writers:
                 writer.close()
@@ -130,26 +214,39 @@ class SafetensorsOutput:
                 os.fsync(f.fileno())
                 f.close()
                 os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the mode a plain open() would
-            index_tmp = None
-            if self._index is not None:
+            if self._index is not None and self._writes_index:
                 assert self.index_path is not None
-                f, index_tmp = self._temporary(self.index_path)
+                f, self._index_tmp = self._temporary(self.index_path)
                 with f:
                     f.write(json.dumps(self._index, indent=2).encode())
                     f.flush()
                     os.fsync(f.fileno())
-                os.chmod(index_tmp, 0o666 & ~_umask())
-            for tmp, final, _ in self._files:
-                os.replace(tmp, final)
-            if index_tmp is not None:
-                os.replace(index_tmp, self.index_path)  # type: ignore[arg-type]
+                os.chmod(self._index_tmp, 0o666 & ~_umask())
         except OSError as exc:
             raise CkptEmaError(f"cannot write the output: {exc.strerror or exc}", self.path) from None
-        written = [final for _, final, _ in self._files] + ([self.index_path] if self.index_path else [])
-        self._temporaries = []
-        return written  # type: ignore[return-value]
+
+    def publish_shards(self) -> None:
+        """Rename this process's prepared files to their final names (no index points at them yet)."""
+        try:
+            for tmp, final, _ in self._files:
+                os.replace(tmp, final)
+                self._temporaries.remove(tmp)
+        except OSError as exc:
+            raise CkptEmaError(f"cannot write the output: {exc.strerror or exc}", self.path) from None
+
+    def publish_index(self) -> None:
+        """Rename the prepared index into place: the commit point of a sharded output."""
+        if self._index_tmp is None:
+            return
+        try:
+            os.replace(self._index_tmp, self.index_path)  # type: ignore[arg-type]
+        except OSError as exc:
+            raise CkptEmaError(f"cannot write the output: {exc.strerror or exc}", self.path) from None
+        self._temporaries.remove(self._index_tmp)
+        self._index_tmp = None
 
     def abort(self) -> None:
+        self._stop_writer()
         for _, _, f in self._files:
             f.close()
         for tmp in self._temporaries:

@@ -141,7 +141,7 @@ class StreamingWriter:
 
     def __init__(self, file: BinaryIO, shapes: Mapping[str, tuple[int, ...]], dtypes: Mapping[str, torch.dtype],
                  metadata: Mapping[str, str]) -> None:
-        self._file = file
+        self.file = file
         head, self._ranges = header_bytes(shapes, dtypes, metadata)
         self._dtypes = dict(dtypes)
         file.write(head)
@@ -154,7 +154,7 @@ class StreamingWriter:
         if not begin <= self._written < end and begin != end:
             raise AssertionError(f"tensor {name!r} written out of order")
         data = piece.detach().to(device="cpu", dtype=self._dtypes[name]).contiguous().reshape(-1).view(torch.uint8)
-        self._file.write(memoryview(data.numpy()))
+        self.file.write(memoryview(data.numpy()))
         self._written += data.numel()
 
     def close(self) -> None:

@@ -19,7 +19,7 @@ Non-float tensors (BatchNorm's ``num_batches_tracked``) are copied from the newe
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -63,9 +63,11 @@ class Layout:
     def is_float(self, name: str) -> bool:
         return self.dtypes[name].is_floating_point
 
-    def float_nbytes(self) -> int:
-        """Bytes of float tensors in one checkpoint: what each used checkpoint contributes to the fold."""
-        return sum(self.numel(n) * d.itemsize for n, d in self.dtypes.items() if d.is_floating_point)
+    def float_nbytes(self, names: Collection[str] | None = None) -> int:
+        """Bytes of float tensors (of ``names``, default all) in one checkpoint: what each used checkpoint
+        contributes to the fold."""
+        return sum(self.numel(n) * d.itemsize for n, d in self.dtypes.items()
+                   if d.is_floating_point and (names is None or n in names))
 
     def output_dtypes(self, out_dtype: torch.dtype | None) -> dict[str, torch.dtype]:
         """Each tensor's dtype in the output: its own, or ``out_dtype`` for every float tensor."""
@@ -137,28 +139,39 @@ class FlatViews:
 
 
 def flat_slice(t: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-    """Elements [start, stop) of ``t`` in row-major order: a view when ``t`` is contiguous, else a copy of about
-    stop - start elements (whole rows in the middle, partial rows at either end, recursively)."""
+    """Elements [start, stop) of ``t`` in row-major order: a view when ``t`` is contiguous, else a new tensor of
+    stop - start elements copied straight from the strided storage (no copy of the whole tensor, no temporaries)."""
     if t.is_contiguous():
         return t.reshape(-1)[start:stop]
+    out = torch.empty(max(stop - start, 0), dtype=t.dtype, device=t.device)
+    _copy_flat(t, start, stop, out)
+    return out
+
+
+def _copy_flat(t: torch.Tensor, start: int, stop: int, out: torch.Tensor) -> None:
+    """Copy elements [start, stop) of ``t`` (row-major) into the flat tensor ``out``: whole rows at once, partial
+    rows at either end recursively."""
     if start >= stop:
-        return t.new_empty(0)
-    if t.dim() == 1:
-        return t[start:stop]  # a strided view
+        return
+    if t.dim() <= 1:
+        out.copy_(t.reshape(-1)[start:stop])  # a 1-d tensor: a strided view, no copy of its own
+        return
     row = t[0].numel()
     first, begin = divmod(start, row)
     last, end = divmod(stop, row)
     if first == last:
-        return flat_slice(t[first], begin, end)
-    parts = []
+        _copy_flat(t[first], begin, end, out)
+        return
+    at = 0
     if begin:
-        parts.append(flat_slice(t[first], begin, row))
-        first += 1
+        _copy_flat(t[first], begin, row, out[: row - begin])
+        at, first = row - begin, first + 1
     if last > first:
-        parts.append(t[first:last].reshape(-1))  # copies these rows only
+        block = t[first:last]
+        out[at : at + block.numel()].view(block.shape).copy_(block)
+        at += block.numel()
     if end:
-        parts.append(flat_slice(t[last], 0, end))
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
+        _copy_flat(t[last], 0, end, out[at:])
 
 
 def open_run(paths: Sequence[Path], needed: Sequence[int], key: str | None) -> tuple[dict[int, FlatViews], Layout]:
@@ -188,6 +201,7 @@ def fold(
     chunk_elems: int = DEFAULT_CHUNK_ELEMS,
     on_bytes: Callable[[int], None] | None = None,
     on_layout: Callable[[Layout, int], None] | None = None,
+    select: Callable[[Layout], Collection[str]] | None = None,
 ) -> Layout:
     """Fold the checkpoints at ``paths`` into one running mean per candidate and stream the results to ``sinks``.
 
@@ -195,6 +209,8 @@ def fold(
     Checkpoints no candidate uses are not opened, except the newest, whose non-float tensors are copied.
     ``on_layout(layout, n_used)`` is called once the tensors are known, before any is written (to open output
     files, size progress bars); ``on_bytes(n)`` as checkpoint bytes are folded in.
+    ``select(layout)``, if given, names the only tensors to fold and write (this rank's share under torchrun);
+    the checks that checkpoints hold the same tensors still cover all of them, so every rank fails alike.
     """
     if len(lerps) != len(sinks):
         raise ValueError("one sink per candidate")
@@ -203,12 +219,13 @@ def fold(
     if not used:
         raise CkptEmaError("no checkpoint carries any weight")
     opened, layout = open_run(paths, sorted(set(used) | {last}), key)
+    names = None if select is None else select(layout)
     if on_layout is not None:
         on_layout(layout, len(used))
     dev = torch.device(device)
     stage = _stager(dev)
     buffers = [torch.empty(chunk_elems, dtype=accum_dtype, device=dev) for _ in lerps]
-    for chunk in chunk_pieces(layout, chunk_elems):
+    for chunk in selected_chunks(layout, chunk_elems, names):
         floats = [p for p in chunk if layout.is_float(p.name)]
         offsets = _offsets(floats)
         accs = [[buf[a:b] for a, b in offsets] for buf in buffers]
@@ -242,6 +259,21 @@ def fold(
             for p in chunk:
                 sinks[c].write(p.name, next(folded) if layout.is_float(p.name) else opened[last].piece(p))
     return layout
+
+
+def selected_chunks(layout: Layout, chunk_elems: int, names: Collection[str] | None) -> list[list[Piece]]:
+    """The chunks of the whole layout, keeping only the pieces of ``names`` (all when None).
+
+    Cut first, filter after: each piece is then the same slice whichever tensors a process folds, so every element
+    goes through the same kernel path (vectorised body or scalar tail) and the result is bitwise the same as one
+    process's, whatever the kernel's floating-point contraction.
+    """
+    chunks = chunk_pieces(layout, chunk_elems)
+    if names is None:
+        return chunks
+    wanted = set(names)
+    kept = ([p for p in chunk if p.name in wanted] for chunk in chunks)
+    return [chunk for chunk in kept if chunk]
 
 
 def _offsets(pieces: list[Piece]) -> list[tuple[int, int]]:

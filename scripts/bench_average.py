@@ -4,6 +4,7 @@
     python scripts/bench_average.py --params 50e6 --checkpoints 10 --repeats 5
     python scripts/bench_average.py growth               # N = 2, 8, 32 checkpoints at 5M and 20M params
     python scripts/bench_average.py memory               # accumulator 4x --max-memory: peak RssAnon vs budget
+    python scripts/bench_average.py gpu                  # on a CUDA machine: --device cuda vs cpu vs cat
 
 For each input format it writes the checkpoints once, warms the page cache, then runs, alternately and
 ``--repeats`` times each, in a fresh interpreter per run (start-up excluded from the timing):
@@ -180,16 +181,39 @@ def memory(args: argparse.Namespace) -> None:
                 f.unlink()
 
 
+def gpu(args: argparse.Namespace) -> None:
+    """--device cuda (pinned staging, overlapped) against --device cpu and the host's read rate (cat)."""
+    if not torch.cuda.is_available():
+        raise SystemExit("gpu mode needs a CUDA device")
+    params = int(args.params)
+    print(f"GPU: {torch.cuda.get_device_name(0)}; {args.checkpoints} x {params / 1e6:.0f}M float32, medians of {args.repeats}")
+    for fmt in args.formats:
+        with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+            files = make_checkpoints(Path(tmp), fmt, args.checkpoints, params)
+            total = sum(f.stat().st_size for f in files)
+            out = Path(tmp) / "out.safetensors"
+            run_cat(files)
+            runs: dict[str, list[float]] = {"cat": [], "cpu": [], "cuda": []}
+            for _ in range(args.repeats):
+                runs["cat"].append(run_cat(files)["seconds"])
+                runs["cpu"].append(run_worker("ckpt-ema", files, out, device="cpu")["seconds"])
+                runs["cuda"].append(run_worker("ckpt-ema", files, out, device="cuda")["seconds"])
+            cat_s = statistics.median(runs["cat"])
+            print(f"  .{fmt}: " + ", ".join(f"{k} {total / statistics.median(v) / 1e9:.2f} GB/s" for k, v in runs.items())
+                  + f"; cuda/cat {cat_s / statistics.median(runs['cuda']):.2f}, "
+                  f"cuda/cpu {statistics.median(runs['cpu']) / statistics.median(runs['cuda']):.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", nargs="?", choices=("throughput", "growth", "memory"), default="throughput")
+    parser.add_argument("mode", nargs="?", choices=("throughput", "growth", "memory", "gpu"), default="throughput")
     parser.add_argument("--checkpoints", type=int, default=10)
     parser.add_argument("--params", type=float, default=25e6, help="float32 parameters per checkpoint")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--formats", nargs="+", default=["pt", "safetensors"])
     parser.add_argument("--dir", type=Path, default=None, help="where to write the checkpoints (default: a temp dir)")
     args = parser.parse_args()
-    {"throughput": throughput, "growth": growth, "memory": memory}[args.mode](args)
+    {"throughput": throughput, "growth": growth, "memory": memory, "gpu": gpu}[args.mode](args)
 
 
 if __name__ == "__main__":
