@@ -11,6 +11,7 @@ import json
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -18,16 +19,15 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ckpt_ema import __version__
-from ckpt_ema import distributed
+from ckpt_ema import __version__, distributed
+from ckpt_ema.checkpoint import load_state_dict
 from ckpt_ema.discover import Discovery, discover
 from ckpt_ema.distributed import World
-from ckpt_ema.stream import DEFAULT_CHUNK_ELEMS, Layout, fold
 from ckpt_ema.errors import CkptEmaError
-from ckpt_ema.checkpoint import load_state_dict
 from ckpt_ema.output import QUEUED_CHUNKS, MemoryOutput, SafetensorsOutput, check_output_path
 from ckpt_ema.plan import INTERPOLATIONS, Weighting, ema_weighting, uniform_weighting
 from ckpt_ema.schedule import DecaySchedule
+from ckpt_ema.stream import DEFAULT_CHUNK_ELEMS, Layout, fold
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 ACCUM_DTYPES = ("float32", "float64")
@@ -140,6 +140,11 @@ class AverageOptions:
             raise CkptEmaError(f"--interpolate must be one of {', '.join(INTERPOLATIONS)}, got {self.interpolate!r}")
         if self.last is not None and self.last < 1:
             raise CkptEmaError(f"--last must be at least 1, got {self.last}")
+        ema_only = {"--decay": self.decay is not None, "--half-life": self.half_life is not None,
+                    "--warmup": self.warmup, "--bias-correction": self.bias_correction}
+        if self.last is not None and any(ema_only.values()):
+            given = ", ".join(name for name, on in ema_only.items() if on)
+            raise CkptEmaError(f"--last {self.last} is a uniform mean: {given} apply only to an EMA")
         if self.accum_dtype not in ACCUM_DTYPES:
             raise CkptEmaError(f"--accum-dtype must be one of {', '.join(ACCUM_DTYPES)}, got {self.accum_dtype!r}")
         if self.out_dtype is not None and self.out_dtype not in DTYPES:
@@ -255,7 +260,8 @@ def within_window(found: Discovery, from_step: int | None, to_step: int | None) 
     kept = [s for s in found.sources if low <= s.step <= high]  # type: ignore[operator]
     if not kept:
         steps = f"{found.sources[0].step}..{found.sources[-1].step}"
-        raise CkptEmaError(f"no checkpoint has a step in [{from_step}, {to_step}] (the run has steps {steps})")
+        window = f"{'…' if from_step is None else from_step}..{'…' if to_step is None else to_step}"
+        raise CkptEmaError(f"no checkpoint has a step in {window} (the run has steps {steps})")
     return replace(found, sources=kept)
 
 
@@ -337,6 +343,11 @@ def fold_plans_on_ranks(plans: list[Plan], sinks: list[SafetensorsOutput], world
         for sink in sinks:
             sink.prepare()
 
+    def on_rank_zero(action: Callable[[SafetensorsOutput], object]) -> None:
+        if world.rank == 0:
+            for sink in sinks:
+                action(sink)
+
     def publish_index() -> None:
         if world.rank == 0:
             for sink in sinks:
@@ -345,8 +356,10 @@ def fold_plans_on_ranks(plans: list[Plan], sinks: list[SafetensorsOutput], world
     with distributed.process_group(world, device):
         try:
             distributed.on_every_rank(fold_and_prepare)
+            distributed.on_every_rank(lambda: on_rank_zero(lambda sink: sink.retire_previous()))  # before renames
             distributed.on_every_rank(lambda: [sink.publish_shards() for sink in sinks])  # then all are in place
             distributed.on_every_rank(publish_index)  # and no rank reports success before the index is
+            on_rank_zero(lambda sink: sink.remove_stale())
             return [sink.written for sink in sinks]
         except CkptEmaError:  # raised on every rank alike by on_every_rank
             for sink in sinks:

@@ -151,7 +151,8 @@ def sweep_command(inputs: tuple[str, ...], outdir: str, quiet: bool, evaluate: b
     result = run_sweep(candidates, folder, progress=show_progress(quiet))
     if not is_rank_zero():
         return  # under torchrun: the table, scores and pictures come from rank 0
-    say(f"read {len(candidates[0].plan.sources)} checkpoints once for {len(candidates)} candidates in "
+    reads = "once" if result.passes == 1 else f"{result.passes} times (the memory budget holds fewer candidates at once)"
+    say(f"read {len(candidates[0].plan.sources)} checkpoints {reads} for {len(candidates)} candidates in "
         f"{result.seconds:.1f} s; wrote {folder}/<candidate>.safetensors", quiet)
     pictures = [folder / "weights.png"] if plot and plot_weights(candidates, folder / "weights.png") else []
     if not evaluate:

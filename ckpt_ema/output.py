@@ -12,10 +12,12 @@ from __future__ import annotations
 import json
 import os
 import queue
+import re
 import shutil
 import tempfile
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import BinaryIO
 
@@ -60,6 +62,9 @@ def shard_plan(
         size += nbytes
     return shards
 
+
+# What follows NAME in the file name of a shard: NAME-00001-of-00003.safetensors.
+SHARD_NAME = re.compile(r"-\d{5}-of-\d{5}\.safetensors")
 
 # Finished chunks wait in a short queue for the writer thread: memory stays a few chunks.
 QUEUED_CHUNKS = 2
@@ -192,8 +197,10 @@ class SafetensorsOutput:
     def commit(self) -> list[Path]:
         """Flush everything to disk, then rename: shards first, the index (the commit point) last."""
         self.prepare()
+        self.retire_previous()
         self.publish_shards()
         self.publish_index()
+        self.remove_stale()
         return self.written
 
     @property
@@ -224,6 +231,32 @@ class SafetensorsOutput:
                 os.chmod(self._index_tmp, 0o666 & ~_umask())
         except OSError as exc:
             raise CkptEmaError(f"cannot write the output: {exc.strerror or exc}", self.path) from None
+
+    def retire_previous(self) -> None:
+        """Remove an earlier output's index before any file is renamed over its shards.
+
+        Renaming shards one by one over an earlier sharded output would, if it stopped halfway, leave the old index
+        presenting a mix of old and new shards as one model. Without an index the old shards present nothing.
+        A single-file output removes an earlier index too: loaders prefer the index to the single file.
+        """
+        try:
+            self._stale_index().unlink(missing_ok=True)
+        except OSError as exc:
+            raise CkptEmaError(f"cannot replace the earlier output: {exc.strerror or exc}", self.path) from None
+
+    def remove_stale(self) -> None:
+        """After the commit point: remove what is left of an earlier output in the other layout (or shard count)."""
+        ours = set(self.written)
+        stem = self.path.name[: -len(".safetensors")]
+        leftovers = [p for p in self.path.parent.glob(f"{glob_escape(stem)}-*-of-*.safetensors")
+                     if SHARD_NAME.fullmatch(p.name[len(stem):]) and p not in ours]
+        if self.index_path is not None and self.path not in ours:
+            leftovers.append(self.path)  # an earlier single-file output beside the new index
+        for path in leftovers:
+            path.unlink(missing_ok=True)
+
+    def _stale_index(self) -> Path:
+        return self.path.with_name(self.path.name + ".index.json")
 
     def publish_shards(self) -> None:
         """Rename this process's prepared files to their final names (no index points at them yet)."""

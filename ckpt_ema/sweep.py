@@ -63,7 +63,10 @@ def plan_sweep(
         raise CkptEmaError("give at least one --decay, --half-life or --last to sweep")
     options = {k: v for k, v in options.items() if k not in ("decay", "half_life", "last")}
     base = plan(inputs, **options)
-    variants = [{"decay": d} for d in decays] + [{"half_life": h} for h in half_lives] + [{"last": k} for k in lasts]
+    # A uniform mean has no decay: the EMA-only options of the sweep do not apply to it (and would be refused).
+    uniform = {"decay": None, "half_life": None, "warmup": False, "bias_correction": False}
+    variants = [{"decay": d} for d in decays] + [{"half_life": h} for h in half_lives]
+    variants += [{"last": k, **uniform} for k in lasts]
     candidates: list[Candidate] = []
     for variant in variants:
         opts = replace(base.options, **variant)
@@ -81,10 +84,27 @@ class SweepResult:
     candidates: list[Candidate]
     seconds: float
     bytes_read: int
+    passes: int = 1  # more than one when the memory budget does not hold every candidate's chunk at once
+
+
+def candidates_per_pass(options: AverageOptions, wanted: int) -> int:
+    """How many candidates' accumulator chunks fit the memory budget together (at least one, or an error)."""
+    for count in range(wanted, 0, -1):
+        try:
+            options.chunk_elems(candidates=count)
+            return count
+        except CkptEmaError:
+            if count == 1:
+                raise
+    raise AssertionError("unreachable")
 
 
 def run_sweep(candidates: list[Candidate], outdir: Path, *, progress: bool = False) -> SweepResult:
-    """Read every checkpoint once and write one ``OUTDIR/<name>.safetensors`` per candidate."""
+    """Read every checkpoint once and write one ``OUTDIR/<name>.safetensors`` per candidate.
+
+    Once, that is, unless ``--max-memory`` cannot hold a chunk of every candidate at the same time: then the
+    candidates are split into as few groups as fit, one pass over the checkpoints each (``SweepResult.passes``).
+    """
     if not outdir.is_dir():
         raise CkptEmaError("the output folder does not exist", outdir)
     started = time.perf_counter()
@@ -93,10 +113,14 @@ def run_sweep(candidates: list[Candidate], outdir: Path, *, progress: bool = Fal
         c.output = outdir / f"{c.name}.safetensors"
         sinks.append(SafetensorsOutput(c.output, output_metadata(c.plan), c.plan.options.max_shard_bytes()))
     plans = [c.plan for c in candidates]
-    fold_plans(plans, sinks, progress=progress, desc=f"sweeping {len(candidates)} candidates")
+    per_pass = candidates_per_pass(plans[0].options, len(plans))
+    for start in range(0, len(plans), per_pass):
+        group = slice(start, start + per_pass)
+        fold_plans(plans[group], sinks[group], progress=progress, desc=f"sweeping {len(plans[group])} candidates")
     sources = plans[0].sources
     used = {i for i in range(len(sources)) if any(p.weighting.lerps[i] > 0 for p in plans)} | {len(sources) - 1}
-    return SweepResult(candidates, time.perf_counter() - started, sum(sources[i].nbytes for i in used))
+    passes = -(-len(plans) // per_pass)
+    return SweepResult(candidates, time.perf_counter() - started, sum(sources[i].nbytes for i in used) * passes, passes)
 
 
 def sweep_table(candidates: list[Candidate], scores: dict[str, dict[str, float]] | None = None,

@@ -304,8 +304,6 @@ def test_a_failed_sharded_run_leaves_nothing_behind(pt_run: Path, tmp_path: Path
                              ckpt_ema.average([pt_run], decay=0.5).state_dict)
 
 
-@pytest.mark.xfail(strict=True, reason="unmet (issue 6): shards are renamed over an earlier output's while its index "
-                   "stays in place, so a failure between the renames leaves the old index pointing at a mix of shards")
 def test_a_failure_while_renaming_leaves_no_index_over_mixed_shards(pt_run: Path, tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "model.safetensors"
@@ -331,9 +329,6 @@ def test_a_failure_while_renaming_leaves_no_index_over_mixed_shards(pt_run: Path
         assert_equal_results(ckpt_ema.load_state_dict(index)[0], old)
 
 
-@pytest.mark.xfail(strict=True, reason="unmet (issue 6): an output written in one layout leaves an earlier output of "
-                   "the other layout in place: a stale NAME.safetensors beside a new index (what `eval NAME.safetensors` "
-                   "and Hugging Face loaders pick first), or a stale index beside a new NAME.safetensors")
 @pytest.mark.parametrize("first,second", [(None, "40000B"), ("40000B", None)], ids=["sharded_over_single",
                                                                                    "single_over_sharded"])
 def test_the_output_name_gives_the_newest_result_in_either_layout(pt_run: Path, tmp_path: Path, first: str | None,

@@ -347,7 +347,9 @@ def test_each_candidate_equals_average_alone(runs, tmp_path: Path, interpolate: 
     for name, option in CANDIDATES.items():
         assert re.search(rf"^{re.escape(name)}\s", res.stdout, re.M), name  # a row of the table
         alone = tmp_path / f"alone-{name}.safetensors"
-        ok(cli("average", folder, "-o", alone, *option, "--interpolate", interpolate, *extra, "-q"))
+        # a uniform mean takes no EMA-only options: the sweep drops them for its --last candidates
+        own = [x for x in extra if x not in ("--warmup", "--bias-correction")] if name.startswith("last-") else extra
+        ok(cli("average", folder, "-o", alone, *option, "--interpolate", interpolate, *own, "-q"))
         assert_same_file(out / f"{name}.safetensors", alone)
     # and the candidates are not all the same file
     a, b = load_file(out / "ema-0.8.safetensors"), load_file(out / "last-3.safetensors")
@@ -355,6 +357,13 @@ def test_each_candidate_equals_average_alone(runs, tmp_path: Path, interpolate: 
 
 
 # ------------------------------------------------------------------------------------------- --last, windows, half-life
+
+
+def test_last_with_ema_only_options_is_refused(runs) -> None:
+    folder, _ = runs["sparse"]
+    for extra in (["--decay", "0.9"], ["--warmup"], ["--bias-correction"], ["--half-life", "3"]):
+        res = cli("average", folder, "--last", "2", *extra, "--dry-run")
+        assert res.exit_code == 2 and "uniform mean" in res.stderr and extra[0] in res.stderr, res.stderr
 
 
 @pytest.mark.parametrize("k", [1, 2, 5])
@@ -562,3 +571,20 @@ def test_sweep_eval_without_a_validation_split_chooses_nothing(cifar_runs: dict[
     for row in rows.values():
         assert row["val"] == "-" and row["test"].endswith("%"), row.group(0)
     assert {p.name for p in out.iterdir()} == {"ema-0.9.safetensors", "last-2.safetensors"}
+
+
+def test_a_budget_too_small_for_every_candidate_splits_the_sweep_into_passes(runs, tmp_path: Path) -> None:
+    folder, _ = runs["sparse"]
+    candidates = ["--decay", "0.8", "0.9", "0.97", "--last", "1", "2", "3"]
+    one = ok(cli("sweep", folder, "-o", tmp_path / "one", *candidates, "--no-plot"))
+    # (5 per candidate + 2) float32 values a chunk element, chunks of at least 1024: 2 candidates fit, 3 do not
+    split = ok(cli("sweep", folder, "-o", tmp_path / "split", *candidates, "--no-plot", "--max-memory", "60000B"))
+    assert "read 5 checkpoints once" in one.stderr
+    assert "3 times (the memory budget holds fewer candidates at once)" in split.stderr
+    for f in (tmp_path / "one").iterdir():
+        (meta_one, one_tensors), (meta_split, split_tensors) = read_safetensors(f), read_safetensors(tmp_path / "split" / f.name)
+        assert json.loads(meta_split["ckpt_ema_options"])["max_memory"] == "60000B"
+        assert meta_one["ckpt_ema_inputs"] == meta_split["ckpt_ema_inputs"]
+        assert one_tensors.keys() == split_tensors.keys()
+        for name, t in one_tensors.items():
+            assert max_abs_diff(t, split_tensors[name]) <= 1e-6, (f.name, name)
