@@ -326,13 +326,3 @@ def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
 def copy_atomically(source: Path, path: Path) -> None:
     """A complete copy of ``source`` at ``path``, or nothing."""
     write_atomically(path, lambda tmp: shutil.copyfile(source, tmp))
-
-
-def save_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
-    """Write whole in-memory ``tensors`` to ``path`` atomically (``train`` and ``eval`` helpers use this)."""
-    with SafetensorsOutput(path, metadata) as out:
-        out.open({n: tuple(t.shape) for n, t in tensors.items()}, {n: t.dtype for n, t in tensors.items()})
-        for name, t in tensors.items():
-            out.write(name, t)
-        out.commit()
-

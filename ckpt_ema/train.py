@@ -28,9 +28,7 @@ from __future__ import annotations
 import datetime
 import json
 import math
-import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +53,7 @@ from ckpt_ema.data import (
 from ckpt_ema.errors import CkptEmaError
 from ckpt_ema.evaluate import Score, score
 from ckpt_ema.models import ARCHS, build_model
+from ckpt_ema.output import write_atomically
 from ckpt_ema.schedule import DecaySchedule
 
 CHECKPOINT_PATTERN = "step_*.pt"
@@ -199,12 +198,6 @@ def on_cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {name: t.detach().cpu() for name, t in state.items()}
 
 
-def current_umask() -> int:
-    mask = os.umask(0)  # the only way to read it is to set it
-    os.umask(mask)
-    return mask
-
-
 def atomic_save(obj: Any, path: Path) -> None:
     """``torch.save`` (or JSON for .json) to a hidden temporary file beside ``path``, then rename it into place.
 
@@ -212,20 +205,10 @@ def atomic_save(obj: Any, path: Path) -> None:
     .pt, so a folder scan never mistakes it for a checkpoint.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if path.suffix == ".json":
-                f.write((json.dumps(obj, indent=1) + "\n").encode())
-            else:
-                torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes the file private; give it a normal file's mode
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    if path.suffix == ".json":
+        write_atomically(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=1) + "\n"))
+    else:
+        write_atomically(path, lambda tmp: torch.save(obj, tmp))
 
 
 def save_checkpoint(

@@ -474,7 +474,7 @@ def test_step_from_the_last_number_in_the_name(tmp_path: Path) -> None:
     for epoch, s in enumerate((400, 1200, 90)):
         states[s] = weights(s)
         torch.save(states[s], tmp_path / f"run3-epoch={epoch}-step={s}.pt")
-    assert steps_of([tmp_path]) == [(f"run3-epoch=2-step=90.pt", 90, "name"),
+    assert steps_of([tmp_path]) == [("run3-epoch=2-step=90.pt", 90, "name"),
                                     ("run3-epoch=0-step=400.pt", 400, "name"),
                                     ("run3-epoch=1-step=1200.pt", 1200, "name")]
     assert_same(average_held([tmp_path], decay=DECAY).state_dict, ema(states))
