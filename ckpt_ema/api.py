@@ -24,7 +24,7 @@ from ckpt_ema.checkpoint import load_state_dict
 from ckpt_ema.discover import Discovery, discover
 from ckpt_ema.distributed import World
 from ckpt_ema.errors import CkptEmaError
-from ckpt_ema.output import QUEUED_CHUNKS, MemoryOutput, SafetensorsOutput, check_output_path
+from ckpt_ema.output import MemoryOutput, SafetensorsOutput, check_output_path
 from ckpt_ema.plan import INTERPOLATIONS, Weighting, ema_weighting, uniform_weighting
 from ckpt_ema.schedule import DecaySchedule
 from ckpt_ema.stream import DEFAULT_CHUNK_ELEMS, Layout, fold
@@ -104,12 +104,11 @@ class AverageOptions:
     def chunk_elems(self, candidates: int) -> int:
         """Elements per chunk such that everything a chunk costs fits the memory budget.
 
-        Per candidate: its accumulator chunk, and the copies of finished chunks on their way to the output file
-        (the writer's queue, the one being written, the one being queued); plus two temporaries for dtype
-        conversion of the checkpoint being read. All in the widest dtype involved.
+        Per candidate: its accumulator chunk and the finished chunk in the output's dtype on its way to the file;
+        plus two temporaries for dtype conversion of the checkpoint being read. All in the widest dtype involved.
         """
         itemsize = max(DTYPES[self.accum_dtype].itemsize, DTYPES[self.out_dtype].itemsize if self.out_dtype else 0, 4)
-        per_element = (candidates * (1 + QUEUED_CHUNKS + 2) + 2) * itemsize
+        per_element = (candidates * 2 + 2) * itemsize
         elems = min(DEFAULT_CHUNK_ELEMS, self.memory_budget() // per_element)
         if elems < MIN_CHUNK_ELEMS:
             raise CkptEmaError(

@@ -14,7 +14,8 @@ For each input format it writes the checkpoints once, warms the page cache, then
 * ``ckpt-ema``: ``ckpt_ema.average(...)`` end to end, output file included.
 
 It prints medians, throughput in GB/s of checkpoint bytes, ratios to ``cat``, and peak anonymous memory
-(RssAnon: memory the process owns, not page-cache pages it maps) next to the model's size. These machines are
+(RssAnon: memory the process owns, not page-cache pages it maps) next to the model's size, from one more run
+of each with a thread sampling /proc/self/status (the timed runs go without it: it costs time). These machines are
 noisy: read the ratios, not the absolute times.
 """
 
@@ -49,10 +50,12 @@ def sample():
         time.sleep(0.002)
 
 method, files, out, options = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], json.loads(sys.argv[4])
+measure_memory = options.pop("measure_memory", True)
 import torch
 import ckpt_ema
 baseline = rss_anon_kib()
-threading.Thread(target=sample, daemon=True).start()
+if measure_memory:  # a sampling thread costs time: timed runs go without it
+    threading.Thread(target=sample, daemon=True).start()
 t0 = time.perf_counter()
 if method == "naive":
     avg = None
@@ -126,16 +129,17 @@ def throughput(args: argparse.Namespace) -> None:
             out = folder / "out.safetensors"
             run_cat(files)  # warm the page cache
             results: dict[str, list[dict[str, float]]] = {"cat": [], "naive": [], "ckpt-ema": []}
-            for _ in range(args.repeats):
+            for _ in range(args.repeats):  # timed runs, without the memory sampler
                 results["cat"].append(run_cat(files))
-                results["naive"].append(run_worker("naive", files, out))
-                results["ckpt-ema"].append(run_worker("ckpt-ema", files, out))
+                results["naive"].append(run_worker("naive", files, out, measure_memory=False))
+                results["ckpt-ema"].append(run_worker("ckpt-ema", files, out, measure_memory=False))
+            peaks = {m: run_worker(m, files, out)["peak_anon_bytes"] for m in ("naive", "ckpt-ema")}  # memory runs
             cat_s = statistics.median(r["seconds"] for r in results["cat"])
             print(f"\n.{fmt}: {total / 1e9:.2f} GB of checkpoints")
             print(f"  {'method':<10} {'median s':>9} {'GB/s':>7} {'x cat':>7} {'peak anon':>10} {'x model':>8}")
             for method, runs in results.items():
                 s = statistics.median(r["seconds"] for r in runs)
-                peak = statistics.median(r["peak_anon_bytes"] for r in runs)
+                peak = peaks.get(method, 0)
                 peak_text = f"{peak / 1e9:>9.2f}G {peak / model_bytes:>8.2f}" if method != "cat" else f"{'-':>10} {'-':>8}"
                 print(f"  {method:<10} {s:>9.3f} {total / s / 1e9:>7.2f} {cat_s / s:>7.2f} {peak_text}")
 
@@ -153,9 +157,9 @@ def growth(args: argparse.Namespace) -> None:
                 cats, runs = [], []
                 for _ in range(args.repeats):
                     cats.append(run_cat(files)["seconds"])
-                    runs.append(run_worker("ckpt-ema", files, Path(tmp) / "out.safetensors"))
+                    runs.append(run_worker("ckpt-ema", files, Path(tmp) / "out.safetensors", measure_memory=False))
                 s = statistics.median(r["seconds"] for r in runs)
-                peak = statistics.median(r["peak_anon_bytes"] for r in runs)
+                peak = run_worker("ckpt-ema", files, Path(tmp) / "out.safetensors")["peak_anon_bytes"]
                 print(f"  {params / 1e6:>6.0f}M {n:>4} {total / 1e9:>6.2f} {s:>9.3f} {s / (total / 1e9):>6.2f} "
                       f"{statistics.median(cats) / s:>6.2f} {peak / 1e6:>13.1f}")
 

@@ -577,13 +577,13 @@ def test_a_budget_too_small_for_every_candidate_splits_the_sweep_into_passes(run
     folder, _ = runs["sparse"]
     candidates = ["--decay", "0.8", "0.9", "0.97", "--last", "1", "2", "3"]
     one = ok(cli("sweep", folder, "-o", tmp_path / "one", *candidates, "--no-plot"))
-    # (5 per candidate + 2) float32 values a chunk element, chunks of at least 1024: 2 candidates fit, 3 do not
-    split = ok(cli("sweep", folder, "-o", tmp_path / "split", *candidates, "--no-plot", "--max-memory", "60000B"))
+    # (2 per candidate + 2) float32 values a chunk element, chunks of at least 1024: 2 candidates fit, 3 do not
+    split = ok(cli("sweep", folder, "-o", tmp_path / "split", *candidates, "--no-plot", "--max-memory", "30000B"))
     assert "read 5 checkpoints once" in one.stderr
     assert "3 times (the memory budget holds fewer candidates at once)" in split.stderr
     for f in (tmp_path / "one").iterdir():
         (meta_one, one_tensors), (meta_split, split_tensors) = read_safetensors(f), read_safetensors(tmp_path / "split" / f.name)
-        assert json.loads(meta_split["ckpt_ema_options"])["max_memory"] == "60000B"
+        assert json.loads(meta_split["ckpt_ema_options"])["max_memory"] == "30000B"
         assert meta_one["ckpt_ema_inputs"] == meta_split["ckpt_ema_inputs"]
         assert one_tensors.keys() == split_tensors.keys()
         for name, t in one_tensors.items():
