@@ -127,7 +127,12 @@ def train_command(output: str, ema_decay: float | None, quiet: bool, **options: 
             warmup_power=shape["ema_warmup_power"],
         )
     )
-    result = train(TrainConfig(output=Path(output), ema=ema, quiet=quiet, **options))
+    try:
+        result = train(TrainConfig(output=Path(output), ema=ema, quiet=quiet, **options))
+    except KeyboardInterrupt:
+        click.echo(f"ckpt-ema: interrupted; the checkpoints saved so far stay in {output}: continue with --resume",
+                   err=True)
+        raise SystemExit(130) from None
     if not quiet:
         click.echo(result.summary(), err=True)
 
