@@ -177,8 +177,7 @@ class Plan:
 
     @property
     def bytes_to_read(self) -> int:
-        lerps = self.weighting.lerps
-        return sum(s.nbytes for i, s in enumerate(self.sources) if lerps[i] > 0 or i == len(self.sources) - 1)
+        return bytes_read_by([self])
 
     def table(self) -> str:
         """One line per checkpoint (step, weight, path) and the effective window: what ``--dry-run`` prints."""
@@ -233,6 +232,13 @@ class AverageResult:
         )
 
 
+def bytes_read_by(plans: list[Plan]) -> int:
+    """File bytes of the checkpoints one fold of ``plans`` reads: those some plan weighs, and the newest."""
+    sources = plans[0].sources
+    read = [i for i in range(len(sources)) if any(p.weighting.lerps[i] > 0 for p in plans)]
+    return sum(sources[i].nbytes for i in set(read) | {len(sources) - 1})
+
+
 def _human_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if n < 1000 or unit == "TB":
@@ -285,8 +291,8 @@ def average(
 ) -> AverageResult:
     """Average checkpoints with timm's EMA recurrence; write the result to ``output`` (.safetensors) if given.
 
-    ``options`` are the fields of :class:`AverageOptions` (decay, min_decay, update_after_step, warmup,
-    warmup_gamma, warmup_power, bias_correction, per_checkpoint, key, device, accum_dtype, out_dtype).
+    ``options`` are the fields of :class:`AverageOptions` (decay or half_life, the warmup options,
+    bias_correction, interpolate, last, from_step/to_step, per_checkpoint, key, device, dtypes, memory, shards).
     Raises :class:`CkptEmaError` on bad input, before anything is written.
     """
     if output is not None:
@@ -347,17 +353,13 @@ def fold_plans_on_ranks(plans: list[Plan], sinks: list[SafetensorsOutput], world
             for sink in sinks:
                 action(sink)
 
-    def publish_index() -> None:
-        if world.rank == 0:
-            for sink in sinks:
-                sink.publish_index()
-
     with distributed.process_group(world, device):
         try:
             distributed.on_every_rank(fold_and_prepare)
             distributed.on_every_rank(lambda: on_rank_zero(lambda sink: sink.retire_previous()))  # before renames
             distributed.on_every_rank(lambda: [sink.publish_shards() for sink in sinks])  # then all are in place
-            distributed.on_every_rank(publish_index)  # and no rank reports success before the index is
+            # and no rank reports success before the index is in place
+            distributed.on_every_rank(lambda: on_rank_zero(lambda sink: sink.publish_index()))
             on_rank_zero(lambda sink: sink.remove_stale())
             return [sink.written for sink in sinks]
         except CkptEmaError:  # raised on every rank alike by on_every_rank
@@ -416,7 +418,7 @@ def output_metadata(the_plan: Plan) -> dict[str, str]:
     newest = the_plan.sources[-1].metadata
     meta: dict[str, str] = {"format": "pt"}
     for key in CARRIED_METADATA:
-        if key in newest and not str(key).startswith("ckpt_ema"):
+        if key in newest:
             value = newest[key]
             meta[key] = value if isinstance(value, str) else json.dumps(value, default=str)
     meta["ckpt_ema_version"] = __version__

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ckpt_ema.api import AverageOptions, Plan, fold_plans, output_metadata, plan, weighting_for
+from ckpt_ema.api import AverageOptions, Plan, bytes_read_by, fold_plans, output_metadata, plan, weighting_for
 from ckpt_ema.errors import CkptEmaError
 from ckpt_ema.output import SafetensorsOutput
 
@@ -117,10 +117,8 @@ def run_sweep(candidates: list[Candidate], outdir: Path, *, progress: bool = Fal
     for start in range(0, len(plans), per_pass):
         group = slice(start, start + per_pass)
         fold_plans(plans[group], sinks[group], progress=progress, desc=f"sweeping {len(plans[group])} candidates")
-    sources = plans[0].sources
-    used = {i for i in range(len(sources)) if any(p.weighting.lerps[i] > 0 for p in plans)} | {len(sources) - 1}
     passes = -(-len(plans) // per_pass)
-    return SweepResult(candidates, time.perf_counter() - started, sum(sources[i].nbytes for i in used) * passes, passes)
+    return SweepResult(candidates, time.perf_counter() - started, bytes_read_by(plans) * passes, passes)
 
 
 def sweep_table(candidates: list[Candidate], scores: dict[str, dict[str, float]] | None = None,
