@@ -20,6 +20,10 @@ from ckpt_ema.output import check_output_path
 from ckpt_ema.errors import CkptEmaError
 
 
+# Click >= 8.2 raises this for a group called without a command; older Clicks print the help themselves.
+NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
 def fail(message: str, code: int = 2) -> None:
     click.echo(f"ckpt-ema: error: {message}", err=True)
     sys.exit(code)
@@ -34,6 +38,9 @@ class OneLineErrors(click.Group):
             rv = super().main(args, prog_name or "ckpt-ema", complete_var, standalone_mode=False, **extra)
         except CkptEmaError as exc:
             fail(str(exc))
+        except NO_ARGS_IS_HELP as exc:  # plain `ckpt-ema`: the help itself, not an error line
+            click.echo(exc.format_message())
+            sys.exit(0)
         except click.ClickException as exc:
             fail(exc.format_message(), exc.exit_code)
         except (click.exceptions.Abort, KeyboardInterrupt):

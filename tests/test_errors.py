@@ -617,3 +617,9 @@ def test_quiet_prints_nothing(tmp_path: Path) -> None:
     assert res.exit_code == 0
     assert res.output == "" and res.stderr == "" and res.stdout == ""
     assert out.exists()
+
+
+def test_plain_ckpt_ema_shows_the_help_not_an_error() -> None:
+    res = CliRunner().invoke(main, [])
+    assert res.exit_code == 0
+    assert res.output.startswith("Usage: ") and "average" in res.output and "error" not in res.output
