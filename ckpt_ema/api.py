@@ -400,7 +400,7 @@ def _fold_into(plans: list[Plan], sinks: list[SafetensorsOutput | MemoryOutput],
 
     with bar:
         fold(
-            [s.path for s in plans[0].sources],
+            [s.opened or s.path for s in plans[0].sources],
             [p.weighting.lerps for p in plans],
             sinks,
             key=opts.key,

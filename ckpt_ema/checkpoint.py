@@ -95,6 +95,7 @@ class Checkpoint:
     path: Path
     names: list[str]
     metadata: dict[str, Any] = field(default_factory=dict)
+    mapped: bool = True  # every tensor a view of a mapped file (False: an old-style .pt, loaded into memory)
     _tensors: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     _safetensors: dict[str, tuple[SafetensorsFile, str]] = field(default_factory=dict, repr=False)
 
@@ -282,6 +283,7 @@ def open_checkpoint(path: Path, key: str | None = None) -> Checkpoint:
     """Open the checkpoint at ``path`` for reading: names, metadata, lazily readable tensors."""
     stored: dict[str, tuple[Path, Any]] = {}  # stored name -> (file, tensor or safetensors handle)
     metadata: dict[str, Any] = {}
+    mapped = True
     for file in weight_files_of(path):
         if not file.is_file():
             raise CkptEmaError("shard listed in the index is missing", file)
@@ -292,6 +294,7 @@ def open_checkpoint(path: Path, key: str | None = None) -> Checkpoint:
                 stored[name] = (file, handle)
         else:
             obj = torch_load_safely(file)
+            mapped = mapped and zipfile.is_zipfile(file)  # what torch_load_safely mmaps
             state, _ = find_state_dict(obj, file, key)
             metadata.update(plain_metadata(obj))
             for name, value in state.items():
@@ -300,7 +303,7 @@ def open_checkpoint(path: Path, key: str | None = None) -> Checkpoint:
     if not stored:
         raise CkptEmaError("no tensors in this checkpoint", path)
     plain = strip_wrapper_prefixes(list(stored))
-    ckpt = Checkpoint(path=path, names=[], metadata=metadata)
+    ckpt = Checkpoint(path=path, names=[], metadata=_with_trainer_state(path, metadata), mapped=mapped)
     for name, (file, value) in stored.items():
         new = plain[name]
         if new in ckpt._tensors or new in ckpt._safetensors:
@@ -313,20 +316,25 @@ def open_checkpoint(path: Path, key: str | None = None) -> Checkpoint:
     return ckpt
 
 
-def read_metadata(path: Path, key: str | None = None) -> dict[str, Any]:
-    """The plain metadata of a checkpoint without touching tensor data (mmap'd or header-only)."""
-    meta: dict[str, Any] = {}
+def probe(path: Path, key: str | None = None) -> tuple[dict[str, Any], Checkpoint | None]:
+    """The plain metadata of a checkpoint, without reading tensor data; and, for a single weight file whose tensors
+    are views of the mapped file, the opened checkpoint itself, for the engine to reuse (a .pt file's pickle is then
+    parsed once per run, not once to find its step and again to read it). A sharded or folder checkpoint is probed
+    through its first file only and not kept open; neither is an old-style (non-zip) .pt file, which is loaded
+    into memory rather than mapped."""
     files = weight_files_of(path)
-    for file in files[:1]:  # the metadata of a sharded set is the same in every shard
-        if file.name.endswith(SAFETENSORS_SUFFIX):
-            meta.update({k: _parse_json_value(v) for k, v in SafetensorsFile(file).metadata.items()})
-        else:
-            obj = torch_load_safely(file)
-            find_state_dict(obj, file, key)  # fail early, at planning time, when there are no weights
-            meta.update(plain_metadata(obj))
-    if path.is_dir():
-        meta.update(_hf_trainer_state(path))
-    return meta
+    if files == [path]:
+        ckpt = open_checkpoint(path, key)
+        return ckpt.metadata, (ckpt if ckpt.mapped else None)
+    meta: dict[str, Any] = {}
+    file = files[0]  # the metadata of a sharded set is the same in every shard
+    if file.name.endswith(SAFETENSORS_SUFFIX):
+        meta.update({k: _parse_json_value(v) for k, v in SafetensorsFile(file).metadata.items()})
+    else:
+        obj = torch_load_safely(file)
+        find_state_dict(obj, file, key)  # fail early, at planning time, when there are no weights
+        meta.update(plain_metadata(obj))
+    return _with_trainer_state(path, meta), None
 
 
 def _parse_json_value(text: str) -> Any:
@@ -336,15 +344,18 @@ def _parse_json_value(text: str) -> Any:
         return text
 
 
-def _hf_trainer_state(folder: Path) -> dict[str, Any]:
-    state_file = folder / "trainer_state.json"
-    if not state_file.is_file():
-        return {}
+def _with_trainer_state(path: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """``meta`` plus the global step of a Hugging Face checkpoint folder's trainer_state.json, if it has one."""
+    state_file = path / "trainer_state.json"
+    if not path.is_dir() or not state_file.is_file():
+        return meta
     try:
         state = json.loads(state_file.read_text())
     except (OSError, ValueError) as exc:
         raise CkptEmaError(f"unreadable trainer state: {exc}", state_file) from None
-    return {"global_step": state["global_step"]} if isinstance(state.get("global_step"), int) else {}
+    if isinstance(state.get("global_step"), int):
+        meta["global_step"] = state["global_step"]
+    return meta
 
 
 def step_from_metadata(meta: Mapping[str, Any]) -> tuple[int, str] | None:
@@ -363,7 +374,5 @@ def load_state_dict(path: str | Path, key: str | None = None) -> tuple[dict[str,
         raise CkptEmaError("no such file or folder", path)
     ckpt = open_checkpoint(path, key)
     meta = dict(ckpt.metadata)
-    if path.is_dir():
-        meta.update(_hf_trainer_state(path))
     # Clone: a view of a mapped file would keep it open, and an eval may modify weights (BatchNorm recalibration).
     return {name: t.clone() for name, t in ckpt.items()}, meta

@@ -24,8 +24,9 @@ from typing import Any
 from ckpt_ema.checkpoint import (
     HF_INDEX_FILES,
     HF_WEIGHT_FILES,
+    Checkpoint,
     is_weight_file,
-    read_metadata,
+    probe,
     step_from_metadata,
     weight_files_of,
 )
@@ -54,6 +55,8 @@ class Source:
     step_from: str  # "metadata:<key>", "trainer_state.json", "name", or "order" (one update per checkpoint)
     nbytes: int
     metadata: dict[str, Any] = field(default_factory=dict, repr=False)
+    # The checkpoint opened (mapped) while probing its metadata, for the engine to read: see checkpoint.probe.
+    opened: Checkpoint | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -209,13 +212,14 @@ def discover(inputs: list[str | Path], key: str | None = None, per_checkpoint: b
 
     sources: list[Source] = []
     for path in paths:
-        meta = read_metadata(path, key)
+        meta, opened = probe(path, key)
         found = step_from_metadata(meta)
         if found is not None:
             step, step_from = found[0], ("trainer_state.json" if path.is_dir() and found[1] == "global_step" else f"metadata:{found[1]}")
         else:
             step, step_from = step_from_name(path), "name"
-        sources.append(Source(path=path, step=step, step_from=step_from, nbytes=_file_size(path), metadata=meta))
+        sources.append(Source(path=path, step=step, step_from=step_from, nbytes=_file_size(path), metadata=meta,
+                              opened=opened))
     sources, skipped = _drop_own_outputs(sources, skipped)
 
     notes: list[str] = []

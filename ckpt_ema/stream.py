@@ -174,12 +174,15 @@ def _copy_flat(t: torch.Tensor, start: int, stop: int, out: torch.Tensor) -> Non
         _copy_flat(t[last], 0, end, out[at:])
 
 
-def open_run(paths: Sequence[Path], needed: Sequence[int], key: str | None) -> tuple[dict[int, FlatViews], Layout]:
-    """Open the checkpoints at the ``needed`` indices and check that they hold the same tensors (headers only)."""
+def open_run(checkpoints: Sequence[Path | Checkpoint], needed: Sequence[int], key: str | None
+             ) -> tuple[dict[int, FlatViews], Layout]:
+    """Open the checkpoints at the ``needed`` indices (those not already open) and check that they hold the same
+    tensors (headers only)."""
     opened: dict[int, FlatViews] = {}
     layout: Layout | None = None
     for i in needed:
-        ckpt = open_checkpoint(paths[i], key)
+        given = checkpoints[i]
+        ckpt = given if isinstance(given, Checkpoint) else open_checkpoint(given, key)
         this = Layout.of(ckpt)
         if layout is None:
             layout = this
@@ -191,7 +194,7 @@ def open_run(paths: Sequence[Path], needed: Sequence[int], key: str | None) -> t
 
 
 def fold(
-    paths: Sequence[Path],
+    checkpoints: Sequence[Path | Checkpoint],
     lerps: Sequence[Sequence[float]],
     sinks: Sequence[Sink],
     *,
@@ -203,10 +206,11 @@ def fold(
     on_layout: Callable[[Layout, int], None] | None = None,
     select: Callable[[Layout], Collection[str]] | None = None,
 ) -> Layout:
-    """Fold the checkpoints at ``paths`` into one running mean per candidate and stream the results to ``sinks``.
+    """Fold ``checkpoints`` (paths, or checkpoints already open) into one running mean per candidate and stream
+    the results to ``sinks``.
 
     ``lerps[c][i]`` is candidate c's lerp weight for checkpoint i (0: not used; the first nonzero one is 1).
-    Checkpoints no candidate uses are not opened, except the newest, whose non-float tensors are copied.
+    Checkpoints no candidate uses are not read, except the newest, whose non-float tensors are copied.
     ``on_layout(layout, n_used)`` is called once the tensors are known, before any is written (to open output
     files, size progress bars); ``on_bytes(n)`` as checkpoint bytes are folded in.
     ``select(layout)``, if given, names the only tensors to fold and write (this rank's share under torchrun);
@@ -214,11 +218,11 @@ def fold(
     """
     if len(lerps) != len(sinks):
         raise ValueError("one sink per candidate")
-    last = len(paths) - 1
-    used = [i for i in range(len(paths)) if any(c[i] > 0 for c in lerps)]
+    last = len(checkpoints) - 1
+    used = [i for i in range(len(checkpoints)) if any(c[i] > 0 for c in lerps)]
     if not used:
         raise CkptEmaError("no checkpoint carries any weight")
-    opened, layout = open_run(paths, sorted(set(used) | {last}), key)
+    opened, layout = open_run(checkpoints, sorted(set(used) | {last}), key)
     names = None if select is None else select(layout)
     if on_layout is not None:
         on_layout(layout, len(used))

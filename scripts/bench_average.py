@@ -10,8 +10,17 @@ For each input format it writes the checkpoints once, warms the page cache, then
 ``--repeats`` times each, in a fresh interpreter per run (start-up excluded from the timing):
 
 * ``cat``: ``cat FILES > /dev/null``, the rate at which this machine reads the files;
+* ``dd``: ``dd if=/dev/zero of=OUT bs=4M conv=fsync`` of one model's size: what writing the output alone costs
+  (its time is shown against the checkpoints' bytes, like the others, to be read as a share of a run);
 * ``naive``: fairseq's average_checkpoints style: torch.load each whole checkpoint, a Python loop of mul_/add_;
-* ``ckpt-ema``: ``ckpt_ema.average(...)`` end to end, output file included.
+* ``fold-only``: the engine alone (``ckpt_ema.plan`` and ``ckpt_ema.stream.fold``), every folded chunk discarded:
+  reading and folding with no output at all;
+* ``in-memory``: ``ckpt_ema.average(files)``, the Python API returning the average in memory: the engine's read
+  and fold without an output file (it allocates and fills the model-sized result instead);
+* ``ckpt-ema``: ``ckpt_ema.average(files, out)`` end to end, the output file written and fsync'd.
+
+The checkpoints are flushed to disk before any run and each run starts from a quiet disk (``os.sync()`` outside
+the timed window): otherwise the writeback of earlier files would land in the middle of later runs.
 
 It prints medians, throughput in GB/s of checkpoint bytes, ratios to ``cat``, and peak anonymous memory
 (RssAnon: memory the process owns, not page-cache pages it maps) next to the model's size, from one more run
@@ -23,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -71,6 +81,13 @@ if method == "naive":
         else:
             for k, v in sd.items():
                 avg[k].mul_(0.5).add_(v, alpha=0.5)
+elif method == "fold-only":  # the engine reading and folding, every result discarded: no output at all
+    from ckpt_ema.stream import fold
+    plan = ckpt_ema.plan(files, decay=0.999, **options)
+    discard = type("Discard", (), {"write": lambda self, name, piece: None})()
+    fold([s.opened or s.path for s in plan.sources], [plan.weighting.lerps], [discard])
+elif method == "in-memory":
+    ckpt_ema.average(files, None, decay=0.999, **options)  # the Python API without an output file
 else:
     ckpt_ema.average(files, out, decay=0.999, **options)
 seconds = time.perf_counter() - t0
@@ -98,6 +115,7 @@ def make_checkpoints(folder: Path, fmt: str, n: int, params: int) -> list[Path]:
         else:
             save_file(state, str(path), metadata={"step": str((i + 1) * 100)})
         files.append(path)
+    os.sync()  # measure from a quiet disk, not while the new files are written back
     return files
 
 
@@ -107,7 +125,24 @@ def run_cat(files: list[Path]) -> dict[str, float]:
     return {"seconds": time.perf_counter() - t0, "peak_anon_bytes": 0}
 
 
+def run_dd(out: Path, nbytes: int) -> dict[str, float]:
+    """Write ``nbytes`` to a new file and fsync it: what writing the output alone costs on this disk."""
+    out.unlink(missing_ok=True)
+    os.sync()
+    t0 = time.perf_counter()
+    subprocess.run(["dd", "if=/dev/zero", f"of={out}", "bs=4M", f"count={-(-nbytes // (4 << 20))}", "conv=fsync"],
+                   stderr=subprocess.DEVNULL, check=True)
+    seconds = time.perf_counter() - t0
+    out.unlink()
+    return {"seconds": seconds, "peak_anon_bytes": 0}
+
+
 def run_worker(method: str, files: list[Path], out: Path, **options: object) -> dict[str, float]:
+    # Each run writes a new output, from a quiet disk: replacing the previous run's output, or starting while the
+    # disk still writes or discards it, would add costs of the benchmark's repetition rather than of averaging.
+    for earlier in out.parent.glob(f"{out.stem}*"):
+        earlier.unlink()
+    os.sync()
     done = subprocess.run(
         [sys.executable, "-c", WORKER, method, json.dumps([str(f) for f in files]), str(out), json.dumps(options)],
         capture_output=True, text=True, check=True,
@@ -128,19 +163,21 @@ def throughput(args: argparse.Namespace) -> None:
             total = sum(f.stat().st_size for f in files)
             out = folder / "out.safetensors"
             run_cat(files)  # warm the page cache
-            results: dict[str, list[dict[str, float]]] = {"cat": [], "naive": [], "ckpt-ema": []}
+            workers = ("naive", "fold-only", "in-memory", "ckpt-ema")
+            results: dict[str, list[dict[str, float]]] = {m: [] for m in ("cat", "dd", *workers)}
             for _ in range(args.repeats):  # timed runs, without the memory sampler
                 results["cat"].append(run_cat(files))
-                results["naive"].append(run_worker("naive", files, out, measure_memory=False))
-                results["ckpt-ema"].append(run_worker("ckpt-ema", files, out, measure_memory=False))
-            peaks = {m: run_worker(m, files, out)["peak_anon_bytes"] for m in ("naive", "ckpt-ema")}  # memory runs
+                results["dd"].append(run_dd(out, model_bytes))
+                for method in workers:
+                    results[method].append(run_worker(method, files, out, measure_memory=False))
+            peaks = {m: run_worker(m, files, out)["peak_anon_bytes"] for m in workers}
             cat_s = statistics.median(r["seconds"] for r in results["cat"])
             print(f"\n.{fmt}: {total / 1e9:.2f} GB of checkpoints")
             print(f"  {'method':<10} {'median s':>9} {'GB/s':>7} {'x cat':>7} {'peak anon':>10} {'x model':>8}")
             for method, runs in results.items():
                 s = statistics.median(r["seconds"] for r in runs)
                 peak = peaks.get(method, 0)
-                peak_text = f"{peak / 1e9:>9.2f}G {peak / model_bytes:>8.2f}" if method != "cat" else f"{'-':>10} {'-':>8}"
+                peak_text = f"{'-':>10} {'-':>8}" if method in ("cat", "dd") else f"{peak / 1e9:>9.2f}G {peak / model_bytes:>8.2f}"
                 print(f"  {method:<10} {s:>9.3f} {total / s / 1e9:>7.2f} {cat_s / s:>7.2f} {peak_text}")
 
 

@@ -25,6 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import ckpt_ema
+import ckpt_ema.disk
 import ckpt_ema.output
 import ckpt_ema.safetensors_io
 import ckpt_ema.stream
@@ -302,6 +303,44 @@ def test_a_failed_sharded_run_leaves_nothing_behind(pt_run: Path, tmp_path: Path
     if existing:
         assert_equal_results(ckpt_ema.load_state_dict(out_dir / "model.safetensors.index.json")[0],
                              ckpt_ema.average([pt_run], decay=0.5).state_dict)
+
+
+def test_a_disk_without_room_for_the_output_fails_before_any_checkpoint_is_read(
+        pt_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    if ckpt_ema.disk._fallocate is None:
+        pytest.skip("no fallocate in this libc")
+    import ctypes
+
+    def full_disk(fd: int, mode: int, offset: int, nbytes: int) -> int:  # what fallocate(2) does on a full disk
+        ctypes.set_errno(errno.ENOSPC)
+        return -1
+
+    pieces_read = []
+    real_piece = ckpt_ema.stream.FlatViews.piece
+    monkeypatch.setattr(ckpt_ema.stream.FlatViews, "piece", lambda views, p: pieces_read.append(p) or real_piece(views, p))
+    monkeypatch.setattr(ckpt_ema.disk, "_fallocate", full_disk)
+    out = tmp_path / "out" / "model.safetensors"
+    out.parent.mkdir()
+    with pytest.raises(CkptEmaError, match="cannot write the output: No space left on device"):
+        ckpt_ema.average([pt_run], out, decay=DECAY, max_shard_size="40000B")
+    assert not pieces_read
+    assert not list(out.parent.iterdir())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fallocate and sync_file_range are Linux calls")
+def test_preallocation_reserves_the_blocks_without_changing_the_size(tmp_path: Path) -> None:
+    path = tmp_path / "f.bin"
+    with open(path, "wb") as f:
+        f.write(b"header")
+        f.flush()
+        ckpt_ema.disk.preallocate(f.fileno(), 6 + (4 << 20))
+        assert os.fstat(f.fileno()).st_blocks * 512 >= 4 << 20  # reserved
+        assert os.fstat(f.fileno()).st_size == 6  # but not part of the file
+        data = os.urandom(4 << 20)
+        f.write(data)
+        f.flush()
+        ckpt_ema.disk.start_writeback(f.fileno(), 0, 6 + len(data))
+    assert path.read_bytes() == b"header" + data
 
 
 def test_a_failure_while_renaming_leaves_no_index_over_mixed_shards(pt_run: Path, tmp_path: Path,
