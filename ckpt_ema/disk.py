@@ -43,7 +43,7 @@ def preallocate(fd: int, nbytes: int) -> None:
     if _fallocate(fd, FALLOC_FL_KEEP_SIZE, 0, nbytes) != 0:
         code = ctypes.get_errno()
         if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-            raise OSError(code, os.strerror(code))
+            raise OSError(code, f"{os.strerror(code)} (this file needs {nbytes / 1e6:.1f} MB)")
 
 
 def start_writeback(fd: int, offset: int, nbytes: int) -> None:
