@@ -13,7 +13,6 @@ reserve blocks, which would double the writing), so they are called through ctyp
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 
@@ -22,9 +21,9 @@ SYNC_FILE_RANGE_WRITE = 2  # start writeback of dirty pages in the range; do not
 
 
 def _libc_function(name: str, argtypes: list[type]) -> ctypes._CFuncPtr | None:
-    try:
-        function = getattr(ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True), name)
-    except (OSError, AttributeError):  # not glibc/musl on Linux: macOS, Windows
+    try:  # the process's own symbols, libc's among them (find_library would run ldconfig on every start)
+        function = getattr(ctypes.CDLL(None, use_errno=True), name)
+    except (OSError, AttributeError, TypeError):  # no such call in this libc (macOS), or no libc (Windows)
         return None
     function.argtypes = argtypes
     function.restype = ctypes.c_int
