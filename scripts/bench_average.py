@@ -85,7 +85,7 @@ elif method == "fold-only":  # the engine reading and folding, every result disc
     from ckpt_ema.stream import fold
     plan = ckpt_ema.plan(files, decay=0.999, **options)
     discard = type("Discard", (), {"write": lambda self, name, piece: None})()
-    fold([s.opened or s.path for s in plan.sources], [plan.weighting.lerps], [discard])
+    fold([s.opened or s.path for s in plan.sources], [plan.weighting.lerps], [discard], device=plan.options.device)
 elif method == "in-memory":
     ckpt_ema.average(files, None, decay=0.999, **options)  # the Python API without an output file
 else:
@@ -223,26 +223,31 @@ def memory(args: argparse.Namespace) -> None:
 
 
 def gpu(args: argparse.Namespace) -> None:
-    """--device cuda (pinned staging, overlapped) against --device cpu and the host's read rate (cat)."""
+    """--device cuda (pinned staging, overlapped) against --device cpu and the host's read rate (cat): the engine
+    alone (fold-only, the comparison of goal 3) and end to end (output written, fsync'd)."""
     if not torch.cuda.is_available():
         raise SystemExit("gpu mode needs a CUDA device")
     params = int(args.params)
-    print(f"GPU: {torch.cuda.get_device_name(0)}; {args.checkpoints} x {params / 1e6:.0f}M float32, medians of {args.repeats}")
+    print(f"GPU: {torch.cuda.get_device_name(0)}; {args.checkpoints} x {params / 1e6:.0f}M float32, medians of "
+          f"{args.repeats}; torch {torch.__version__}")
+    kinds = {"fold cpu": ("fold-only", "cpu"), "fold cuda": ("fold-only", "cuda"),
+             "end-to-end cpu": ("ckpt-ema", "cpu"), "end-to-end cuda": ("ckpt-ema", "cuda")}
     for fmt in args.formats:
         with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
             files = make_checkpoints(Path(tmp), fmt, args.checkpoints, params)
             total = sum(f.stat().st_size for f in files)
             out = Path(tmp) / "out.safetensors"
             run_cat(files)
-            runs: dict[str, list[float]] = {"cat": [], "cpu": [], "cuda": []}
+            runs: dict[str, list[float]] = {"cat": [], **{k: [] for k in kinds}}
             for _ in range(args.repeats):
                 runs["cat"].append(run_cat(files)["seconds"])
-                runs["cpu"].append(run_worker("ckpt-ema", files, out, device="cpu")["seconds"])
-                runs["cuda"].append(run_worker("ckpt-ema", files, out, device="cuda")["seconds"])
-            cat_s = statistics.median(runs["cat"])
-            print(f"  .{fmt}: " + ", ".join(f"{k} {total / statistics.median(v) / 1e9:.2f} GB/s" for k, v in runs.items())
-                  + f"; cuda/cat {cat_s / statistics.median(runs['cuda']):.2f}, "
-                  f"cuda/cpu {statistics.median(runs['cpu']) / statistics.median(runs['cuda']):.2f}")
+                for kind, (method, device) in kinds.items():
+                    runs[kind].append(run_worker(method, files, out, device=device, measure_memory=False)["seconds"])
+            median = {k: statistics.median(v) for k, v in runs.items()}
+            print(f"  .{fmt}: {total / 1e9:.2f} GB; " + ", ".join(f"{k} {total / s / 1e9:.2f} GB/s" for k, s in median.items()))
+            for stage in ("fold", "end-to-end"):
+                cpu_s, cuda_s = median[f"{stage} cpu"], median[f"{stage} cuda"]
+                print(f"    {stage}: cuda/cat {median['cat'] / cuda_s:.2f}, cuda/cpu {cpu_s / cuda_s:.2f}")
 
 
 def main() -> None:
