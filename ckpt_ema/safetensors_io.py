@@ -1,4 +1,4 @@
-"""The safetensors format, read through mmap and written as a stream.
+"""The safetensors format, read through a memory map and written as a stream.
 
 A safetensors file is an 8-byte little-endian header length N, N bytes of JSON (name -> dtype, shape and
 ``data_offsets`` relative to the end of the header, plus an optional ``__metadata__`` of strings), then the raw
@@ -16,7 +16,6 @@ The ``safetensors`` package stays the reference: the tests read every file writt
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import struct
 from collections.abc import Mapping
@@ -64,14 +63,13 @@ class SafetensorsFile:
                 if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
                     raise CkptEmaError("not a safetensors file, or truncated: the header is longer than the file", path)
                 header = json.loads(f.read(header_len))
-                # A private (copy-on-write) map: tensors view it as writable memory, the file is never modified.
-                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size else None
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise CkptEmaError("not a safetensors file: its header is not JSON", path) from None
         except OSError as exc:
             raise CkptEmaError(f"cannot read: {exc.strerror or exc}", path) from None
         if not isinstance(header, dict):
             raise CkptEmaError("not a safetensors file: its header is not a JSON object", path)
+        self._bytes = _map_privately(path, size)
         metadata = header.pop("__metadata__", None) or {}
         if not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
             raise CkptEmaError("not a safetensors file: its __metadata__ does not map strings to strings", path)
@@ -109,9 +107,21 @@ class SafetensorsFile:
         offset = self._data_start + begin
         itemsize = dtype.itemsize
         if offset % itemsize:
-            raw = torch.frombuffer(self._map, dtype=torch.uint8, count=end - begin, offset=offset).clone()
-            return raw.view(dtype).reshape(shape)
-        return torch.frombuffer(self._map, dtype=dtype, count=(end - begin) // itemsize, offset=offset).reshape(shape)
+            return self._bytes[offset : offset + end - begin].clone().view(dtype).reshape(shape)
+        return self._bytes[offset : offset + end - begin].view(dtype).reshape(shape)
+
+
+def _map_privately(path: Path, size: int) -> torch.Tensor | None:
+    """The file's ``size`` bytes as a uint8 tensor over a private (copy-on-write) map: tensors view it as writable
+    memory, and the file is never modified. torch's map closes the file once mapped, where Python's mmap would hold
+    a descriptor for as long as the map lives: a run of a thousand checkpoints (or shards) would hit `ulimit -n`."""
+    if not size:
+        return None
+    try:
+        storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size)
+    except RuntimeError as exc:  # the file vanished or shrank since its header was read
+        raise CkptEmaError(f"cannot map: {str(exc).strip().splitlines()[0]}", path) from None
+    return torch.empty(0, dtype=torch.uint8).set_(storage)
 
 
 def header_bytes(

@@ -25,6 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import ckpt_ema
+import ckpt_ema.api
 import ckpt_ema.disk
 import ckpt_ema.output
 import ckpt_ema.safetensors_io
@@ -328,6 +329,27 @@ def test_a_disk_without_room_for_the_output_fails_before_any_checkpoint_is_read(
     assert not list(out.parent.iterdir())
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts /proc/self/fd")
+@pytest.mark.parametrize("fmt", ["pt", "safetensors"])
+def test_a_run_holds_no_file_descriptor_per_checkpoint(tmp_path: Path, fmt: str) -> None:
+    # A thousand checkpoints, or a hundred of ten shards each, must not run into `ulimit -n` (often 1024).
+    run = tmp_path / "run"
+    run.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for step in range(1, 201):
+        state = {"w": torch.randn(8, generator=g)}
+        if fmt == "pt":
+            torch.save({"state_dict": state, "step": step}, run / f"c_{step}.pt")
+        else:
+            save_file(state, str(run / f"c_{step}.safetensors"), metadata={"step": str(step)})
+    before = len(os.listdir("/proc/self/fd"))
+    the_plan = ckpt_ema.plan([run], decay=0.9)  # every checkpoint is opened (mapped) here, and kept for the run
+    assert len(the_plan.sources) == 200
+    assert len(os.listdir("/proc/self/fd")) - before < 10
+    ckpt_ema.api.run(the_plan, tmp_path / "ema.safetensors")
+    assert len(os.listdir("/proc/self/fd")) - before < 10
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fallocate and sync_file_range are Linux calls")
 def test_preallocation_reserves_the_blocks_without_changing_the_size(tmp_path: Path) -> None:
     path = tmp_path / "f.bin"
@@ -418,7 +440,7 @@ import torch
 import ckpt_ema
 torch.set_num_threads(1)
 warmup, runs, out, budget = Path(sys.argv[1]), json.loads(sys.argv[2]), Path(sys.argv[3]), sys.argv[4]
-# First use initialises what a run needs once (lazy imports, kernels, the writer thread's arena): not per model.
+# First use initialises what a run needs once (lazy imports, kernels, allocator arenas): not per model.
 ckpt_ema.average([warmup], out, max_memory=budget)
 report = {}
 for name in runs:
