@@ -27,7 +27,7 @@ from ckpt_ema.errors import CkptEmaError
 from ckpt_ema.output import MemoryOutput, SafetensorsOutput, check_output_path
 from ckpt_ema.plan import INTERPOLATIONS, Weighting, ema_weighting, uniform_weighting
 from ckpt_ema.schedule import DecaySchedule
-from ckpt_ema.stream import DEFAULT_CHUNK_ELEMS, Layout, fold
+from ckpt_ema.stream import DEFAULT_CHUNK_ELEMS, Layout, checkpoints_read, fold
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 ACCUM_DTYPES = ("float32", "float64")
@@ -234,9 +234,7 @@ class AverageResult:
 
 def bytes_read_by(plans: list[Plan]) -> int:
     """File bytes of the checkpoints one fold of ``plans`` reads: those some plan weighs, and the newest."""
-    sources = plans[0].sources
-    read = [i for i in range(len(sources)) if any(p.weighting.lerps[i] > 0 for p in plans)]
-    return sum(sources[i].nbytes for i in set(read) | {len(sources) - 1})
+    return sum(plans[0].sources[i].nbytes for i in checkpoints_read([p.weighting.lerps for p in plans]))
 
 
 def _human_bytes(n: float) -> str:
@@ -251,9 +249,14 @@ def plan(inputs: list[str | Path] | str | Path, **options: Any) -> Plan:
     """Resolve the checkpoints and their weights without reading any tensor (what ``--dry-run`` shows)."""
     opts = AverageOptions(**options)
     opts.validate()
-    found = discover([inputs] if isinstance(inputs, str | Path) else list(inputs), opts.key, opts.per_checkpoint)
-    found = within_window(found, opts.from_step, opts.to_step)
+    found = discover_window(inputs, opts)
     return Plan(found, weighting_for(opts, [s.step for s in found.sources]), opts)  # type: ignore[misc]
+
+
+def discover_window(inputs: list[str | Path] | str | Path, opts: AverageOptions) -> Discovery:
+    """The checkpoints ``inputs`` name, in training order, within the options' --from-step/--to-step window."""
+    found = discover([inputs] if isinstance(inputs, str | Path) else list(inputs), opts.key, opts.per_checkpoint)
+    return within_window(found, opts.from_step, opts.to_step)
 
 
 def within_window(found: Discovery, from_step: int | None, to_step: int | None) -> Discovery:

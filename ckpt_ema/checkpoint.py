@@ -123,12 +123,6 @@ class Checkpoint:
         for name in self.names:
             yield name, self.tensor(name)
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """Every tensor, read into memory (for ``eval``; the averaging engine streams instead)."""
-        return dict(self.items())
-
-
-
 
 # ---------------------------------------------------------------------------------------------------- torch.save
 
@@ -279,27 +273,31 @@ def _shards_of(index: Path) -> list[Path]:
         raise CkptEmaError(f"unreadable shard index: {exc}", index) from None
 
 
-def open_checkpoint(path: Path, key: str | None = None) -> Checkpoint:
-    """Open the checkpoint at ``path`` for reading: names, metadata, lazily readable tensors."""
+def _read_weight_file(file: Path, key: str | None) -> tuple[dict[str, Any], dict[str, Any], bool]:
+    """One weight file's tensors by stored name (tensors, or the safetensors handle that maps them), its plain
+    metadata, and whether its tensors are views of the mapped file (False: an old-style .pt, loaded whole)."""
+    if not file.is_file():
+        raise CkptEmaError("shard listed in the index is missing", file)
+    if file.name.endswith(SAFETENSORS_SUFFIX):
+        handle = SafetensorsFile(file)
+        return dict.fromkeys(handle.entries, handle), {k: _parse_json_value(v) for k, v in handle.metadata.items()}, True
+    obj = torch_load_safely(file)
+    state, _ = find_state_dict(obj, file, key)
+    tensors = {name: value for name, value in state.items() if isinstance(value, torch.Tensor)}
+    return tensors, plain_metadata(obj), zipfile.is_zipfile(file)  # zip files are what torch_load_safely mmaps
+
+
+def open_checkpoint(path: Path, key: str | None = None, files: list[Path] | None = None) -> Checkpoint:
+    """Open the checkpoint at ``path`` (made of ``files``, default: :func:`weight_files_of`) for reading: names,
+    metadata, lazily readable tensors."""
     stored: dict[str, tuple[Path, Any]] = {}  # stored name -> (file, tensor or safetensors handle)
     metadata: dict[str, Any] = {}
     mapped = True
-    for file in weight_files_of(path):
-        if not file.is_file():
-            raise CkptEmaError("shard listed in the index is missing", file)
-        if file.name.endswith(SAFETENSORS_SUFFIX):
-            handle = SafetensorsFile(file)
-            metadata.update({k: _parse_json_value(v) for k, v in handle.metadata.items()})
-            for name in handle.entries:
-                stored[name] = (file, handle)
-        else:
-            obj = torch_load_safely(file)
-            mapped = mapped and zipfile.is_zipfile(file)  # what torch_load_safely mmaps
-            state, _ = find_state_dict(obj, file, key)
-            metadata.update(plain_metadata(obj))
-            for name, value in state.items():
-                if isinstance(value, torch.Tensor):
-                    stored[name] = (file, value)
+    for file in weight_files_of(path) if files is None else files:
+        tensors, meta, file_mapped = _read_weight_file(file, key)
+        stored.update({name: (file, value) for name, value in tensors.items()})
+        metadata.update(meta)
+        mapped = mapped and file_mapped
     if not stored:
         raise CkptEmaError("no tensors in this checkpoint", path)
     plain = strip_wrapper_prefixes(list(stored))
@@ -317,23 +315,16 @@ def open_checkpoint(path: Path, key: str | None = None) -> Checkpoint:
 
 
 def probe(path: Path, key: str | None = None) -> tuple[dict[str, Any], Checkpoint | None]:
-    """The plain metadata of a checkpoint, without reading tensor data; and, for a single weight file whose tensors
-    are views of the mapped file, the opened checkpoint itself, for the engine to reuse (a .pt file's pickle is then
-    parsed once per run, not once to find its step and again to read it). A sharded or folder checkpoint is probed
-    through its first file only and not kept open; neither is an old-style (non-zip) .pt file, which is loaded
-    into memory rather than mapped."""
+    """The plain metadata of a checkpoint, without reading tensor data; and, for a checkpoint of one weight file
+    (a file, or a Hugging Face folder) whose tensors are views of the mapped file, the opened checkpoint itself,
+    for the engine to reuse (a .pt file's pickle is then parsed once per run, not once to find its step and again
+    to read it). A sharded checkpoint is probed through its first file only and not kept open (the engine may not
+    need it); neither is an old-style (non-zip) .pt file, which is loaded into memory rather than mapped."""
     files = weight_files_of(path)
-    if files == [path]:
-        ckpt = open_checkpoint(path, key)
+    if len(files) == 1:
+        ckpt = open_checkpoint(path, key, files)
         return ckpt.metadata, (ckpt if ckpt.mapped else None)
-    meta: dict[str, Any] = {}
-    file = files[0]  # the metadata of a sharded set is the same in every shard
-    if file.name.endswith(SAFETENSORS_SUFFIX):
-        meta.update({k: _parse_json_value(v) for k, v in SafetensorsFile(file).metadata.items()})
-    else:
-        obj = torch_load_safely(file)
-        find_state_dict(obj, file, key)  # fail early, at planning time, when there are no weights
-        meta.update(plain_metadata(obj))
+    _, meta, _ = _read_weight_file(files[0], key)  # the metadata of a sharded set is the same in every shard
     return _with_trainer_state(path, meta), None
 
 

@@ -166,10 +166,8 @@ def sweep_command(inputs: tuple[str, ...], outdir: str, quiet: bool, evaluate: b
         click.echo(sweep_table(candidates))
     else:
         scores = score_candidates(candidates, data, options["device"], test_subset)
-        click.echo(sweep_table(candidates, scores.by_candidate, scores.best))
         final = scores.final_model
-        click.echo(f"{'final model':<16} {'':>10} {'':>7}  {_pct(final.get('val_accuracy')):>8} "
-                   f"{_pct(final.get('test_accuracy')):>8}  {candidates[0].plan.sources[-1].path}")
+        click.echo(sweep_table(candidates, scores.by_candidate, scores.best, final))
         if scores.best is None:
             say("note: the run kept no validation images (train --val-split N), so no candidate is chosen: "
                 "choosing on the test set would inflate the result", quiet)
@@ -184,10 +182,6 @@ def sweep_command(inputs: tuple[str, ...], outdir: str, quiet: bool, evaluate: b
         say("note: no pictures: matplotlib is not installed (pip install 'ckpt-ema[plot]')", quiet)
     for picture in pictures:
         say(f"picture: {picture}", quiet)
-
-
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.2f}%"
 
 
 def _print_notes(discovery: Any, quiet: bool) -> None:

@@ -75,7 +75,7 @@ class SafetensorsOutput:
     Pieces are written as they come, in the caller's thread: a writer thread overlapping writing with folding was
     slower on 2 cores (it competes with the fold's threads), with or without a copy of each chunk. Instead the
     file's blocks are reserved when it is opened and its writeback is started as it grows (:mod:`ckpt_ema.disk`).
-    Use as a context manager: leaving the block without commit() (an error, Ctrl-C) removes every temporary file.
+    abort() (called whether or not the run failed) removes every temporary file left uncommitted.
     """
 
     def __init__(self, path: Path, metadata: Mapping[str, str], max_shard_bytes: int | None = None) -> None:
@@ -88,17 +88,10 @@ class SafetensorsOutput:
         self._writers: list[StreamingWriter] = []
         self.index_path: Path | None = None
         self._index: dict | None = None
-        self.total_bytes = 0  # tensor bytes of the files this process writes
         self._finals: list[Path] = []  # every file of the output but the index, in order
         self._writes_index = True
         self._index_tmp: Path | None = None
         self._writeback_from: dict[BinaryIO, int] = {}  # per file: where the bytes not yet sent to disk begin
-
-    def __enter__(self) -> SafetensorsOutput:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.abort()
 
     def open(self, shapes: Mapping[str, tuple[int, ...]], dtypes: Mapping[str, torch.dtype], *,
              partition: Sequence[Sequence[str]] | None = None, rank: int = 0) -> None:
@@ -132,7 +125,6 @@ class SafetensorsOutput:
             except OSError as exc:
                 raise CkptEmaError(f"cannot write the output: {exc.strerror or exc}", self.path) from None
             self._writers.append(writer)
-            self.total_bytes += writer.total
             for n in names:
                 self._writer_of[n] = writer
 

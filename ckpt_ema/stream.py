@@ -222,7 +222,7 @@ def fold(
     used = [i for i in range(len(checkpoints)) if any(c[i] > 0 for c in lerps)]
     if not used:
         raise CkptEmaError("no checkpoint carries any weight")
-    opened, layout = open_run(checkpoints, sorted(set(used) | {last}), key)
+    opened, layout = open_run(checkpoints, checkpoints_read(lerps), key)
     names = None if select is None else select(layout)
     if on_layout is not None:
         on_layout(layout, len(used))
@@ -265,6 +265,13 @@ def fold(
     return layout
 
 
+def checkpoints_read(lerps: Sequence[Sequence[float]]) -> list[int]:
+    """Indices of the checkpoints a fold with these lerp weights reads: those some candidate weighs, and the newest
+    (whose non-float tensors are copied)."""
+    n = len(lerps[0])
+    return sorted({i for c in lerps for i in range(n) if c[i] > 0} | {n - 1})
+
+
 def selected_chunks(layout: Layout, chunk_elems: int, names: Collection[str] | None) -> list[list[Piece]]:
     """The chunks of the whole layout, keeping only the pieces of ``names`` (all when None).
 
@@ -294,12 +301,23 @@ def _lerp(accs: list[torch.Tensor], sources: list[torch.Tensor], weights: list[f
         return
     if len(set(weights)) == 1:
         torch._foreach_lerp_(accs, sources, weights[0])
-        return
-    try:
-        torch._foreach_lerp_(accs, sources, weights)  # one weight per tensor: torch >= 2.6
-    except TypeError:
+    elif _FOREACH_LERP_TAKES_A_LIST:
+        torch._foreach_lerp_(accs, sources, weights)
+    else:
         for a, s, w in zip(accs, sources, weights):
             a.lerp_(s, w)
+
+
+def _foreach_lerp_takes_a_list() -> bool:
+    """Whether this torch's _foreach_lerp_ takes one weight per tensor (torch >= 2.6): asked once, not per chunk."""
+    try:
+        torch._foreach_lerp_([torch.zeros(1)], [torch.ones(1)], [0.5])
+        return True
+    except TypeError:
+        return False
+
+
+_FOREACH_LERP_TAKES_A_LIST = _foreach_lerp_takes_a_list()
 
 
 def _stager(dev: torch.device) -> Callable[[list[torch.Tensor], torch.dtype], list[torch.Tensor]]:

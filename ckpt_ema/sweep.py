@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ckpt_ema.api import AverageOptions, Plan, bytes_read_by, fold_plans, output_metadata, plan, weighting_for
+from ckpt_ema.api import AverageOptions, Plan, discover_window, fold_plans, output_metadata, weighting_for
 from ckpt_ema.errors import CkptEmaError
 from ckpt_ema.output import SafetensorsOutput
 
@@ -61,18 +61,19 @@ def plan_sweep(
     """One candidate per decay, half-life and k; checkpoints are discovered once and shared by all."""
     if not (decays or half_lives or lasts):
         raise CkptEmaError("give at least one --decay, --half-life or --last to sweep")
-    options = {k: v for k, v in options.items() if k not in ("decay", "half_life", "last")}
-    base = plan(inputs, **options)
+    base = AverageOptions(**{k: v for k, v in options.items() if k not in ("decay", "half_life", "last")})
+    base.validate()  # the options all candidates share, before any file is read
+    found = discover_window(inputs, base)  # once, for every candidate
     # A uniform mean has no decay: the EMA-only options of the sweep do not apply to it (and would be refused).
     uniform = {"decay": None, "half_life": None, "warmup": False, "bias_correction": False}
     variants = [{"decay": d} for d in decays] + [{"half_life": h} for h in half_lives]
     variants += [{"last": k, **uniform} for k in lasts]
     candidates: list[Candidate] = []
     for variant in variants:
-        opts = replace(base.options, **variant)
+        opts = replace(base, **variant)
         opts.validate()
-        weighting = weighting_for(opts, [s.step for s in base.sources])  # type: ignore[misc]
-        candidates.append(Candidate(candidate_name(opts), Plan(base.discovery, weighting, opts)))
+        weighting = weighting_for(opts, [s.step for s in found.sources])  # type: ignore[misc]
+        candidates.append(Candidate(candidate_name(opts), Plan(found, weighting, opts)))
     names = [c.name for c in candidates]
     if len(set(names)) != len(names):
         raise CkptEmaError(f"the sweep lists the same candidate twice: {sorted(n for n in names if names.count(n) > 1)[0]}")
@@ -83,7 +84,6 @@ def plan_sweep(
 class SweepResult:
     candidates: list[Candidate]
     seconds: float
-    bytes_read: int
     passes: int = 1  # more than one when the memory budget does not hold every candidate's chunk at once
 
 
@@ -118,12 +118,13 @@ def run_sweep(candidates: list[Candidate], outdir: Path, *, progress: bool = Fal
         group = slice(start, start + per_pass)
         fold_plans(plans[group], sinks[group], progress=progress, desc=f"sweeping {len(plans[group])} candidates")
     passes = -(-len(plans) // per_pass)
-    return SweepResult(candidates, time.perf_counter() - started, bytes_read_by(plans) * passes, passes)
+    return SweepResult(candidates, time.perf_counter() - started, passes)
 
 
 def sweep_table(candidates: list[Candidate], scores: dict[str, dict[str, float]] | None = None,
-                best: str | None = None) -> str:
-    """One row per candidate: name, what it is, half-life, effective window; with scores, val and test accuracy."""
+                best: str | None = None, final: dict[str, float] | None = None) -> str:
+    """One row per candidate: name, what it is, half-life, effective window; with scores, val and test accuracy,
+    and, given ``final`` (the newest checkpoint's scores), a last row for the final model to compare with."""
     header = f"{'candidate':<16} {'half-life':>10} {'window':>7}  "
     if scores:
         header += f"{'val acc':>8} {'test acc':>8}  "
@@ -135,6 +136,9 @@ def sweep_table(candidates: list[Candidate], scores: dict[str, dict[str, float]]
             s = scores.get(c.name, {})
             row += f"{_pct(s.get('val_accuracy')):>8} {_pct(s.get('test_accuracy')):>8}  "
         lines.append(row + c.describe() + ("   <- best on validation" if c.name == best else ""))
+    if final is not None:
+        lines.append(f"{'final model':<16} {'':>10} {'':>7}  {_pct(final.get('val_accuracy')):>8} "
+                     f"{_pct(final.get('test_accuracy')):>8}  {candidates[0].plan.sources[-1].path}")
     return "\n".join(lines)
 
 

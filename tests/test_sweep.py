@@ -380,6 +380,18 @@ def test_last_k_is_the_plain_mean_of_the_newest_k(runs, k: int) -> None:
         assert max_abs_diff(result.state_dict["layer.weight"], saved[SPARSE_STEPS[-1]]["layer.weight"]) > 1e-2
 
 
+def test_a_sweep_of_uniform_means_ignores_ema_options_that_would_leave_an_ema_nothing(runs, tmp_path: Path) -> None:
+    # With bias correction and every step at or before --update-after-step, an EMA has nothing to average; a
+    # sweep of --last candidates alone builds no EMA, so it must not fail for it.
+    folder, saved = runs["sparse"]
+    ok(cli("sweep", folder, "-o", tmp_path, "--last", "2", "--bias-correction", "--update-after-step", "100000",
+           "--no-plot", "-q"))
+    got = load_file(tmp_path / "last-2.safetensors")
+    for name in FLOATS:
+        want = torch.stack([saved[s][name].double() for s in SPARSE_STEPS[-2:]]).mean(0)
+        assert max_abs_diff(got[name], want) <= 1e-6, name
+
+
 WINDOWS = [  # (from_step, to_step, the steps inside)
     (10, 40, [10, 11, 40]),
     (11, None, [11, 40, 100]),
