@@ -24,6 +24,8 @@ from typing import Any
 from ckpt_ema.checkpoint import (
     HF_INDEX_FILES,
     HF_WEIGHT_FILES,
+    SAFETENSORS_SUFFIX,
+    TORCH_SUFFIXES,
     Checkpoint,
     is_weight_file,
     probe,
@@ -74,7 +76,7 @@ def natural_key(text: str) -> list[Any]:
 def step_from_name(path: Path) -> int | None:
     """The last number in a file or folder name (``epoch=3-step=400.ckpt`` -> 400), ignoring its suffixes."""
     name = path.name
-    for suffix in (".pth.tar", ".safetensors", ".ckpt", ".pth", ".bin", ".pt"):
+    for suffix in (*TORCH_SUFFIXES, SAFETENSORS_SUFFIX):
         if name.endswith(suffix):
             name = name[: -len(suffix)]
             break
