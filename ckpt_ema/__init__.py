@@ -1,20 +1,51 @@
-"""ckpt-ema: the EMA of a model's weights, recovered after training from the checkpoints a run saved."""
+"""ckpt-ema: the EMA of a model's weights, recovered after training from the checkpoints a run saved.
+
+The public API (``ckpt_ema.average``, ``plan``, ``sweep``, ``AverageOptions`` ...) is imported on first use, so
+that ``import ckpt_ema`` (and ``ckpt-ema --help``) does not import torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-from ckpt_ema.api import AverageOptions, AverageResult, Plan, average, plan  # noqa: E402
-from ckpt_ema.checkpoint import load_state_dict  # noqa: E402
-from ckpt_ema.errors import CkptEmaError  # noqa: E402
-from ckpt_ema.schedule import DecaySchedule  # noqa: E402
+# Public name -> the module that defines it.
+_EXPORTS = {
+    "AverageOptions": "ckpt_ema.options",
+    "parse_size": "ckpt_ema.options",
+    "DecaySchedule": "ckpt_ema.weighting",
+    "CkptEmaError": "ckpt_ema.errors",
+    "OptionError": "ckpt_ema.errors",
+    "Plan": "ckpt_ema.planning",
+    "AverageResult": "ckpt_ema.api",
+    "average": "ckpt_ema.api",
+    "plan": "ckpt_ema.api",
+    "run": "ckpt_ema.api",
+    "sweep": "ckpt_ema.api",
+    "Scoring": "ckpt_ema.sweep",
+    "SweepResult": "ckpt_ema.sweep",
+    "World": "ckpt_ema.engine.distributed",
+    "load_state_dict": "ckpt_ema.formats.checkpoint",
+}
 
-__all__ = [
-    "AverageOptions",
-    "AverageResult",
-    "CkptEmaError",
-    "DecaySchedule",
-    "Plan",
-    "__version__",
-    "average",
-    "load_state_dict",
-    "plan",
-]
+__all__ = ["__version__", *sorted(_EXPORTS)]
+
+if TYPE_CHECKING:
+    from ckpt_ema.api import AverageResult, average, plan, run, sweep
+    from ckpt_ema.engine.distributed import World
+    from ckpt_ema.errors import CkptEmaError, OptionError
+    from ckpt_ema.formats.checkpoint import load_state_dict
+    from ckpt_ema.options import AverageOptions, parse_size
+    from ckpt_ema.planning import Plan
+    from ckpt_ema.sweep import Scoring, SweepResult
+    from ckpt_ema.weighting import DecaySchedule
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'ckpt_ema' has no attribute {name!r}")

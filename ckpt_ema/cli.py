@@ -1,10 +1,15 @@
-"""The ``ckpt-ema`` command line: parse options, call the library, print. No logic of its own.
+"""The ``ckpt-ema`` command line: parse the flags into :class:`~ckpt_ema.options.AverageOptions`, call the API,
+print. No logic of its own.
 
-Every error the user can cause is one line on stderr, ``ckpt-ema: error: <file>: <problem>``, with exit code 2.
+Every error the user can cause is one line on stderr, ``ckpt-ema: error: <file>: <problem>``, with exit code 2;
+a bad parameter is worded as its flag. torch is imported only when a command runs: ``--help`` and ``--version``
+answer at once. The CIFAR-10 demo's commands (``train``, ``eval``) live in :mod:`ckpt_ema.cifar.cli` and are
+loaded only when called.
 """
 
 from __future__ import annotations
 
+import importlib
 import sys
 from pathlib import Path
 from typing import Any
@@ -12,16 +17,17 @@ from typing import Any
 import click
 
 from ckpt_ema import __version__
-from ckpt_ema.api import ACCUM_DTYPES, DTYPES, plan, run
-from ckpt_ema.distributed import World
-from ckpt_ema.cli_options import NumbersOption, ema_schedule_options, stack
-from ckpt_ema.plan import INTERPOLATIONS
-from ckpt_ema.output import check_output_path
-from ckpt_ema.errors import CkptEmaError
-
+from ckpt_ema.cli_options import NumbersOption, averaging_options, options_from
+from ckpt_ema.errors import CkptEmaError, OptionError
 
 # Click >= 8.2 raises this for a group called without a command; older Clicks print the help themselves.
 NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+# The demo's commands: name -> (module:attribute, one-line help shown before the module is imported).
+DEMO_COMMANDS = {
+    "train": ("ckpt_ema.cifar.cli:train_command", "Train a CIFAR-10 model, saving periodic checkpoints (the demo)."),
+    "eval": ("ckpt_ema.cifar.cli:eval_command", "Score weights on CIFAR-10 (the demo)."),
+}
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -29,13 +35,27 @@ def fail(message: str, code: int = 2) -> None:
     sys.exit(code)
 
 
-class OneLineErrors(click.Group):
-    """A group whose errors (ours and Click's usage errors) print as one line, without usage text or traceback."""
+class CkptEmaGroup(click.Group):
+    """The ``ckpt-ema`` group: errors (ours and Click's usage errors) print as one line, without usage text or
+    traceback; the demo's commands are imported only when invoked."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *DEMO_COMMANDS])
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in DEMO_COMMANDS and name not in self.commands:
+            if ctx.resilient_parsing or "--help" in sys.argv[1:2] or "-h" in sys.argv[1:2]:
+                return click.Command(name, help=DEMO_COMMANDS[name][1])  # the listing: no import
+            module, attribute = DEMO_COMMANDS[name][0].split(":")
+            self.add_command(getattr(importlib.import_module(module), attribute), name)
+        return super().get_command(ctx, name)
 
     def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
              standalone_mode: bool = True, **extra: Any) -> Any:
         try:
             rv = super().main(args, prog_name or "ckpt-ema", complete_var, standalone_mode=False, **extra)
+        except OptionError as exc:
+            fail(exc.as_flag())
         except CkptEmaError as exc:
             fail(str(exc))
         except NO_ARGS_IS_HELP as exc:  # plain `ckpt-ema`: the help itself, not an error line
@@ -55,44 +75,23 @@ def show_progress(quiet: bool) -> bool:
     return not quiet and sys.stderr.isatty()
 
 
-def is_rank_zero() -> bool:
-    """True but in the ranks other than 0 under torchrun: one process speaks for all of them."""
-    return World.from_env().rank == 0
-
-
 def say(message: str, quiet: bool) -> None:
     if not quiet:
         click.echo(message, err=True)
 
 
-@click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
+def world_from_env() -> Any:
+    """The processes torchrun started (one process of one without torchrun): the CLI asks for the multi-process
+    path explicitly; the API never guesses it."""
+    from ckpt_ema.engine.distributed import World
+
+    return World.from_env()
+
+
+@click.group(cls=CkptEmaGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="ckpt-ema")
 def main() -> None:
     """Recover the EMA of a model's weights after training, from the checkpoints the run saved."""
-
-
-# How the checkpoints are read and the averages computed: shared by ``average`` and ``sweep``.
-averaging_options = stack(
-    ema_schedule_options(),
-    click.option("--bias-correction", is_flag=True,
-                 help="Start from zero and divide by 1 - prod(decay) (Adam's correction) instead of copying the first."),
-    click.option("--interpolate", type=click.Choice(INTERPOLATIONS), default="linear", show_default=True,
-                 help="The weights between two checkpoints: held at the newer one (step) or moving linearly (linear)."),
-    click.option("--from-step", type=int, default=None, help="Use only checkpoints at this step or later."),
-    click.option("--to-step", type=int, default=None, help="Use only checkpoints at this step or earlier."),
-    click.option("--per-checkpoint", is_flag=True, help="Ignore steps: every checkpoint counts as one update."),
-    click.option("--key", default=None, help="Where the weights are inside each checkpoint (e.g. state_dict_ema)."),
-    click.option("--device", default="cpu", show_default=True, help="Where to accumulate: cpu, cuda, mps."),
-    click.option("--accum-dtype", type=click.Choice(ACCUM_DTYPES), default="float32", show_default=True,
-                 help="Precision of the running average."),
-    click.option("--out-dtype", type=click.Choice(list(DTYPES)), default=None,
-                 help="dtype of every output tensor [default: each tensor's input dtype]."),
-    click.option("--max-memory", default=None,
-                 help="Memory budget for accumulators, e.g. 500MB [default: a quarter of available memory, at most 2 GB]."),
-    click.option("--max-shard-size", default="5GB", show_default=True,
-                 help="Shard a larger output into NAME-0000k-of-0000n.safetensors + NAME.safetensors.index.json."),
-    click.option("-q", "--quiet", is_flag=True, help="No progress bar, notes or summary."),
-)
 
 
 @main.command("average")
@@ -103,26 +102,32 @@ averaging_options = stack(
 @click.option("--half-life", type=float, default=None,
               help="Instead of --decay: steps over which a weight halves (decay = 0.5^(1/STEPS)).")
 @click.option("--last", type=int, default=None, help="Instead of an EMA: the plain mean of the newest K checkpoints.")
-@averaging_options
+@averaging_options()
 @click.option("--dry-run", is_flag=True, help="Print the checkpoints, steps and weights; read no tensor.")
-def average_command(inputs: tuple[str, ...], output: str | None, dry_run: bool, quiet: bool, **options: Any) -> None:
+def average_command(inputs: tuple[str, ...], output: str | None, decay: float | None, half_life: float | None,
+                    last: int | None, dry_run: bool, quiet: bool, **params: Any) -> None:
     """Average checkpoints INPUTS (files, globs, folders) into one .safetensors file.
 
     Checkpoints are taken in training-step order and folded into timm's EMA recurrence; with a checkpoint saved
     every step the result equals timm's ModelEmaV3 run online.
     """
+    from ckpt_ema.api import plan, run
+    from ckpt_ema.output.atomic import check_output_path
+
     if output is None and not dry_run:
         raise click.UsageError("missing option '-o' / '--output' (or use --dry-run)")
     if output is not None:
         check_output_path(output)
-    quiet = quiet or not is_rank_zero()
-    the_plan = plan(list(inputs), **options)
+    options = options_from(params, decay=decay, half_life=half_life, last=last)
+    world = world_from_env()
+    quiet = quiet or world.rank != 0
+    the_plan = plan(list(inputs), options)
     _print_notes(the_plan.discovery, quiet)
     if dry_run:
-        if is_rank_zero():
+        if world.rank == 0:
             click.echo(the_plan.table())
         return
-    result = run(the_plan, output, progress=show_progress(quiet))
+    result = run(the_plan, output, progress=show_progress(quiet), world=world)
     say(result.summary(), quiet)
 
 
@@ -133,54 +138,53 @@ def average_command(inputs: tuple[str, ...], output: str | None, dry_run: bool, 
 @click.option("--decay", "decays", cls=NumbersOption, type=float, multiple=True, help="EMA decays to try: 0.99 0.999 ...")
 @click.option("--half-life", "half_lives", cls=NumbersOption, type=float, multiple=True, help="EMA half-lives, in steps.")
 @click.option("--last", "lasts", cls=NumbersOption, type=int, multiple=True, help="Uniform means of the newest K: 5 10 ...")
-@averaging_options
+@averaging_options()
 @click.option("--eval", "evaluate", is_flag=True,
-              help="Score every candidate on the run's validation images (train --val-split) and the test set; "
-                   "copy the best on validation to OUTDIR/best.safetensors.")
+              help="CIFAR-10 demo runs: score every candidate on the run's validation images (train --val-split) and "
+                   "the test set; copy the best on validation to OUTDIR/best.safetensors.")
 @click.option("--data", default=None, help="CIFAR-10 folder for --eval [default: $CKPT_EMA_DATA or the cache].")
 @click.option("--test-subset", type=int, default=None, help="With --eval: score on the first M test images only.")
 @click.option("--plot/--no-plot", default=True, show_default=True,
               help="Write weights.png (and accuracy.png with --eval) to OUTDIR; needs matplotlib.")
-def sweep_command(inputs: tuple[str, ...], outdir: str, quiet: bool, evaluate: bool, data: str | None,
-                  test_subset: int | None, plot: bool, **options: Any) -> None:
+def sweep_command(inputs: tuple[str, ...], outdir: str, decays: tuple[float, ...], half_lives: tuple[float, ...],
+                  lasts: tuple[int, ...], quiet: bool, evaluate: bool, data: str | None, test_subset: int | None,
+                  plot: bool, **params: Any) -> None:
     """Many averages of checkpoints INPUTS from one read: every --decay, --half-life and --last at once."""
-    from ckpt_ema.output import copy_atomically
-    from ckpt_ema.plots import plot_accuracy, plot_weights
-    from ckpt_ema.sweep import plan_sweep, run_sweep, score_candidates, sweep_table
+    from ckpt_ema.sweep import Scoring, plan_sweep, run_sweep, sweep_table
 
     folder = Path(outdir)
-    quiet = quiet or not is_rank_zero()
+    world = world_from_env()
+    quiet = quiet or world.rank != 0
     if not folder.parent.is_dir():
         raise CkptEmaError("the output folder's parent does not exist", folder)
-    candidates = plan_sweep(list(inputs), **options)
+    if not (decays or half_lives or lasts):
+        raise click.UsageError("give at least one --decay, --half-life or --last to sweep")
+    options = options_from(params)
+    candidates = plan_sweep(list(inputs), options, decays=list(decays), half_lives=list(half_lives), lasts=list(lasts))
     _print_notes(candidates[0].plan.discovery, quiet)
-    folder.mkdir(exist_ok=True)
-    result = run_sweep(candidates, folder, progress=show_progress(quiet))
-    if not is_rank_zero():
-        return  # under torchrun: the table, scores and pictures come from rank 0
+    scoring = None
+    if evaluate:
+        from ckpt_ema.cifar.evaluate import sweep_scorer  # the demo's evaluation, loaded only when asked for
+
+        newest = candidates[0].plan.sources[-1].path
+        scoring = Scoring(sweep_scorer(data, options.device, test_subset, newest, options.key), "val_accuracy",
+                          label="validation")
+    result = run_sweep(candidates, folder, score=scoring, plot=plot, progress=show_progress(quiet), world=world)
+    if world.rank != 0:
+        return
     reads = "once" if result.passes == 1 else f"{result.passes} times (the memory budget holds fewer candidates at once)"
     say(f"read {len(candidates[0].plan.sources)} checkpoints {reads} for {len(candidates)} candidates in "
         f"{result.seconds:.1f} s; wrote {folder}/<candidate>.safetensors", quiet)
-    pictures = [folder / "weights.png"] if plot and plot_weights(candidates, folder / "weights.png") else []
-    if not evaluate:
-        click.echo(sweep_table(candidates))
-    else:
-        scores = score_candidates(candidates, data, options["device"], test_subset)
-        final = scores.final_model
-        click.echo(sweep_table(candidates, scores.by_candidate, scores.best, final))
-        if scores.best is None:
-            say("note: the run kept no validation images (train --val-split N), so no candidate is chosen: "
-                "choosing on the test set would inflate the result", quiet)
-        else:
-            best = next(c for c in candidates if c.name == scores.best)
-            copy_atomically(best.output, folder / "best.safetensors")
-            say(f"best on validation: {best.name} -> {folder / 'best.safetensors'}", quiet)
-        reference = {f"final model, {k.split('_')[0]}": v for k, v in final.items()}
-        if plot and plot_accuracy(candidates, scores.by_candidate, reference, folder / "accuracy.png"):
-            pictures.append(folder / "accuracy.png")
-    if plot and not pictures:
-        say("note: no pictures: matplotlib is not installed (pip install 'ckpt-ema[plot]')", quiet)
-    for picture in pictures:
+    click.echo(sweep_table(result, scoring))
+    if scoring is not None and result.scores and not any("val_accuracy" in s for s in result.scores.values()):
+        say("note: the run kept no validation images (train --val-split N), so no candidate is chosen: "
+            "choosing on the test set would inflate the result", quiet)
+    elif result.best is not None:
+        say(f"best on validation: {result.best} -> {result.best_output}", quiet)
+    for note in result.notes:
+        if "no val_accuracy score" not in note:
+            say(f"note: {note}", quiet)
+    for picture in result.pictures:
         say(f"picture: {picture}", quiet)
 
 
@@ -189,10 +193,3 @@ def _print_notes(discovery: Any, quiet: bool) -> None:
         say(f"skipped {line}", quiet)
     for line in discovery.notes:
         say(f"note: {line}", quiet)
-
-
-# The CIFAR-10 commands live in their own module: they pull in torchvision and the training loop.
-from ckpt_ema.cli_cifar import eval_command, train_command  # noqa: E402
-
-main.add_command(train_command, "train")
-main.add_command(eval_command, "eval")

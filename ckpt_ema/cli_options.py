@@ -1,26 +1,48 @@
-"""Click pieces shared by the commands: option groups and an option that takes several numbers."""
+"""The command line's options, declared once: each flag of :class:`ckpt_ema.options.AverageOptions` (and of its
+decay schedule), with the default the dataclass gives it, shared by ``average``, ``sweep`` and ``train``'s online
+EMA. :func:`options_from` turns the parsed flags into the options object; sizes are parsed here, at the boundary.
+
+Nothing here imports torch: ``ckpt-ema --help`` answers at once.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import click
 
+from ckpt_ema.errors import OptionError
+from ckpt_ema.options import ACCUM_DTYPE_NAMES, DTYPE_NAMES, AverageOptions, parse_size
+from ckpt_ema.weighting import INTERPOLATIONS, DecaySchedule
 
-def ema_schedule_options(prefix: str = "") -> Any:
-    """The options of timm's ModelEmaV3 that define the per-step decay, shared by ``average`` and ``train``."""
-    return stack(
-        click.option(f"--{prefix}min-decay", type=float, default=0.0, show_default=True,
-                     help="Lower bound on the decay during warmup (timm's min_decay)."),
-        click.option(f"--{prefix}update-after-step", type=int, default=0, show_default=True,
-                     help="Copy the model, without averaging, up to and including this step + 1."),
-        click.option(f"--{prefix}warmup/--no-{prefix}warmup", default=False, show_default=True,
-                     help="timm's use_warmup: decay = 1 - (1 + t/gamma)^-power, capped at --decay."),
-        click.option(f"--{prefix}warmup-gamma", type=float, default=1.0, show_default=True,
-                     help="gamma of the warmup formula."),
-        click.option(f"--{prefix}warmup-power", type=float, default=2 / 3, show_default="2/3",
-                     help="power of the warmup formula (timm's default 2/3)."),
-    )
+# The fields of DecaySchedule that shape d(s) besides the decay itself (flags --min-decay ... --warmup-power).
+SHAPE_FIELDS = ("min_decay", "update_after_step", "warmup", "warmup_gamma", "warmup_power")
+
+
+def default(cls: type, name: str) -> Any:
+    """The default a dataclass declares for field ``name``: the one place each default lives."""
+    found = {f.name: f for f in dataclasses.fields(cls)}[name]
+    return found.default_factory() if found.default_factory is not dataclasses.MISSING else found.default
+
+
+class Size(click.ParamType):
+    """A size in bytes: 1234, 500MB, 2GiB; ``none`` for no limit where the option allows it."""
+
+    name = "size"
+
+    def __init__(self, allow_none: bool = False) -> None:
+        self.allow_none = allow_none
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> int | None:
+        if value is None or isinstance(value, int):
+            return value
+        if self.allow_none and str(value).lower() == "none":
+            return None
+        try:
+            return parse_size(value, param.name if param is not None else "size")
+        except OptionError as exc:
+            self.fail(exc.problem, param, ctx)
 
 
 def stack(*decorators: Any) -> Any:
@@ -32,6 +54,76 @@ def stack(*decorators: Any) -> Any:
         return command
 
     return decorate
+
+
+def schedule_shape_options(prefix: str = "") -> Any:
+    """The options of timm's ModelEmaV3 that shape the per-step decay: ``average``/``sweep`` (no prefix) and
+    ``train``'s online EMA (prefix ``ema-``)."""
+    d = lambda name: default(DecaySchedule, name)  # noqa: E731
+    return stack(
+        click.option(f"--{prefix}min-decay", type=float, default=d("min_decay"), show_default=True,
+                     help="Lower bound on the decay during warmup (timm's min_decay)."),
+        click.option(f"--{prefix}update-after-step", type=int, default=d("update_after_step"), show_default=True,
+                     help="Copy the model, without averaging, up to and including this step + 1."),
+        click.option(f"--{prefix}warmup/--no-{prefix}warmup", default=d("warmup"), show_default=True,
+                     help="timm's use_warmup: decay(t) = min(1 - (1 + t/gamma)^-power, decay), t = step - k - 1."),
+        click.option(f"--{prefix}warmup-gamma", type=float, default=d("warmup_gamma"), show_default=True,
+                     help="gamma of the warmup formula."),
+        click.option(f"--{prefix}warmup-power", type=float, default=d("warmup_power"), show_default="2/3",
+                     help="power of the warmup formula (timm's default 2/3)."),
+    )
+
+
+def schedule_shape_from(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Pop the schedule-shaping flags (``ema_min_decay`` ... with a prefix) out of Click's ``params``."""
+    return {name: params.pop(prefix + name) for name in SHAPE_FIELDS}
+
+
+def averaging_options() -> Any:
+    """The flags of every AverageOptions field except the weights themselves (decay, half-life, last), which
+    ``average`` takes once and ``sweep`` several times."""
+    d = lambda name: default(AverageOptions, name)  # noqa: E731
+    return stack(
+        schedule_shape_options(),
+        click.option("--bias-correction", is_flag=True, default=d("bias_correction"),
+                     help="Start from zero and divide by 1 - prod(decay) (Adam's correction) instead of copying the first."),
+        click.option("--interpolate", type=click.Choice(INTERPOLATIONS), default=d("interpolate"), show_default=True,
+                     help="The weights between two checkpoints: moving linearly (linear) or held at the newer (step)."),
+        click.option("--from-step", type=int, default=d("from_step"), help="Use only checkpoints at this step or later."),
+        click.option("--to-step", type=int, default=d("to_step"), help="Use only checkpoints at this step or earlier."),
+        click.option("--per-checkpoint", is_flag=True, default=d("per_checkpoint"),
+                     help="Ignore steps: every checkpoint counts as one update."),
+        click.option("--key", default=d("key"), help="Where the weights are inside each checkpoint (e.g. state_dict_ema)."),
+        click.option("--device", default=d("device"), show_default=True, help="Where to accumulate: cpu, cuda, mps."),
+        click.option("--accum-dtype", type=click.Choice(ACCUM_DTYPE_NAMES), default=d("accum_dtype"), show_default=True,
+                     help="Precision of the running average."),
+        click.option("--out-dtype", type=click.Choice(DTYPE_NAMES), default=d("out_dtype"),
+                     help="dtype of every output tensor [default: each tensor's input dtype]."),
+        click.option("--max-memory", type=Size(), default=d("max_memory"),
+                     help="Memory budget for accumulators, e.g. 500MB [default: a quarter of available memory, at most 2 GiB]."),
+        click.option("--max-shard-size", type=Size(allow_none=True), default=d("max_shard_size"),
+                     show_default="5GB",
+                     help="Shard a larger output into NAME-0000k-of-0000n.safetensors + NAME.safetensors.index.json "
+                          "(none: never)."),
+        click.option("-q", "--quiet", is_flag=True, help="No progress bar, notes or summary."),
+    )
+
+
+def options_from(params: dict[str, Any], **weights: Any) -> AverageOptions:
+    """The options object from Click's parsed ``params`` (consumed) and the weights (``decay=``, ``half_life=``,
+    ``last=``): built once, here, at the boundary."""
+    fields = {f.name for f in dataclasses.fields(AverageOptions)} - {"schedule", "last"}
+    rest = {name: params.pop(name) for name in list(params) if name in fields}
+    shape = schedule_shape_from(params)
+    if weights.get("last") is not None:
+        ema_only = {"--decay": weights.get("decay") is not None, "--half-life": weights.get("half_life") is not None,
+                    "--warmup": shape["warmup"], "--bias-correction": rest["bias_correction"]}
+        given = [flag for flag, on in ema_only.items() if on]
+        if given:
+            raise OptionError("last", f"{weights['last']} is a uniform mean: {', '.join(given)} apply only to an EMA")
+        rest["bias_correction"] = False
+        return AverageOptions(last=weights["last"], **rest)
+    return AverageOptions.build(decay=weights.get("decay"), half_life=weights.get("half_life"), **shape, **rest)
 
 
 class NumbersOption(click.Option):

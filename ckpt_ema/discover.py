@@ -8,7 +8,7 @@ reported in :attr:`Discovery.skipped`:
   which would otherwise be averaged a second time;
 * training state that is not weights (``optimizer.pt``, ``scheduler.pt``, ``rng_state.pth``, ``training_args.bin``).
 
-The step of each checkpoint comes from its metadata (:data:`ckpt_ema.checkpoint.STEP_KEYS`, or Hugging Face's
+The step of each checkpoint comes from its metadata (:data:`ckpt_ema.formats.checkpoint.STEP_KEYS`, or Hugging Face's
 ``trainer_state.json``), or else from the last number in its file or folder name.
 """
 
@@ -21,17 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ckpt_ema.checkpoint import (
-    HF_INDEX_FILES,
-    HF_WEIGHT_FILES,
-    SAFETENSORS_SUFFIX,
-    TORCH_SUFFIXES,
-    Checkpoint,
-    is_weight_file,
-    probe,
-    step_from_metadata,
-    weight_files_of,
-)
+from ckpt_ema.formats.checkpoint import SAFETENSORS_SUFFIX, Checkpoint, is_weight_file, probe, step_from_metadata
+from ckpt_ema.formats.hf import HF_INDEX_FILES, HF_WEIGHT_FILES, weight_files_of
+from ckpt_ema.formats.torch_save import TORCH_SUFFIXES
 from ckpt_ema.errors import CkptEmaError
 
 # Copies of a periodic checkpoint under a fixed name (Lightning adds -vN when the name is taken).

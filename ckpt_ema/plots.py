@@ -1,8 +1,8 @@
 """Pictures of a sweep, where a person would rather look than read (matplotlib: ``pip install ckpt-ema[plot]``).
 
 * ``weights.png``: the weight each checkpoint gets under each candidate, against its step;
-* ``accuracy.png``: validation and test accuracy of the EMA candidates against their half-life (log scale), with
-  the final model and the uniform means as reference lines.
+* ``scores.png``: each score of the EMA candidates against their half-life (log scale), with the final model and
+  the uniform means as reference lines.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ckpt_ema.output import write_atomically
+from ckpt_ema.output.atomic import write_atomically
 
 
 def matplotlib_or_none() -> Any:
@@ -54,27 +54,34 @@ def plot_weights(candidates: list[Any], path: Path) -> bool:
     return True
 
 
-def plot_accuracy(candidates: list[Any], scores: Mapping[str, Mapping[str, float]], reference: Mapping[str, float],
-                  path: Path) -> bool:
-    """Accuracy against EMA half-life; uniform means and the final model as horizontal lines."""
+def plot_scores(candidates: list[Any], scores: Mapping[str, Mapping[str, float]],
+                final: Mapping[str, float] | None, path: Path) -> bool:
+    """Each score against EMA half-life (log scale); uniform means and the final model as horizontal lines."""
     plt = matplotlib_or_none()
     if plt is None:
         return False
+    keys = sorted({k for s in scores.values() for k in s})
+    percent = all(k.endswith("accuracy") for k in keys)
+    scale = 100 if percent else 1
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    emas = sorted((c for c in candidates if c.half_life is not None and math.isfinite(c.half_life)), key=lambda c: c.half_life)
-    for split, style in (("val_accuracy", "o-"), ("test_accuracy", "s--")):
-        points = [(c.half_life, 100 * scores[c.name][split]) for c in emas if scores.get(c.name, {}).get(split) is not None]
+    emas = sorted((c for c in candidates if c.half_life is not None and math.isfinite(c.half_life)),
+                  key=lambda c: c.half_life)
+    styles = iter(["o-", "s--", "^-.", "v:"] * 4)
+    for key in keys:
+        points = [(c.half_life, scale * scores[c.name][key]) for c in emas if scores.get(c.name, {}).get(key) is not None]
         if points:
-            ax.plot(*zip(*points), style, label=f"EMA, {split.split('_')[0]}")
+            ax.plot(*zip(*points), next(styles), label=f"EMA, {key}")
     colors = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"][2:] * 4)
     for c in candidates:
-        if c.half_life is None and scores.get(c.name, {}).get("val_accuracy") is not None:
-            ax.axhline(100 * scores[c.name]["val_accuracy"], linestyle=":", color=next(colors), label=f"{c.name}, val")
-    for name, acc in reference.items():
-        ax.axhline(100 * acc, color="black", linewidth=1, linestyle="--" if "test" in name else "-", label=name)
+        if c.half_life is None and keys and scores.get(c.name, {}).get(keys[-1]) is not None:
+            ax.axhline(scale * scores[c.name][keys[-1]], linestyle=":", color=next(colors), label=f"{c.name}, {keys[-1]}")
+    for key in keys:
+        if final and final.get(key) is not None:
+            ax.axhline(scale * final[key], color="black", linewidth=1, linestyle=["-", "--", "-.", ":"][keys.index(key) % 4],
+                       label=f"final model, {key}")
     ax.set_xscale("log")
     ax.set_xlabel("EMA half-life (training steps, log scale)")
-    ax.set_ylabel("accuracy (%)")
+    ax.set_ylabel("accuracy (%)" if percent else "score")
     ax.set_title("Post-hoc averages of the saved checkpoints")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)

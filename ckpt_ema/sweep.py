@@ -1,23 +1,46 @@
-"""Many averages from one read of the checkpoints: a sweep over EMA decays and uniform means of the newest k.
+"""Many averages from one read of the checkpoints, and choosing among them: a sweep over EMA decays, half-lives and
+uniform means of the newest K.
 
 Choosing the EMA length today costs a training run per value. From saved checkpoints it costs one read: every
-candidate is a different set of weights over the same checkpoints (:mod:`ckpt_ema.plan`), so the engine folds
+candidate is a different set of weights over the same checkpoints (:mod:`ckpt_ema.weighting`), so the engine folds
 each checkpoint chunk into all the candidates' accumulators at once (one ``torch._foreach_lerp_`` with a weight
 per accumulator) and every checkpoint byte is read once, whatever the number of candidates. Memory is one
 accumulator chunk per candidate, not one model per candidate.
+
+With a :class:`Scoring` (the user's evaluation of one weights file), every candidate and the final model are scored
+and the best is chosen by one named score; the final model is a possible answer.
 """
 
 from __future__ import annotations
 
-import math
 import time
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ckpt_ema.api import AverageOptions, Plan, discover_window, fold_plans, output_metadata, weighting_for
-from ckpt_ema.errors import CkptEmaError
-from ckpt_ema.output import SafetensorsOutput
+from ckpt_ema.engine.distributed import World
+from ckpt_ema.engine.runner import chunk_elems, fold_plans
+from ckpt_ema.errors import CkptEmaError, OptionError
+from ckpt_ema.options import AverageOptions
+from ckpt_ema.output.atomic import copy_atomically
+from ckpt_ema.output.metadata import output_metadata
+from ckpt_ema.output.sinks import SafetensorsOutput
+from ckpt_ema.planning import Plan, discover_window, weighting_for
+
+# A scoring function: the path of a weights file -> named scores (e.g. {"val_accuracy": 0.63, "test_accuracy": ...}).
+Scorer = Callable[[Path], Mapping[str, float]]
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """How to score and choose: ``score`` each weights file, rank by the score called ``key`` (``label`` names it
+    for people: "validation")."""
+
+    score: Scorer
+    key: str
+    maximize: bool = True
+    label: str | None = None
 
 
 @dataclass
@@ -34,149 +57,175 @@ class Candidate:
 
         That is the decay, or less under warmup: with warmup a large decay may never be reached in the run.
         """
-        if self.plan.options.last is not None:
+        opts = self.plan.options
+        if opts.last is not None:
             return None
-        decay = self.plan.options.schedule().decay_at(self.plan.sources[-1].step)
-        return math.inf if decay >= 1 else (0.0 if decay <= 0 else math.log(0.5) / math.log(decay))
+        return opts.schedule.half_life_at(self.plan.sources[-1].step)
 
     def describe(self) -> str:
         opts = self.plan.options
         if opts.last is not None:
             return f"uniform mean of the newest {opts.last}"
-        return f"EMA decay {opts.schedule().decay:.6g} ({opts.interpolate})"
+        return f"EMA decay {opts.schedule.decay:.6g} ({opts.interpolate})"
 
 
-def candidate_name(opts: AverageOptions) -> str:
-    if opts.last is not None:
-        return f"last-{opts.last}"
-    if opts.half_life is not None:
-        return f"ema-halflife-{opts.half_life:g}"
-    return f"ema-{opts.schedule().decay:.6g}"
+def candidate_name(options: AverageOptions, half_life: float | None = None) -> str:
+    if options.last is not None:
+        return f"last-{options.last}"
+    if half_life is not None:
+        return f"ema-halflife-{half_life:g}"
+    return f"ema-{options.schedule.decay:.6g}"
 
 
-def plan_sweep(
-    inputs: list[str | Path], decays: list[float] = (), half_lives: list[float] = (), lasts: list[int] = (),
-    **options: Any,
-) -> list[Candidate]:
-    """One candidate per decay, half-life and k; checkpoints are discovered once and shared by all."""
+def plan_sweep(inputs: list[str | Path], options: AverageOptions | None = None, *, decays: list[float] = (),
+               half_lives: list[float] = (), lasts: list[int] = (), **fields: Any) -> list[Candidate]:
+    """One candidate per decay, half-life and K; the checkpoints are discovered once and shared by all.
+
+    ``options`` (and ``fields``, as for :meth:`AverageOptions.build`) give what every candidate shares; a uniform
+    mean takes none of the EMA's.
+    """
+    base = AverageOptions.build(**fields) if options is None else options.replaced(**fields)
     if not (decays or half_lives or lasts):
-        raise CkptEmaError("give at least one --decay, --half-life or --last to sweep")
-    base = AverageOptions(**{k: v for k, v in options.items() if k not in ("decay", "half_life", "last")})
-    base.validate()  # the options all candidates share, before any file is read
+        raise OptionError("decays", "are empty, as are half_lives and lasts: give at least one candidate to sweep")
     found = discover_window(inputs, base)  # once, for every candidate
-    # A uniform mean has no decay: the EMA-only options of the sweep do not apply to it (and would be refused).
-    uniform = {"decay": None, "half_life": None, "warmup": False, "bias_correction": False}
-    variants = [{"decay": d} for d in decays] + [{"half_life": h} for h in half_lives]
-    variants += [{"last": k, **uniform} for k in lasts]
-    candidates: list[Candidate] = []
-    for variant in variants:
-        opts = replace(base, **variant)
-        opts.validate()
-        weighting = weighting_for(opts, [s.step for s in found.sources])  # type: ignore[misc]
-        candidates.append(Candidate(candidate_name(opts), Plan(found, weighting, opts)))
+    steps = [s.step for s in found.sources]
+    variants = [(base.replaced(decay=d), None) for d in decays]
+    variants += [(base.replaced(half_life=h), h) for h in half_lives]
+    variants += [(base.replaced(last=k), None) for k in lasts]
+    candidates = [Candidate(candidate_name(opts, h), Plan(found, weighting_for(opts, steps), opts))  # type: ignore[arg-type]
+                  for opts, h in variants]
     names = [c.name for c in candidates]
-    if len(set(names)) != len(names):
-        raise CkptEmaError(f"the sweep lists the same candidate twice: {sorted(n for n in names if names.count(n) > 1)[0]}")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise CkptEmaError(f"the sweep lists the same candidate twice: {twice[0]}")
     return candidates
 
 
 @dataclass
 class SweepResult:
+    """What a sweep wrote and, when scored, how each candidate and the final model did and which is best."""
+
     candidates: list[Candidate]
     seconds: float
     passes: int = 1  # more than one when the memory budget does not hold every candidate's chunk at once
+    scores: dict[str, Mapping[str, float]] = field(default_factory=dict)  # by candidate name
+    final_scores: Mapping[str, float] | None = None  # the newest checkpoint's
+    best: str | None = None  # the chosen candidate's name; None: nothing chosen (see notes)
+    best_output: Path | None = None
+    pictures: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
 def candidates_per_pass(options: AverageOptions, wanted: int) -> int:
     """How many candidates' accumulator chunks fit the memory budget together (at least one, or an error)."""
     for count in range(wanted, 0, -1):
         try:
-            options.chunk_elems(candidates=count)
+            chunk_elems(options, candidates=count)
             return count
-        except CkptEmaError:
+        except OptionError:
             if count == 1:
                 raise
     raise AssertionError("unreachable")
 
 
-def run_sweep(candidates: list[Candidate], outdir: Path, *, progress: bool = False) -> SweepResult:
-    """Read every checkpoint once and write one ``OUTDIR/<name>.safetensors`` per candidate.
+def run_sweep(candidates: list[Candidate], outdir: Path, *, score: Scoring | None = None, plot: bool = True,
+              progress: bool = False, world: World | None = None) -> SweepResult:
+    """Read every checkpoint once and write one ``OUTDIR/<name>.safetensors`` per candidate (the folder is made if
+    missing); then, with ``score``, score them and the final model, choose, and draw the pictures.
 
-    Once, that is, unless ``--max-memory`` cannot hold a chunk of every candidate at the same time: then the
-    candidates are split into as few groups as fit, one pass over the checkpoints each (``SweepResult.passes``).
+    Once, that is, unless the memory budget cannot hold a chunk of every candidate at the same time: then the
+    candidates are split into as few groups as fit, one pass over the checkpoints each (``passes``).
     """
-    if not outdir.is_dir():
-        raise CkptEmaError("the output folder does not exist", outdir)
+    if not outdir.parent.is_dir():
+        raise CkptEmaError("the output folder's parent does not exist", outdir)
+    outdir.mkdir(exist_ok=True)
     started = time.perf_counter()
     sinks = []
     for c in candidates:
         c.output = outdir / f"{c.name}.safetensors"
-        sinks.append(SafetensorsOutput(c.output, output_metadata(c.plan), c.plan.options.max_shard_bytes()))
+        sinks.append(SafetensorsOutput(c.output, output_metadata(c.plan), c.plan.options.max_shard_size))
     plans = [c.plan for c in candidates]
     per_pass = candidates_per_pass(plans[0].options, len(plans))
     for start in range(0, len(plans), per_pass):
         group = slice(start, start + per_pass)
-        fold_plans(plans[group], sinks[group], progress=progress, desc=f"sweeping {len(plans[group])} candidates")
-    passes = -(-len(plans) // per_pass)
-    return SweepResult(candidates, time.perf_counter() - started, passes)
+        fold_plans(plans[group], sinks[group], progress=progress, desc=f"sweeping {len(plans[group])} candidates",
+                   world=world)
+    result = SweepResult(candidates, time.perf_counter() - started, -(-len(plans) // per_pass))
+    if world is not None and world.rank != 0:
+        return result  # under torchrun: scores, the choice and pictures come from rank 0
+    if score is not None:
+        choose(result, score, outdir)
+    if plot:
+        draw(result, outdir, score)
+    return result
 
 
-def sweep_table(candidates: list[Candidate], scores: dict[str, dict[str, float]] | None = None,
-                best: str | None = None, final: dict[str, float] | None = None) -> str:
-    """One row per candidate: name, what it is, half-life, effective window; with scores, val and test accuracy,
-    and, given ``final`` (the newest checkpoint's scores), a last row for the final model to compare with."""
-    header = f"{'candidate':<16} {'half-life':>10} {'window':>7}  "
-    if scores:
-        header += f"{'val acc':>8} {'test acc':>8}  "
-    lines = [header + "what"]
-    for c in candidates:
+def choose(result: SweepResult, scoring: Scoring, outdir: Path) -> None:
+    """Score every candidate and the final model; copy the best candidate to ``OUTDIR/best.safetensors``, unless
+    the final model scores best (then nothing is copied) or no candidate has the ranking score."""
+    newest = result.candidates[0].plan.sources[-1].path
+    result.scores = {c.name: scoring.score(c.output) for c in result.candidates if c.output is not None}
+    result.final_scores = scoring.score(newest)
+    ranked = {name: s[scoring.key] for name, s in result.scores.items() if s.get(scoring.key) is not None}
+    if len(ranked) < len(result.scores):
+        result.notes.append(f"no {scoring.key} score for every candidate: no candidate is chosen")
+        return
+    pick = max if scoring.maximize else min
+    best = pick(ranked, key=lambda n: ranked[n])
+    final = (result.final_scores or {}).get(scoring.key)
+    if final is not None and pick(final, ranked[best]) == final and final != ranked[best]:
+        result.notes.append(f"the final model is best on {scoring.key} ({final:.6g} against {ranked[best]:.6g} for "
+                            f"{best}): no average is copied")
+        return
+    result.best = best
+    result.best_output = outdir / "best.safetensors"
+    copy_atomically(next(c.output for c in result.candidates if c.name == best), result.best_output)
+
+
+def draw(result: SweepResult, outdir: Path, scoring: Scoring | None) -> None:
+    """weights.png, and when scored the scores against half-life (accuracy.png for accuracies, else scores.png); a
+    note when matplotlib is missing."""
+    from ckpt_ema.plots import plot_scores, plot_weights
+
+    if plot_weights(result.candidates, outdir / "weights.png"):
+        result.pictures.append(outdir / "weights.png")
+    else:
+        result.notes.append("no pictures: matplotlib is not installed (pip install 'ckpt-ema[plot]')")
+        return
+    if scoring is None or not result.scores:
+        return
+    keys = {k for s in result.scores.values() for k in s}
+    picture = outdir / ("accuracy.png" if all(k.endswith("accuracy") for k in keys) else "scores.png")
+    if plot_scores(result.candidates, result.scores, result.final_scores, picture):
+        result.pictures.append(picture)
+
+
+def sweep_table(result: SweepResult, scoring: Scoring | None = None) -> str:
+    """One row per candidate: name, half-life, effective window, its scores (when scored; the ranking score first,
+    shown even where missing), what it is; the final model as a last row when scored; the chosen candidate marked."""
+    choose_by = scoring.key if scoring else None
+    keys = {k for s in result.scores.values() for k in s} | ({choose_by} if result.scores and choose_by else set())
+    columns = sorted(keys, key=lambda k: (k != choose_by, k))
+    header = f"{'candidate':<16} {'half-life':>10} {'window':>7}  " + "".join(f"{_short(k):>10} " for k in columns)
+    lines = [header + " what"]
+    for c in result.candidates:
         hl = c.half_life
         row = f"{c.name:<16} {('-' if hl is None else f'{hl:.4g}'):>10} {c.plan.weighting.effective_window():>7}  "
-        if scores:
-            s = scores.get(c.name, {})
-            row += f"{_pct(s.get('val_accuracy')):>8} {_pct(s.get('test_accuracy')):>8}  "
-        lines.append(row + c.describe() + ("   <- best on validation" if c.name == best else ""))
-    if final is not None:
-        lines.append(f"{'final model':<16} {'':>10} {'':>7}  {_pct(final.get('val_accuracy')):>8} "
-                     f"{_pct(final.get('test_accuracy')):>8}  {candidates[0].plan.sources[-1].path}")
+        row += "".join(f"{_value(k, result.scores.get(c.name, {}).get(k)):>10} " for k in columns)
+        mark = f"   <- best on {scoring.label or scoring.key}" if scoring and c.name == result.best else ""
+        lines.append(row + " " + c.describe() + mark)
+    if result.final_scores is not None:
+        row = f"{'final model':<16} {'':>10} {'':>7}  "
+        row += "".join(f"{_value(k, result.final_scores.get(k)):>10} " for k in columns)
+        lines.append(row + " " + str(result.candidates[0].plan.sources[-1].path))
     return "\n".join(lines)
 
 
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.2f}%"
+def _short(key: str) -> str:
+    return key.replace("_accuracy", " acc")
 
 
-@dataclass
-class SweepScores:
-    """Validation and test accuracy of every candidate and of the newest checkpoint; the best by validation."""
-
-    by_candidate: dict[str, dict[str, float]]
-    final_model: dict[str, float]
-    best: str | None  # None when the run kept no validation images: never choose on test
-
-
-def score_candidates(candidates: list[Candidate], data: str | Path | None = None, device: str = "cpu",
-                     test_subset: int | None = None) -> SweepScores:
-    """Score each candidate's output (and the newest checkpoint) on the run's validation images and the test set.
-
-    The validation images are the ones ``train --val-split`` kept out of training, recomputed from the run's
-    recorded hyperparameters. Choosing on the test set would inflate the result, so without them nothing is chosen.
-    """
-    from ckpt_ema.evaluate import EvalData, load_model, run_splits, score
-
-    eval_data = EvalData(data, test_subset, device)
-    newest = candidates[0].plan.sources[-1].path
-
-    def scores_of(path: Path) -> dict[str, float]:
-        model, _, metadata = load_model(path, None, candidates[0].plan.options.key if path == newest else None, device)
-        out = {"test_accuracy": score(model, eval_data.test, device).accuracy}
-        _, val = run_splits(metadata, eval_data)
-        if val is not None:
-            out["val_accuracy"] = score(model, val.to(device), device).accuracy
-        return out
-
-    by_candidate = {c.name: scores_of(c.output) for c in candidates if c.output is not None}
-    final = scores_of(newest)
-    has_val = all("val_accuracy" in s for s in by_candidate.values())
-    best = max(by_candidate, key=lambda n: by_candidate[n]["val_accuracy"]) if has_val and by_candidate else None
-    return SweepScores(by_candidate, final, best)
+def _value(key: str, x: float | None) -> str:
+    if x is None:
+        return "-"
+    return f"{100 * x:.2f}%" if key.endswith("accuracy") else f"{x:.6g}"

@@ -13,7 +13,7 @@ For each input format it writes the checkpoints once, warms the page cache, then
 * ``dd``: ``dd if=/dev/zero of=OUT bs=4M conv=fsync`` of one model's size: what writing the output alone costs
   (its time is shown against the checkpoints' bytes, like the others, to be read as a share of a run);
 * ``naive``: fairseq's average_checkpoints style: torch.load each whole checkpoint, a Python loop of mul_/add_;
-* ``fold-only``: the engine alone (``ckpt_ema.plan`` and ``ckpt_ema.stream.fold``), every folded chunk discarded:
+* ``fold-only``: the engine alone (``ckpt_ema.plan`` and ``ckpt_ema.engine.fold.fold``), every folded chunk discarded:
   reading and folding with no output at all;
 * ``in-memory``: ``ckpt_ema.average(files)``, the Python API returning the average in memory: the engine's read
   and fold without an output file (it allocates and fills the model-sized result instead);
@@ -82,7 +82,7 @@ if method == "naive":
             for k, v in sd.items():
                 avg[k].mul_(0.5).add_(v, alpha=0.5)
 elif method == "fold-only":  # the engine reading and folding, every result discarded: no output at all
-    from ckpt_ema.stream import fold
+    from ckpt_ema.engine.fold import fold
     plan = ckpt_ema.plan(files, decay=0.999, **options)
     discard = type("Discard", (), {"write": lambda self, name, piece: None})()
     fold([s.opened or s.path for s in plan.sources], [plan.weighting.lerps], [discard], device=plan.options.device)

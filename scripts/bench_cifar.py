@@ -26,10 +26,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ckpt_ema.data import load_cifar10, normalize, seeded_generator, training_batch
-from ckpt_ema.evaluate import EVAL_BATCH_SIZE
-from ckpt_ema.models import ARCHS, build_model
-from ckpt_ema.train import TrainConfig, train
+from ckpt_ema.cifar.data import load_cifar10, normalize, seeded_generator, training_batch
+from ckpt_ema.cifar.evaluate import EVAL_BATCH_SIZE
+from ckpt_ema.cifar.models import ARCHS, build_model
+from ckpt_ema.cifar.train import TrainConfig, train
 
 
 def timed(fns: dict[str, Callable[[], None]], repeats: int) -> dict[str, list[float]]:

@@ -32,11 +32,11 @@ from pathlib import Path
 import torch
 
 import ckpt_ema
-from ckpt_ema.data import split_validation, validation_indices
-from ckpt_ema.evaluate import EvalData, score
-from ckpt_ema.models import build_model
-from ckpt_ema.schedule import DecaySchedule
-from ckpt_ema.train import TrainConfig, train
+from ckpt_ema.cifar.data import split_validation, validation_indices
+from ckpt_ema.cifar.evaluate import EvalData, score
+from ckpt_ema.cifar.models import build_model
+from ckpt_ema.weighting import DecaySchedule
+from ckpt_ema.cifar.train import TrainConfig, train
 
 SEED_DECAY = 0.9998
 # With warmup, d(s) = min(1 - (1 + s)^(-2/3), decay) stays below 0.9973 for the whole run (7,040 steps): the seed's

@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="session")
 def cifar_dir() -> Path:
     """The folder holding ``cifar-10-batches-py/``: ``$CKPT_EMA_DATA``, else ``<repo>/../shared/data``."""
-    from ckpt_ema.data import has_batches
+    from ckpt_ema.cifar.data import has_batches
 
     candidates = [Path(os.environ["CKPT_EMA_DATA"])] if os.environ.get("CKPT_EMA_DATA") else []
     candidates.append(REPO.parent / "shared" / "data")

@@ -17,10 +17,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import ckpt_ema
-from ckpt_ema.checkpoint import open_checkpoint
-from ckpt_ema.distributed import partition
-from ckpt_ema.output import check_output_path
-from ckpt_ema.stream import Layout
+from ckpt_ema.formats.checkpoint import open_checkpoint
+from ckpt_ema.engine.distributed import partition
+from ckpt_ema.output.atomic import check_output_path
+from ckpt_ema.engine.layout import Layout
 from ckpt_ema.sweep import plan_sweep, run_sweep
 
 pytestmark = pytest.mark.skipif(

@@ -16,76 +16,7 @@ from torch import nn
 
 import ckpt_ema
 from ckpt_ema.cli import main
-
-timm_model_ema = pytest.importorskip("timm.utils.model_ema")
-ModelEmaV3 = timm_model_ema.ModelEmaV3
-
-STEPS = 24
-TOLERANCE = 1e-5  # the contract: float32 rounding, <= 1e-5 absolute
-
-
-class TinyNet(nn.Module):
-    """Conv + BatchNorm + Linear: parameters, float buffers (running stats) and an int64 buffer."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
-        self.bn = nn.BatchNorm2d(4)
-        self.head = nn.Linear(4 * 4 * 4, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.bn(self.conv(x)))
-        return self.head(x.flatten(1))
-
-
-def train_and_checkpoint(
-    folder: Path, ema_kwargs: dict, *, save_initial: bool, steps: int = STEPS, seed: int = 0
-) -> dict[str, torch.Tensor]:
-    """Train TinyNet for ``steps`` SGD steps, saving ``step_<s>.pt`` after each; return timm's online EMA.
-
-    With ``save_initial`` the weights before training are saved too, as step 0 (``global_step`` metadata).
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a tiny model: threads only add overhead, and spin for seconds when cores are busy
-    try:
-        return _train(folder, ema_kwargs, save_initial, steps, seed)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _train(folder: Path, ema_kwargs: dict, save_initial: bool, steps: int, seed: int) -> dict[str, torch.Tensor]:
-    torch.manual_seed(seed)
-    model = TinyNet()
-    ema = ModelEmaV3(model, **ema_kwargs)
-    opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
-    x = torch.randn(16, 3, 4, 4)
-    y = torch.randint(0, 5, (16,))
-    folder.mkdir(parents=True, exist_ok=True)
-    if save_initial:
-        torch.save({"state_dict": model.state_dict(), "global_step": 0}, folder / "step_0.pt")
-    for step in range(1, steps + 1):
-        model.train()
-        noisy = x + 0.5 * torch.randn_like(x)  # a new batch each step: BN running stats keep moving
-        loss = nn.functional.cross_entropy(model(noisy), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        ema.update(model, step=step)
-        torch.save({"state_dict": model.state_dict(), "global_step": step}, folder / f"step_{step}.pt")
-    return {k: v.detach().clone() for k, v in ema.module.state_dict().items()}
-
-
-def assert_matches_timm(result: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
-    assert sorted(result) == sorted(expected)
-    for name, want in expected.items():
-        got = result[name]
-        assert got.dtype == want.dtype, name
-        assert got.shape == want.shape, name
-        if want.is_floating_point():
-            diff = (got.double() - want.double()).abs().max().item()
-            assert diff <= TOLERANCE, f"{name}: max abs difference {diff}"
-        else:
-            assert torch.equal(got, want), name
+from helpers import STEPS, TOLERANCE, ModelEmaV3, TinyNet, assert_matches_timm, train_and_checkpoint
 
 
 # Each case is (ModelEmaV3 keyword arguments, the same options for ckpt_ema.average).
@@ -186,7 +117,7 @@ def test_schedule_is_timm_get_decay(kwargs: dict) -> None:
 @pytest.mark.parametrize("update_after_step", [0, 4])
 def test_bias_corrected_schedule(update_after_step: int) -> None:
     """With bias correction no step copies: d(s) = 1 (no update) up to update_after_step, then the decay."""
-    ours = ckpt_ema.DecaySchedule(decay=0.9, update_after_step=update_after_step).bias_corrected()
+    ours = ckpt_ema.DecaySchedule(decay=0.9, update_after_step=update_after_step)
     want = [1.0 if s <= update_after_step else 0.9 for s in range(1, 30)]
-    assert [ours.decay_at(s) for s in range(1, 30)] == want
-    assert ours.decays(1, 29).tolist() == want
+    assert [ours.decay_at(s, bias_corrected=True) for s in range(1, 30)] == want
+    assert ours.decays(1, 29, bias_corrected=True).tolist() == want

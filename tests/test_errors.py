@@ -24,8 +24,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import ckpt_ema
-import ckpt_ema.checkpoint
-import ckpt_ema.output
+import ckpt_ema.formats.checkpoint
+import ckpt_ema.formats.torch_save
+import ckpt_ema.output.sinks
 from ckpt_ema.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -436,8 +437,8 @@ def test_interrupted_write_leaves_existing_output_intact(tmp_path: Path, monkeyp
     out, old = existing_output(tmp_path)
     run = good_run(tmp_path / "run", (1, 2, 3, 4))
     seen: list = []
-    monkeypatch.setattr(ckpt_ema.output.SafetensorsOutput, "write",
-                        interrupting(ckpt_ema.output.SafetensorsOutput.write, 2, seen))
+    monkeypatch.setattr(ckpt_ema.output.sinks.SafetensorsOutput, "write",
+                        interrupting(ckpt_ema.output.sinks.SafetensorsOutput.write, 2, seen))
     res = invoke(run, "-o", out)
     assert seen, "the write was never reached"
     assert any(name.endswith(".tmp") for name in seen[0]), seen  # a partial file existed when Ctrl-C came
@@ -462,7 +463,7 @@ def test_interrupted_rename_leaves_existing_output_intact(tmp_path: Path, monkey
             raise KeyboardInterrupt
         return real_replace(src, dst, *a, **k)
 
-    monkeypatch.setattr(ckpt_ema.output.os, "replace", replace)
+    monkeypatch.setattr(ckpt_ema.output.sinks.os, "replace", replace)
     res = invoke(run, "-o", out)
     assert hit and res.exit_code == 130
     assert out.read_bytes() == old
@@ -502,7 +503,7 @@ def test_disk_full_while_writing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     for s in (1, 2, 3, 4):
         torch.save(weights(s, n=64), run / f"ckpt_{s}.pt")  # 16 KB of tensor data: the header is well under 8 KB
     real_fdopen = os.fdopen
-    monkeypatch.setattr(ckpt_ema.output.os, "fdopen", lambda *a, **k: FillsUp(real_fdopen(*a, **k), room))
+    monkeypatch.setattr(ckpt_ema.output.sinks.os, "fdopen", lambda *a, **k: FillsUp(real_fdopen(*a, **k), room))
     res = invoke(run, "-o", out)
     assert res.exit_code == 2, (res.output, res.exception)
     assert len(res.stderr.splitlines()) == 1
@@ -586,7 +587,7 @@ def test_dry_run_reads_no_tensor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     def no_tensor(self, name):  # noqa: ANN001
         raise AssertionError(f"--dry-run read tensor {name} of {self.path}")
 
-    monkeypatch.setattr(ckpt_ema.checkpoint.Checkpoint, "tensor", no_tensor)
+    monkeypatch.setattr(ckpt_ema.formats.checkpoint.Checkpoint, "tensor", no_tensor)
     out = tmp_path / "ema.safetensors"
     res = invoke(run, "--decay", "0.9", "--dry-run", "-o", out)
     assert res.exit_code == 0, (res.output, res.exception)

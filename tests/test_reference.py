@@ -20,6 +20,7 @@ from torch import nn
 
 import ckpt_ema
 from ckpt_ema import CkptEmaError
+from helpers import implied_weights, max_abs_diff, reference_ema, seed_ema, window_of, write_run
 
 
 # These tests check the reading and the held-weights model of issue 2 ("the weights sat at the newer checkpoint"),
@@ -31,7 +32,6 @@ def average_held(*args, **options):
 def plan_held(*args, **options):
     return ckpt_ema.plan(*args, **{"interpolate": "step", **options})
 
-timm_model_ema = pytest.importorskip("timm.utils.model_ema")
 
 SPARSE_STEPS = [3, 10, 11, 40, 100]
 
@@ -39,99 +39,7 @@ SPARSE_STEPS = [3, 10, 11, 40, 100]
 # ------------------------------------------------------------------------------------------- the reference
 
 
-def timm_ema(decay: float, min_decay: float = 0.0, update_after_step: int = 0, warmup: bool = False,
-             warmup_gamma: float = 1.0, warmup_power: float = 2 / 3) -> timm_model_ema.ModelEmaV3:
-    """A ModelEmaV3 whose only use is its get_decay (d(s) straight from timm)."""
-    return timm_model_ema.ModelEmaV3(
-        nn.Linear(1, 1), decay=decay, min_decay=min_decay, update_after_step=update_after_step, use_warmup=warmup,
-        warmup_gamma=warmup_gamma, warmup_power=warmup_power,
-    )
-
-
-def reference_ema(checkpoints: dict[int, dict[str, torch.Tensor]], *, bias_correction: bool = False,
-                  **schedule: float) -> dict[str, torch.Tensor]:
-    """The EMA of a run whose weights sat at the next saved checkpoint between saves, every step, in float64.
-
-    Without bias correction d(s) = timm's get_decay(s) (its first update copies the model). With it, the
-    accumulator starts at zero, no update happens at s <= update_after_step, every later step decays by
-    ``decay``, and the result is divided by 1 - prod d(s) over s = 1..last.
-    """
-    ema = timm_ema(**schedule)
-    after = int(schedule.get("update_after_step", 0))
-    steps = sorted(checkpoints)
-    names = [n for n, t in checkpoints[steps[0]].items() if t.is_floating_point()]
-    v = {n: torch.zeros_like(checkpoints[steps[0]][n], dtype=torch.float64) for n in names}
-    survive = 1.0
-    j = 0
-    for s in range(1, steps[-1] + 1):
-        while steps[j] < s:
-            j += 1
-        theta = checkpoints[steps[j]]
-        if bias_correction:
-            d = 1.0 if s <= after else ema.get_decay(None)  # get_decay(None) is the plain decay
-        else:
-            d = ema.get_decay(s)
-        for n in names:
-            v[n] = d * v[n] + (1 - d) * theta[n].double()
-        survive *= d
-    if bias_correction:
-        v = {n: t / (1 - survive) for n, t in v.items()}
-    return v
-
-
-def implied_weights(steps: list[int], **kwargs: float) -> list[float]:
-    """The reference is linear in the checkpoints: run it on one-hot vectors to read off each one's weight."""
-    n = len(steps)
-    onehots = {s: {"x": torch.eye(n, dtype=torch.float64)[i]} for i, s in enumerate(steps)}
-    return reference_ema(onehots, **kwargs)["x"].tolist()
-
-
-def seed_ema(thetas: list[torch.Tensor], beta: float, bias_correction: bool) -> torch.Tensor:
-    """The seed's formula: v_t = beta v_{t-1} + (1 - beta) theta_t, v_0 = 0, optionally / (1 - beta^n).
-
-    Without bias correction the first update copies (timm's d(1) = 0).
-    """
-    v = torch.zeros_like(thetas[0], dtype=torch.float64)
-    for t, theta in enumerate(thetas, start=1):
-        b = beta if (bias_correction or t > 1) else 0.0
-        v = b * v + (1 - b) * theta.double()
-    return v / (1 - beta ** len(thetas)) if bias_correction else v
-
-
-def window_of(weights: list[float], share: float = 0.99) -> int:
-    carried = 0.0
-    for k, w in enumerate(reversed(weights), start=1):
-        carried += w
-        if carried >= share - 1e-12:
-            return k
-    return len(weights)
-
-
 # ------------------------------------------------------------------------------------------- checkpoints
-
-
-def make_state(seed: int, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {
-        "layer.weight": torch.randn(6, 5, generator=g, dtype=torch.float64).to(dtype),
-        "layer.bias": torch.randn(5, generator=g, dtype=torch.float64).to(dtype),
-        "bn.running_var": (torch.rand(5, generator=g, dtype=torch.float64) + 0.5).to(dtype),
-        "bn.num_batches_tracked": torch.tensor(seed * 7, dtype=torch.int64),
-    }
-
-
-def write_run(folder: Path, steps: list[int], dtype: torch.dtype = torch.float32) -> dict[int, dict[str, torch.Tensor]]:
-    """Plain state dicts named ckpt_<step>.pt; returns what was saved, by step."""
-    folder.mkdir(parents=True, exist_ok=True)
-    saved = {}
-    for s in steps:
-        saved[s] = make_state(s, dtype)
-        torch.save(saved[s], folder / f"ckpt_{s}.pt")
-    return saved
-
-
-def max_abs_diff(got: torch.Tensor, want: torch.Tensor) -> float:
-    return (got.double() - want.double()).abs().max().item()
 
 
 # ------------------------------------------------------------------------------------------- sparse checkpoints
@@ -206,7 +114,7 @@ def test_bias_correction_changes_the_result(sparse_run) -> None:
 
 def test_nothing_to_average_with_bias_correction(sparse_run) -> None:
     folder, _ = sparse_run
-    with pytest.raises(CkptEmaError, match="update-after-step"):
+    with pytest.raises(CkptEmaError, match="update.after.step"):
         plan_held([folder], decay=0.9, bias_correction=True, update_after_step=100)
 
 

@@ -26,13 +26,14 @@ from safetensors.torch import load_file, save_file
 
 import ckpt_ema
 import ckpt_ema.api
-import ckpt_ema.disk
-import ckpt_ema.output
-import ckpt_ema.safetensors_io
-import ckpt_ema.stream
+import ckpt_ema.output.disk
+import ckpt_ema.output.sinks
+import ckpt_ema.output.writer
+import ckpt_ema.engine.fold
+import ckpt_ema.engine.layout
 from ckpt_ema import CkptEmaError
+from helpers import linear_reference
 
-from test_sweep import linear_reference
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS = [5, 17, 18, 60, 200]
@@ -113,13 +114,13 @@ def assert_matches_reference(got: dict[str, torch.Tensor], states: dict[int, dic
 def test_results_do_not_depend_on_the_memory_budget(pt_run: Path, states, monkeypatch: pytest.MonkeyPatch,
                                                     accum_dtype: str) -> None:
     cuts: list[list] = []
-    real_chunk_pieces = ckpt_ema.stream.chunk_pieces
+    real_chunk_pieces = ckpt_ema.engine.fold.chunk_pieces
 
     def chunk_pieces(layout, chunk_elems):  # noqa: ANN001, ANN202
         cuts.append(real_chunk_pieces(layout, chunk_elems))
         return cuts[-1]
 
-    monkeypatch.setattr(ckpt_ema.stream, "chunk_pieces", chunk_pieces)
+    monkeypatch.setattr(ckpt_ema.engine.fold, "chunk_pieces", chunk_pieces)
     roomy = ckpt_ema.average([pt_run], accum_dtype=accum_dtype, **EMA)
     tiny = ckpt_ema.average([pt_run], accum_dtype=accum_dtype, **EMA, max_memory="64KB")
     roomy_cut, tiny_cut = cuts
@@ -184,7 +185,7 @@ def test_sharded_output_reads_back_with_safetensors_and_the_index(pt_run: Path, 
         assert {k: v for k, v in meta.items() if k != "ckpt_ema_options"} == {
             k: v for k, v in want_meta.items() if k != "ckpt_ema_options"}
         options, want_options = json.loads(meta["ckpt_ema_options"]), json.loads(want_meta["ckpt_ema_options"])
-        assert options.pop("max_shard_size") == f"{max_shard}B"
+        assert options.pop("max_shard_size") == max_shard
         want_options.pop("max_shard_size")
         assert options == want_options
     assert_equal_results(seen, want)
@@ -259,7 +260,7 @@ def nan_in_the_last_checkpoint(run: Path, monkeypatch: pytest.MonkeyPatch) -> st
 
 def a_write_fails_midway(run: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     """The disk fills up at the first write into the third shard: two shards are complete by then."""
-    real_write = ckpt_ema.safetensors_io.StreamingWriter.write
+    real_write = ckpt_ema.output.writer.StreamingWriter.write
     writers: list = []
 
     def write(self, name, piece):  # noqa: ANN001, ANN202
@@ -269,7 +270,7 @@ def a_write_fails_midway(run: Path, monkeypatch: pytest.MonkeyPatch) -> str:
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_write(self, name, piece)
 
-    monkeypatch.setattr(ckpt_ema.safetensors_io.StreamingWriter, "write", write)
+    monkeypatch.setattr(ckpt_ema.output.writer.StreamingWriter, "write", write)
     return "No space left on device"
 
 
@@ -290,13 +291,13 @@ def test_a_failed_sharded_run_leaves_nothing_behind(pt_run: Path, tmp_path: Path
     before = snapshot(out_dir)
     message = failure(run, monkeypatch)
     shards_begun = []
-    real_init = ckpt_ema.safetensors_io.StreamingWriter.__init__
+    real_init = ckpt_ema.output.writer.StreamingWriter.__init__
 
     def init(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
         shards_begun.append(self)
         real_init(self, *args, **kwargs)
 
-    monkeypatch.setattr(ckpt_ema.safetensors_io.StreamingWriter, "__init__", init)
+    monkeypatch.setattr(ckpt_ema.output.writer.StreamingWriter, "__init__", init)
     with pytest.raises(CkptEmaError, match=message):
         ckpt_ema.average([run], out, decay=DECAY, max_shard_size="40000B", max_memory="64KB")
     assert len(shards_begun) >= 4  # the shards were being written when it failed
@@ -308,7 +309,7 @@ def test_a_failed_sharded_run_leaves_nothing_behind(pt_run: Path, tmp_path: Path
 
 def test_a_disk_without_room_for_the_output_fails_before_any_checkpoint_is_read(
         pt_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    if ckpt_ema.disk._fallocate is None:
+    if ckpt_ema.output.disk._fallocate is None:
         pytest.skip("no fallocate in this libc")
     import ctypes
 
@@ -317,9 +318,9 @@ def test_a_disk_without_room_for_the_output_fails_before_any_checkpoint_is_read(
         return -1
 
     pieces_read = []
-    real_piece = ckpt_ema.stream.FlatViews.piece
-    monkeypatch.setattr(ckpt_ema.stream.FlatViews, "piece", lambda views, p: pieces_read.append(p) or real_piece(views, p))
-    monkeypatch.setattr(ckpt_ema.disk, "_fallocate", full_disk)
+    real_piece = ckpt_ema.engine.layout.FlatViews.piece
+    monkeypatch.setattr(ckpt_ema.engine.layout.FlatViews, "piece", lambda views, p: pieces_read.append(p) or real_piece(views, p))
+    monkeypatch.setattr(ckpt_ema.output.disk, "_fallocate", full_disk)
     out = tmp_path / "out" / "model.safetensors"
     out.parent.mkdir()
     with pytest.raises(CkptEmaError, match=r"cannot write the output: No space left on device \(this file needs "
@@ -356,13 +357,13 @@ def test_preallocation_reserves_the_blocks_without_changing_the_size(tmp_path: P
     with open(path, "wb") as f:
         f.write(b"header")
         f.flush()
-        ckpt_ema.disk.preallocate(f.fileno(), 6 + (4 << 20))
+        ckpt_ema.output.disk.preallocate(f.fileno(), 6 + (4 << 20))
         assert os.fstat(f.fileno()).st_blocks * 512 >= 4 << 20  # reserved
         assert os.fstat(f.fileno()).st_size == 6  # but not part of the file
         data = os.urandom(4 << 20)
         f.write(data)
         f.flush()
-        ckpt_ema.disk.start_writeback(f.fileno(), 0, 6 + len(data))
+        ckpt_ema.output.disk.start_writeback(f.fileno(), 0, 6 + len(data))
     assert path.read_bytes() == b"header" + data
 
 
@@ -380,7 +381,7 @@ def test_a_failure_while_renaming_leaves_no_index_over_mixed_shards(pt_run: Path
             raise OSError(errno.EIO, "Input/output error")
         return real_replace(src, dst)
 
-    monkeypatch.setattr(ckpt_ema.output.os, "replace", replace)
+    monkeypatch.setattr(ckpt_ema.output.sinks.os, "replace", replace)
     with pytest.raises(CkptEmaError):
         ckpt_ema.average([pt_run], out, decay=DECAY, max_shard_size="40000B")
     monkeypatch.undo()
@@ -399,9 +400,11 @@ def test_the_output_name_gives_the_newest_result_in_either_layout(pt_run: Path, 
     index = tmp_path / "model.safetensors.index.json"
     ckpt_ema.average([pt_run], out, decay=0.5, max_shard_size=first)
     newest = ckpt_ema.average([pt_run], out, decay=DECAY, max_shard_size=second).state_dict
-    for name in (out, index):
-        if name.exists():
-            assert_equal_results(ckpt_ema.load_state_dict(name)[0], newest)
+    # Exactly the new layout is left: a single file, or an index with its shards, never both.
+    assert out.exists() == (second is None) and index.exists() == (second is not None)
+    shards = sorted(tmp_path.glob("model-*-of-*.safetensors"))
+    assert bool(shards) == (second is not None)
+    assert_equal_results(ckpt_ema.load_state_dict(out if second is None else index)[0], newest)
 
 
 # ------------------------------------------------------------------------------------------- memory, measured

@@ -26,13 +26,16 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import ckpt_ema
-import ckpt_ema.checkpoint
-import ckpt_ema.stream
+import ckpt_ema.formats.checkpoint
+import ckpt_ema.formats.torch_save
+import ckpt_ema.engine.fold
+import ckpt_ema.engine.layout
 from ckpt_ema.cli import main
+from ckpt_ema.engine.runner import chunk_elems
+from helpers import (assert_matches_timm, linear_reference, linear_weights, make_state, max_abs_diff,
+                     train_and_checkpoint, write_run)
 
 # The helpers of the issue-2 tests: d(s) straight from timm, the tiny state dicts, the runs that save them.
-from test_equivalence import assert_matches_timm, train_and_checkpoint
-from test_reference import make_state, max_abs_diff, timm_ema, write_run
 
 SPARSE_STEPS = [3, 10, 11, 40, 100]
 FROM_ZERO_STEPS = [0, 4, 9, 30, 31, 77]  # initial weights saved at step 0: linear gives them weight, step does not
@@ -49,57 +52,6 @@ def ok(result: Result) -> Result:
 
 
 # ------------------------------------------------------------------------------------------- the linear reference
-
-
-def theta_at(checkpoints: dict[int, dict[str, torch.Tensor]], s: int) -> dict[str, torch.Tensor]:
-    """The weights at step s: the first checkpoint's before it, then a straight line between the two saves around s,
-    theta(s) = (1 - l) theta_a + l theta_b with l = (s - a) / (b - a)."""
-    steps = sorted(checkpoints)
-    j = next(i for i, b in enumerate(steps) if b >= s)
-    b = steps[j]
-    names = [n for n, t in checkpoints[b].items() if t.is_floating_point()]
-    if j == 0:
-        return {n: checkpoints[b][n].double() for n in names}
-    a = steps[j - 1]
-    lam = (s - a) / (b - a)
-    return {n: (1 - lam) * checkpoints[a][n].double() + lam * checkpoints[b][n].double() for n in names}
-
-
-def corrected_decay(ema, s: int) -> float:  # noqa: ANN001 - a timm ModelEmaV3
-    """d(s) with Adam's bias correction: no update up to update_after_step; the step timm copies the model at
-    (t = 0) decays instead, by the plain decay, or under warmup by the warmup formula at t = 0 (1 - 1 = 0, clamped
-    to [min_decay, decay]); every later step is timm's get_decay(s)."""
-    if s <= ema.update_after_step:
-        return 1.0
-    if s > ema.update_after_step + 1:
-        return ema.get_decay(s)
-    return max(min(0.0, ema.decay), ema.min_decay) if ema.use_warmup else ema.decay
-
-
-def linear_reference(checkpoints: dict[int, dict[str, torch.Tensor]], *, bias_correction: bool = False,
-                     **schedule: float) -> dict[str, torch.Tensor]:
-    """timm's EMA run at every step s = 1..last over weights moving linearly between saves, in float64.
-
-    Without bias correction d(s) is timm's get_decay(s) (the first update copies); with it the accumulator
-    starts at zero and the result is divided by 1 - prod d(s).
-    """
-    ema = timm_ema(**schedule)
-    steps = sorted(checkpoints)
-    v = {n: torch.zeros_like(t, dtype=torch.float64) for n, t in theta_at(checkpoints, steps[0]).items()}
-    survive = 1.0
-    for s in range(1, steps[-1] + 1):
-        theta = theta_at(checkpoints, s)
-        d = corrected_decay(ema, s) if bias_correction else ema.get_decay(s)
-        for n in v:
-            v[n] = d * v[n] + (1 - d) * theta[n]
-        survive *= d
-    return {n: t / (1 - survive) for n, t in v.items()} if bias_correction else v
-
-
-def linear_weights(steps: list[int], **kwargs: float) -> list[float]:
-    """The reference is linear in the checkpoints: each one's weight is its result on one-hot checkpoints."""
-    onehots = {s: {"x": torch.eye(len(steps), dtype=torch.float64)[i]} for i, s in enumerate(steps)}
-    return linear_reference(onehots, **kwargs)["x"].tolist()
 
 
 LINEAR_CASES = {
@@ -220,13 +172,13 @@ class ReadSpy:
         self.elements: Counter = Counter()
         spy = self
 
-        real_load = ckpt_ema.checkpoint.torch_load_safely
+        real_load = ckpt_ema.formats.torch_save.torch_load_safely
 
         def torch_load_safely(path: Path):  # noqa: ANN202
             spy.torch_loads[Path(path)] += 1
             return real_load(path)
 
-        class CountedSafetensorsFile(ckpt_ema.checkpoint.SafetensorsFile):
+        class CountedSafetensorsFile(ckpt_ema.formats.checkpoint.SafetensorsFile):
             def __init__(self, path: Path) -> None:
                 spy.safetensors_maps[Path(path)] += 1
                 super().__init__(path)
@@ -235,23 +187,23 @@ class ReadSpy:
                 spy.tensor_views[(Path(self.path), name)] += 1
                 return super().tensor(name)
 
-        real_open = ckpt_ema.stream.open_checkpoint
+        real_open = ckpt_ema.engine.fold.open_checkpoint
 
         def open_checkpoint(path: Path, key: str | None = None):  # noqa: ANN202
             spy.engine_opens[Path(path)] += 1
             return real_open(path, key)
 
-        real_piece = ckpt_ema.stream.FlatViews.piece
+        real_piece = ckpt_ema.engine.layout.FlatViews.piece
 
         def piece(views, p):  # noqa: ANN001, ANN202
             out = real_piece(views, p)
             spy.elements[(Path(views.ckpt.path), p.name)] += out.numel()
             return out
 
-        monkeypatch.setattr(ckpt_ema.checkpoint, "torch_load_safely", torch_load_safely)
-        monkeypatch.setattr(ckpt_ema.checkpoint, "SafetensorsFile", CountedSafetensorsFile)
-        monkeypatch.setattr(ckpt_ema.stream, "open_checkpoint", open_checkpoint)
-        monkeypatch.setattr(ckpt_ema.stream.FlatViews, "piece", piece)
+        monkeypatch.setattr(ckpt_ema.formats.checkpoint, "torch_load_safely", torch_load_safely)
+        monkeypatch.setattr(ckpt_ema.formats.checkpoint, "SafetensorsFile", CountedSafetensorsFile)
+        monkeypatch.setattr(ckpt_ema.engine.fold, "open_checkpoint", open_checkpoint)
+        monkeypatch.setattr(ckpt_ema.engine.layout.FlatViews, "piece", piece)
 
 
 @pytest.mark.parametrize("fmt", ["pt", "safetensors"])
@@ -262,7 +214,7 @@ def test_one_sweep_reads_each_checkpoint_once_whatever_the_number_of_candidates(
     paths = list(saved)
     newest = paths[-1]
     budget = "512KB"  # chunks smaller than big.weight, for one candidate and for six
-    assert ckpt_ema.AverageOptions(max_memory=budget).chunk_elems(1) < 50_000
+    assert chunk_elems(ckpt_ema.AverageOptions.build(max_memory=budget), 1) < 50_000
     sweeps = {
         1: ["--decay", "0.9"],
         6: ["--decay", "0.5", "0.9", "0.99", "--half-life", "7", "--last", "1", "3"],
@@ -539,7 +491,7 @@ SWEPT = ["ema-0.5", "ema-0.9", "ema-0.99", "last-1", "last-3"]
 def test_sweep_eval_chooses_the_best_on_validation(cifar_runs: dict[str, Path], cifar_dir: Path,
                                                    tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
-    from ckpt_ema.evaluate import EvalData, load_model, run_splits, score
+    from ckpt_ema.cifar.evaluate import EvalData, load_model, run_splits, score
 
     out = tmp_path / "sweep"
     res = ok(cli("sweep", cifar_runs["val"], "-o", out, "--decay", "0.5", "0.9", "0.99", "--last", "1", "3",
@@ -595,7 +547,7 @@ def test_a_budget_too_small_for_every_candidate_splits_the_sweep_into_passes(run
     assert "3 times (the memory budget holds fewer candidates at once)" in split.stderr
     for f in (tmp_path / "one").iterdir():
         (meta_one, one_tensors), (meta_split, split_tensors) = read_safetensors(f), read_safetensors(tmp_path / "split" / f.name)
-        assert json.loads(meta_split["ckpt_ema_options"])["max_memory"] == "30000B"
+        assert json.loads(meta_split["ckpt_ema_options"])["max_memory"] == 30000
         assert meta_one["ckpt_ema_inputs"] == meta_split["ckpt_ema_inputs"]
         assert one_tensors.keys() == split_tensors.keys()
         for name, t in one_tensors.items():

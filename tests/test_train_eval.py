@@ -17,13 +17,13 @@ import torch
 from click.testing import CliRunner, Result
 from safetensors.torch import save_file
 
-from ckpt_ema.cli_cifar import eval_command, train_command
-from ckpt_ema.data import augment, load_cifar10, read_batch_file, seeded_generator
+from ckpt_ema.cifar.cli import eval_command, train_command
+from ckpt_ema.cifar.data import augment, load_cifar10, read_batch_file, seeded_generator
 from ckpt_ema.errors import CkptEmaError
-from ckpt_ema.evaluate import bn_recalibrate, load_model
-from ckpt_ema.models import build_model
-from ckpt_ema.schedule import DecaySchedule
-from ckpt_ema.train import TrainConfig, train, update_ema
+from ckpt_ema.cifar.evaluate import bn_recalibrate, load_model
+from ckpt_ema.cifar.models import build_model
+from ckpt_ema.weighting import DecaySchedule
+from ckpt_ema.cifar.train import TrainConfig, train, update_ema
 
 TRAIN_IMAGES, TEST_IMAGES, VAL_IMAGES = 2000, 1000, 200
 EPOCHS, SAVE_EVERY = 5, 25

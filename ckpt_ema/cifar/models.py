@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ckpt_ema.cifar import ARCH_NAMES
 from ckpt_ema.errors import CkptEmaError
 
 
@@ -92,6 +93,7 @@ class ResNet(nn.Module):
 
 
 ARCHS: dict[str, Callable[[], nn.Module]] = {"net": Net, "resnet": ResNet}
+assert tuple(ARCHS) == ARCH_NAMES
 
 
 def build_model(arch: str) -> nn.Module:

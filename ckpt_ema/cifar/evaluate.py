@@ -1,6 +1,6 @@
 """Score weights on CIFAR-10: test accuracy, mean loss, per-class accuracy; optionally recalibrate BatchNorm first.
 
-Weights come from anything :func:`ckpt_ema.checkpoint.load_state_dict` reads (``train``'s .pt files, the
+Weights come from anything :func:`ckpt_ema.formats.checkpoint.load_state_dict` reads (``train``'s .pt files, the
 .safetensors that ``average`` writes, Lightning .ckpt files, ...). The architecture is the ``--model`` option, else
 the checkpoint's ``arch`` metadata. When the metadata also records the run's validation split (``hparams`` with
 ``val_split``, ``seed`` and ``train_images``, as ``train`` writes them), the same held-out images are scored too.
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,8 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ckpt_ema.checkpoint import load_state_dict, step_from_metadata
-from ckpt_ema.data import (
+from ckpt_ema.formats.checkpoint import load_state_dict, step_from_metadata
+from ckpt_ema.cifar.data import (
     CLASSES,
     Split,
     load_cifar10,
@@ -34,7 +34,7 @@ from ckpt_ema.data import (
     validation_indices,
 )
 from ckpt_ema.errors import CkptEmaError
-from ckpt_ema.models import ARCHS, build_model
+from ckpt_ema.cifar.models import ARCHS, build_model
 
 EVAL_BATCH_SIZE = 1000  # no gradients: large batches are faster and use little memory for these models
 
@@ -259,3 +259,21 @@ def evaluate_file(
     if val is not None:
         result["val"] = score(model, val.to(device), device).as_dict()
     return result
+
+
+def sweep_scorer(data: str | Path | None, device: torch.device | str, test_subset: int | None,
+                 newest: Path, key: str | None) -> Callable[[Path], dict[str, float]]:
+    """A scorer for ``sweep``: the validation accuracy (on the images ``train --val-split`` kept out, recomputed
+    from the run's recorded hyperparameters; absent when the run kept none) and the test accuracy of one weights
+    file. ``key`` is where the weights are in the run's ``newest`` checkpoint (the final model)."""
+    eval_data = EvalData(data, test_subset, device)
+
+    def scores_of(path: Path) -> dict[str, float]:
+        model, _, metadata = load_model(path, None, key if path == newest else None, device)
+        out = {"test_accuracy": score(model, eval_data.test, device).accuracy}
+        _, val = run_splits(metadata, eval_data)
+        if val is not None:
+            out["val_accuracy"] = score(model, val.to(device), device).accuracy
+        return out
+
+    return scores_of

@@ -4,7 +4,7 @@ For checkpoint i in training order and each candidate average c (one for ``avera
 
     acc_c <- lerp(acc_c, theta_i, t_ci)        (torch._foreach_lerp_; the first weighted checkpoint is copied)
 
-with the lerp weights t of :attr:`ckpt_ema.plan.Weighting.lerps`. The loop runs chunk-major: the model's tensors
+with the lerp weights t of :attr:`ckpt_ema.weighting.Weighting.lerps`. The loop runs chunk-major: the model's tensors
 are cut into chunks of ``chunk_elems`` elements (big tensors split, small ones grouped), and for each chunk every
 checkpoint's matching slice is folded in before the next chunk starts. So
 
@@ -19,159 +19,26 @@ Non-float tensors (BatchNorm's ``num_batches_tracked``) are copied from the newe
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Iterator, Sequence
 from pathlib import Path
 from typing import Protocol
 
 import torch
 
-from ckpt_ema.checkpoint import Checkpoint, open_checkpoint
-from ckpt_ema.errors import CkptEmaError
+from ckpt_ema.engine.layout import FlatViews, Layout, Piece, chunk_pieces
+from ckpt_ema.formats.checkpoint import Checkpoint, open_checkpoint
+from ckpt_ema.errors import CkptEmaError, OptionError
 
 # Elements per chunk: 1M float32 = 4 MB, small enough to stay in cache, large enough that Python overhead is nil.
 DEFAULT_CHUNK_ELEMS = 1 << 20
-# How many differences to list when two checkpoints do not hold the same tensors.
-SHOWN_DIFFERENCES = 5
+# The smallest chunk worth folding: below it, Python overhead per chunk dominates.
+MIN_CHUNK_ELEMS = 1024
 
 
 class Sink(Protocol):
     """Where finished pieces go, in layout order (an output file, or tensors in memory)."""
 
     def write(self, name: str, piece: torch.Tensor) -> None: ...
-
-
-@dataclass
-class Layout:
-    """Names (in output order), shapes and dtypes of the tensors every checkpoint of the run must share."""
-
-    shapes: dict[str, tuple[int, ...]]
-    dtypes: dict[str, torch.dtype]
-    source: Path
-
-    @classmethod
-    def of(cls, ckpt: Checkpoint) -> Layout:
-        found = ckpt.shapes()
-        return cls({n: s for n, (s, _) in found.items()}, {n: d for n, (_, d) in found.items()}, ckpt.path)
-
-    def numel(self, name: str) -> int:
-        n = 1
-        for d in self.shapes[name]:
-            n *= d
-        return n
-
-    def is_float(self, name: str) -> bool:
-        return self.dtypes[name].is_floating_point
-
-    def float_nbytes(self, names: Collection[str] | None = None) -> int:
-        """Bytes of float tensors (of ``names``, default all) in one checkpoint: what each used checkpoint
-        contributes to the fold."""
-        return sum(self.numel(n) * d.itemsize for n, d in self.dtypes.items()
-                   if d.is_floating_point and (names is None or n in names))
-
-    def output_dtypes(self, out_dtype: torch.dtype | None) -> dict[str, torch.dtype]:
-        """Each tensor's dtype in the output: its own, or ``out_dtype`` for every float tensor."""
-        return {n: out_dtype if out_dtype is not None and d.is_floating_point else d for n, d in self.dtypes.items()}
-
-    def check_same(self, other: Layout) -> None:
-        """Raise a one-line error listing the first differences between two checkpoints' tensors."""
-        problems = [f"{n} is missing" for n in self.shapes if n not in other.shapes]
-        problems += [f"{n} is extra" for n in other.shapes if n not in self.shapes]
-        problems += [
-            f"{n} has shape {list(other.shapes[n])}, not {list(s)}"
-            for n, s in self.shapes.items()
-            if n in other.shapes and other.shapes[n] != s
-        ]
-        problems += [
-            f"{n} is {other.dtypes[n]}, not a float as in {self.source.name}"
-            for n, d in self.dtypes.items()
-            if n in other.dtypes and d.is_floating_point != other.dtypes[n].is_floating_point
-        ]
-        if problems:
-            more = f" (and {len(problems) - SHOWN_DIFFERENCES} more)" if len(problems) > SHOWN_DIFFERENCES else ""
-            raise CkptEmaError(
-                f"tensors differ from {self.source}: {'; '.join(problems[:SHOWN_DIFFERENCES])}{more}", other.source
-            )
-
-
-@dataclass(frozen=True)
-class Piece:
-    """Elements [start, stop) of one tensor, flattened."""
-
-    name: str
-    start: int
-    stop: int
-
-
-def chunk_pieces(layout: Layout, chunk_elems: int) -> list[list[Piece]]:
-    """Cut the layout's tensors, in order, into chunks of at most ``chunk_elems`` elements."""
-    chunks: list[list[Piece]] = [[]]
-    room = chunk_elems
-    for name in layout.shapes:
-        start, numel = 0, layout.numel(name)
-        if numel == 0:
-            chunks[-1].append(Piece(name, 0, 0))
-            continue
-        while start < numel:
-            if room == 0:
-                chunks.append([])
-                room = chunk_elems
-            stop = min(numel, start + room)
-            chunks[-1].append(Piece(name, start, stop))
-            room -= stop - start
-            start = stop
-    return [c for c in chunks if c]
-
-
-class FlatViews:
-    """Flat pieces of one checkpoint's tensors: views of the mapped file, or, for a tensor stored non-contiguous
-    (a transposed weight, channels_last convolutions), a copy of just the piece asked for, never of the whole
-    tensor (one whole copy per open checkpoint would make memory grow with the number of checkpoints)."""
-
-    def __init__(self, ckpt: Checkpoint) -> None:
-        self.ckpt = ckpt
-        self._cached: tuple[str, torch.Tensor] | None = None
-
-    def piece(self, p: Piece) -> torch.Tensor:
-        if self._cached is None or self._cached[0] != p.name:
-            self._cached = (p.name, self.ckpt.tensor(p.name))
-        return flat_slice(self._cached[1], p.start, p.stop)
-
-
-def flat_slice(t: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-    """Elements [start, stop) of ``t`` in row-major order: a view when ``t`` is contiguous, else a new tensor of
-    stop - start elements copied straight from the strided storage (no copy of the whole tensor, no temporaries)."""
-    if t.is_contiguous():
-        return t.reshape(-1)[start:stop]
-    out = torch.empty(max(stop - start, 0), dtype=t.dtype, device=t.device)
-    _copy_flat(t, start, stop, out)
-    return out
-
-
-def _copy_flat(t: torch.Tensor, start: int, stop: int, out: torch.Tensor) -> None:
-    """Copy elements [start, stop) of ``t`` (row-major) into the flat tensor ``out``: whole rows at once, partial
-    rows at either end recursively."""
-    if start >= stop:
-        return
-    if t.dim() <= 1:
-        out.copy_(t.reshape(-1)[start:stop])  # a 1-d tensor: a strided view, no copy of its own
-        return
-    row = t[0].numel()
-    first, begin = divmod(start, row)
-    last, end = divmod(stop, row)
-    if first == last:
-        _copy_flat(t[first], begin, end, out)
-        return
-    at = 0
-    if begin:
-        _copy_flat(t[first], begin, row, out[: row - begin])
-        at, first = row - begin, first + 1
-    if last > first:
-        block = t[first:last]
-        out[at : at + block.numel()].view(block.shape).copy_(block)
-        at += block.numel()
-    if end:
-        _copy_flat(t[last], 0, end, out[at:])
 
 
 def open_run(checkpoints: Sequence[Path | Checkpoint], needed: Sequence[int], key: str | None
@@ -218,7 +85,6 @@ def fold(
     """
     if len(lerps) != len(sinks):
         raise ValueError("one sink per candidate")
-    last = len(checkpoints) - 1
     used = [i for i in range(len(checkpoints)) if any(c[i] > 0 for c in lerps)]
     if not used:
         raise CkptEmaError("no checkpoint carries any weight")
@@ -229,40 +95,75 @@ def fold(
     dev = torch.device(device)
     stage = _stager(dev)
     buffers = [torch.empty(chunk_elems, dtype=accum_dtype, device=dev) for _ in lerps]
+    newest = opened[len(checkpoints) - 1]
     for chunk in selected_chunks(layout, chunk_elems, names):
         floats = [p for p in chunk if layout.is_float(p.name)]
         offsets = _offsets(floats)
         accs = [[buf[a:b] for a, b in offsets] for buf in buffers]
-        started = [False] * len(lerps)
-        for i in used:
-            sources = [opened[i].piece(p) for p in floats]
-            if on_bytes is not None:
-                on_bytes(sum(s.numel() * s.element_size() for s in sources))
-            sources = stage(sources, accum_dtype)
-            lerp_accs, lerp_srcs, lerp_weights = [], [], []
-            for c, cand in enumerate(lerps):
-                t = cand[i]
-                if t <= 0:
-                    continue
-                if not started[c]:
-                    torch._foreach_copy_(accs[c], sources)
-                    started[c] = True
-                else:
-                    lerp_accs += accs[c]
-                    lerp_srcs += sources
-                    lerp_weights += [t] * len(sources)
-            _lerp(lerp_accs, lerp_srcs, lerp_weights)
+        for i, sources in _staged_sources(floats, opened, used, stage, accum_dtype, on_bytes):
+            _fold_one(accs, sources, [cand[i] for cand in lerps])
         used_elems = offsets[-1][1] if offsets else 0
         for c, buf in enumerate(buffers):
-            # A sum is NaN or Inf when any element is (or, rarely, when finite values overflow it: then look
-            # closer). One reduction over a chunk still in cache, no temporary mask.
-            total = buf[:used_elems].sum()
-            if not bool(torch.isfinite(total)) and not bool(torch.isfinite(buf[:used_elems]).all()):
-                _raise_non_finite(floats, opened, used, lerps[c])
+            _check_finite(buf[:used_elems], floats, opened, used, lerps[c])
             folded = iter(accs[c])
             for p in chunk:
-                sinks[c].write(p.name, next(folded) if layout.is_float(p.name) else opened[last].piece(p))
+                sinks[c].write(p.name, next(folded) if layout.is_float(p.name) else newest.piece(p))
     return layout
+
+
+def chunk_elems_for(budget: int, candidates: int, itemsize: int) -> int:
+    """Elements per chunk such that everything a chunk costs fits ``budget`` bytes.
+
+    Per candidate: its accumulator chunk and the finished chunk in the output's dtype on its way to the file; plus
+    two temporaries for dtype conversion of the checkpoint being read; all at ``itemsize``, the widest dtype
+    involved. Raises OptionError (max_memory) below :data:`MIN_CHUNK_ELEMS`.
+    """
+    per_element = (candidates * 2 + 2) * itemsize
+    elems = min(DEFAULT_CHUNK_ELEMS, budget // per_element)
+    if elems < MIN_CHUNK_ELEMS:
+        raise OptionError("max_memory", f"of {budget} bytes is too small for {candidates} accumulator(s): at least "
+                                        f"{MIN_CHUNK_ELEMS * per_element} bytes are needed")
+    return elems
+
+
+def _staged_sources(floats: list[Piece], opened: dict[int, FlatViews], used: list[int],
+                    stage: Callable[[list[torch.Tensor], torch.dtype], list[torch.Tensor]], dtype: torch.dtype,
+                    on_bytes: Callable[[int], None] | None) -> Iterator[tuple[int, list[torch.Tensor]]]:
+    """For each used checkpoint i in order: (i, its pieces of the chunk, on the accumulators' device and dtype)."""
+    for i in used:
+        sources = [opened[i].piece(p) for p in floats]
+        if on_bytes is not None:
+            on_bytes(sum(s.numel() * s.element_size() for s in sources))
+        yield i, stage(sources, dtype)
+
+
+def _fold_one(accs: list[list[torch.Tensor]], sources: list[torch.Tensor], weights: list[float]) -> None:
+    """Fold one checkpoint's pieces into every candidate that weighs it: a copy for the candidate's first
+    checkpoint (its lerp weight is 1), else one lerp, all candidates in as few kernel launches as torch allows."""
+    lerp_accs: list[torch.Tensor] = []
+    lerp_srcs: list[torch.Tensor] = []
+    lerp_weights: list[float] = []
+    for acc, t in zip(accs, weights):
+        if t <= 0:
+            continue
+        if t >= 1:
+            torch._foreach_copy_(acc, sources)
+        else:
+            lerp_accs += acc
+            lerp_srcs += sources
+            lerp_weights += [t] * len(sources)
+    _lerp(lerp_accs, lerp_srcs, lerp_weights)
+
+
+def _check_finite(acc: torch.Tensor, floats: list[Piece], opened: dict[int, FlatViews], used: list[int],
+                  lerps: Sequence[float]) -> None:
+    """Raise, naming the checkpoint and tensor, if a finished chunk holds NaN or Inf.
+
+    A sum is NaN or Inf when any element is (or, rarely, when finite values overflow it: then look closer). One
+    reduction over a chunk still in cache, no temporary mask.
+    """
+    if not bool(torch.isfinite(acc.sum())) and not bool(torch.isfinite(acc).all()):
+        _raise_non_finite(floats, opened, used, lerps)
 
 
 def checkpoints_read(lerps: Sequence[Sequence[float]]) -> list[int]:
@@ -324,7 +225,7 @@ def _stager(dev: torch.device) -> Callable[[list[torch.Tensor], torch.dtype], li
     """How source pieces reach the accumulator's device and dtype."""
     if dev.type != "cuda":
         return lambda sources, dtype: [s.to(device=dev, dtype=dtype) for s in sources]
-    from ckpt_ema.cuda_staging import PinnedStager
+    from ckpt_ema.engine.cuda_staging import PinnedStager
 
     return PinnedStager(dev)
 

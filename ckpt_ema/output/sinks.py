@@ -12,38 +12,18 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from glob import escape as glob_escape
 from pathlib import Path
 from typing import BinaryIO
 
 import torch
 
-from ckpt_ema import disk
+from ckpt_ema.output import disk
+from ckpt_ema.output.atomic import close_on_disk
 from ckpt_ema.errors import CkptEmaError
-from ckpt_ema.safetensors_io import StreamingWriter
-
-
-def check_output_path(path: str | Path) -> Path:
-    """Fail before any work is done when the output cannot be written where the user asked."""
-    path = Path(path).expanduser()
-    if path.suffix != ".safetensors":
-        raise CkptEmaError("the output must be a .safetensors file", path)
-    if not path.parent.is_dir():
-        raise CkptEmaError("the output's folder does not exist", path)
-    if path.is_dir():
-        raise CkptEmaError("the output is a folder", path)
-    if not os.access(path.parent, os.W_OK):
-        raise CkptEmaError("the output's folder is not writable", path)
-    return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+from ckpt_ema.output.writer import StreamingWriter
 
 
 def shard_plan(
@@ -74,7 +54,7 @@ class SafetensorsOutput:
 
     Pieces are written as they come, in the caller's thread: a writer thread overlapping writing with folding was
     slower on 2 cores (it competes with the fold's threads), with or without a copy of each chunk. Instead the
-    file's blocks are reserved when it is opened and its writeback is started as it grows (:mod:`ckpt_ema.disk`).
+    file's blocks are reserved when it is opened and its writeback is started as it grows (:mod:`ckpt_ema.output.disk`).
     abort() (called whether or not the run failed) removes every temporary file left uncommitted.
     """
 
@@ -184,12 +164,12 @@ class SafetensorsOutput:
             for writer in self._writers:
                 writer.close()
             for tmp, _, f in self._files:
-                _close_on_disk(f, tmp)
+                close_on_disk(f, tmp)
             if self._index is not None and self._writes_index:
                 assert self.index_path is not None
                 f, self._index_tmp = self._temporary(self.index_path)
                 f.write(json.dumps(self._index, indent=2).encode())
-                _close_on_disk(f, self._index_tmp)
+                close_on_disk(f, self._index_tmp)
         except OSError as exc:
             raise CkptEmaError(f"cannot write the output: {exc.strerror or exc}", self.path) from None
 
@@ -267,30 +247,3 @@ class MemoryOutput:
 def index_path_of(path: Path) -> Path:
     """``NAME.safetensors.index.json`` beside ``NAME.safetensors``: where a sharded output's index goes."""
     return path.with_name(path.name + ".index.json")
-
-
-def _close_on_disk(f: BinaryIO, tmp: Path) -> None:
-    """Flush ``f`` to the disk and close it; give ``tmp`` the mode a plain open() would (mkstemp makes 0600)."""
-    with f:
-        f.flush()
-        os.fsync(f.fileno())
-    os.chmod(tmp, 0o666 & ~_umask())
-
-
-def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
-    """Call ``write(tmp)`` for a temporary file beside ``path``, flush it, then rename it to ``path``."""
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        write(tmp)
-        _close_on_disk(open(tmp, "rb+"), tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def copy_atomically(source: Path, path: Path) -> None:
-    """A complete copy of ``source`` at ``path``, or nothing."""
-    write_atomically(path, lambda tmp: shutil.copyfile(source, tmp))

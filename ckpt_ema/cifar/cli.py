@@ -1,7 +1,8 @@
-"""The ``train`` and ``eval`` commands: parse options, call :mod:`ckpt_ema.train` / :mod:`ckpt_ema.evaluate`, print.
+"""The ``train`` and ``eval`` commands: parse options, call :mod:`ckpt_ema.cifar.train` / :mod:`ckpt_ema.cifar.evaluate`, print.
 
-They are plain Click commands, registered on the ``ckpt-ema`` group by cli.py; errors are raised as
-CkptEmaError and the group prints them as one line with exit code 2.
+They are plain Click commands that the ``ckpt-ema`` group (:mod:`ckpt_ema.cli`) loads when they are called; errors
+are raised as CkptEmaError and the group prints them as one line with exit code 2. torch is imported when a command
+runs, not for ``--help``.
 
 The online-EMA options of ``train`` are ``average``'s schedule options with an ``ema-`` prefix (``--ema-decay``,
 ``--ema-min-decay``, ``--ema-update-after-step``, ``--ema-warmup/--no-ema-warmup``, ``--ema-warmup-gamma``,
@@ -18,18 +19,13 @@ from typing import Any
 
 import click
 
-from ckpt_ema.cli_options import ema_schedule_options
-from ckpt_ema.discover import expand_inputs
+from ckpt_ema.cli_options import SHAPE_FIELDS, schedule_shape_from, schedule_shape_options
+from ckpt_ema.cifar import ARCH_NAMES
 from ckpt_ema.errors import CkptEmaError
-from ckpt_ema.evaluate import EvalData, evaluate_file
-from ckpt_ema.models import ARCHS
-from ckpt_ema.schedule import DecaySchedule
-from ckpt_ema.train import TrainConfig, train
+from ckpt_ema.weighting import DecaySchedule
 
 # The seed's short class names: table headers for --per-class.
 SHORT_CLASSES = ("plane", "car", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-
-EMA_SHAPE_OPTIONS = ("ema_min_decay", "ema_update_after_step", "ema_warmup", "ema_warmup_gamma", "ema_warmup_power")
 
 
 def data_option(command: Any) -> Any:
@@ -48,7 +44,7 @@ def data_option(command: Any) -> Any:
 @click.option(
     "--model",
     "arch",
-    type=click.Choice(list(ARCHS)),
+    type=click.Choice(ARCH_NAMES),
     default="net",
     show_default=True,
     help="net: the seed's CNN; resnet: a small ResNet with BatchNorm.",
@@ -87,7 +83,7 @@ def data_option(command: Any) -> Any:
     default=None,
     help="Also keep timm's ModelEmaV3 online with this decay; saved to RUN/online_ema/ema.pt.",
 )
-@ema_schedule_options(prefix="ema-")
+@schedule_shape_options(prefix="ema-")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, mps.")
 @data_option
 @click.option(
@@ -106,27 +102,14 @@ def data_option(command: Any) -> Any:
 def train_command(output: str, ema_decay: float | None, quiet: bool, **options: Any) -> None:
     """Train a CIFAR-10 model, saving step_XXXXXXXX.pt checkpoints to the run folder -o RUN_DIR."""
     ctx = click.get_current_context()
-    shape = {name: options.pop(name) for name in EMA_SHAPE_OPTIONS}
-    if ema_decay is None:
-        given = [
-            f"--{n.replace('_', '-')}"
-            for n in EMA_SHAPE_OPTIONS
-            if ctx.get_parameter_source(n) == click.core.ParameterSource.COMMANDLINE
-        ]
-        if given:
-            raise CkptEmaError(f"{', '.join(given)}: these shape the online EMA, which needs --ema-decay D")
-    ema = (
-        None
-        if ema_decay is None
-        else DecaySchedule(
-            decay=ema_decay,
-            min_decay=shape["ema_min_decay"],
-            update_after_step=shape["ema_update_after_step"],
-            warmup=shape["ema_warmup"],
-            warmup_gamma=shape["ema_warmup_gamma"],
-            warmup_power=shape["ema_warmup_power"],
-        )
-    )
+    given = [f"--ema-{n.replace('_', '-')}" for n in SHAPE_FIELDS
+             if ctx.get_parameter_source(f"ema_{n}") == click.core.ParameterSource.COMMANDLINE]
+    shape = schedule_shape_from(options, prefix="ema_")
+    if ema_decay is None and given:
+        raise CkptEmaError(f"{', '.join(given)}: these shape the online EMA, which needs --ema-decay D")
+    ema = None if ema_decay is None else DecaySchedule(decay=ema_decay, **shape)
+    from ckpt_ema.cifar.train import TrainConfig, train  # torch loads here, not for --help
+
     try:
         result = train(TrainConfig(output=Path(output), ema=ema, quiet=quiet, **options))
     except KeyboardInterrupt:
@@ -142,7 +125,7 @@ def train_command(output: str, ema_decay: float | None, quiet: bool, **options: 
 @click.option(
     "--model",
     "arch",
-    type=click.Choice(list(ARCHS)),
+    type=click.Choice(ARCH_NAMES),
     default=None,
     help="Architecture [default: the 'arch' in each file's metadata].",
 )
@@ -174,7 +157,9 @@ def eval_command(
     quiet: bool,
 ) -> None:
     """Score WEIGHTS (anything average reads or writes) on the CIFAR-10 test set."""
-    from ckpt_ema.api import check_device
+    from ckpt_ema.cifar.evaluate import EvalData, evaluate_file  # torch loads here, not for --help
+    from ckpt_ema.discover import expand_inputs
+    from ckpt_ema.engine.runner import check_device
 
     if bn_batches < 0:
         raise CkptEmaError(f"--bn-recalibrate must be >= 0 batches, got {bn_batches}")

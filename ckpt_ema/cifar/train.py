@@ -32,6 +32,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -39,9 +40,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ckpt_ema.api import check_device
-from ckpt_ema.checkpoint import torch_load_safely
-from ckpt_ema.data import (
+from ckpt_ema.engine.runner import check_device
+from ckpt_ema.formats.torch_save import torch_load_safely
+from ckpt_ema.cifar.data import (
     Split,
     load_cifar10,
     resolve_data_dir,
@@ -51,10 +52,10 @@ from ckpt_ema.data import (
     validation_indices,
 )
 from ckpt_ema.errors import CkptEmaError
-from ckpt_ema.evaluate import Score, score
-from ckpt_ema.models import ARCHS, build_model
-from ckpt_ema.output import write_atomically
-from ckpt_ema.schedule import DecaySchedule
+from ckpt_ema.cifar.evaluate import Score, score
+from ckpt_ema.cifar.models import ARCHS, build_model
+from ckpt_ema.output.atomic import write_atomically
+from ckpt_ema.weighting import DecaySchedule
 
 CHECKPOINT_PATTERN = "step_*.pt"
 ONLINE_EMA_PATH = Path("online_ema") / "ema.pt"
@@ -274,6 +275,16 @@ def prepare_data(config: TrainConfig, device: torch.device) -> tuple[Split, Spli
     )
 
 
+@dataclass
+class RunState:
+    """What training changes and a checkpoint restores: the model, its optimizer, the online EMA, the step."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    ema_state: dict[str, torch.Tensor] | None
+    step: int = 0
+
+
 def train(config: TrainConfig) -> TrainResult:
     """Run (or resume) training as ``config`` says; checkpoints, run.json and the online EMA go to ``config.output``."""
     config.validate()
@@ -288,36 +299,74 @@ def train(config: TrainConfig) -> TrainResult:
             "pass --resume to continue the run, or choose another --output",
             run_dir,
         )
-
     train_split, val, test, val_indices = prepare_data(config, device)
-    n_train = len(train_split) + len(val_indices)
     # The last, smaller batch of an epoch is kept, as the seed's DataLoader does: 782 steps per epoch on 50,000.
     steps_per_epoch = -(-len(train_split) // config.batch_size)
     total_steps = steps_per_epoch * config.epochs
-    save_every = config.save_every or steps_per_epoch
-    hparams = hparams_of(config, n_train, steps_per_epoch)
+    hparams = hparams_of(config, len(train_split) + len(val_indices), steps_per_epoch)
+    state = new_run_state(config, device)
+    if resume_from is not None:
+        resume(state, resume_from, hparams, device)
+        log(f"resuming {run_dir} from {resume_from.name} (step {state.step} of {total_steps})")
+    elif config.resume:
+        log(f"no checkpoint in {run_dir} to resume from: starting at step 0")
+    run_info = run_info_of(config, hparams, len(train_split) + len(val_indices), val_indices,
+                           state.step if resume_from is not None else None)
+    atomic_save(run_info, run_dir / "run.json")
 
+    def save(at_step: int) -> Path:
+        path = checkpoint_path(run_dir, at_step)
+        save_checkpoint(path, state.model, state.optimizer, state.ema_state, at_step, at_step // steps_per_epoch,
+                        config.arch, hparams)
+        return path
+
+    result = TrainResult(run_dir=run_dir, start_step=state.step, final_step=state.step, total_steps=total_steps,
+                         seconds=0.0, images_per_second=0.0, last_loss=float("nan"),
+                         checkpoints=[] if resume_from is not None else [save(0)])
+    train_steps(config, state, train_split, steps_per_epoch, save, result)
+    if state.ema_state is not None:
+        result.online_ema = run_dir / ONLINE_EMA_PATH
+        atomic_save({"state_dict": on_cpu(state.ema_state), "step": state.step,
+                     "epoch": state.step // steps_per_epoch, "arch": config.arch, "hparams": hparams},
+                    result.online_ema)
+    if config.evaluate:
+        result.scores = score_run(state.model, state.ema_state, config.arch, test, val, device)
+    run_info["summary"] = {
+        "final_step": state.step,
+        "seconds": round(result.seconds, 2),
+        "last_loss": result.last_loss,
+        "scores": {who: {split: s.as_dict() for split, s in by.items()} for who, by in result.scores.items()},
+    }
+    atomic_save(run_info, run_dir / "run.json")
+    return result
+
+
+def new_run_state(config: TrainConfig, device: torch.device) -> RunState:
+    """The model initialised from ``config.seed``, its AdamW, and the online EMA (a copy of the model) if asked."""
     with torch.random.fork_rng(devices=[]):  # seed the initialisation without touching the caller's global RNG
         torch.manual_seed(config.seed)
         model = build_model(config.arch)
     model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     ema_state = {name: t.detach().clone() for name, t in model.state_dict().items()} if config.ema else None
-    step = 0
+    return RunState(model, optimizer, ema_state)
 
-    if resume_from is not None:
-        saved = torch_load_safely(resume_from)
-        check_same_run(saved.get("hparams", {}), hparams, resume_from)
-        model.load_state_dict(saved["state_dict"])
-        optimizer.load_state_dict(saved["optimizer"])
-        if ema_state is not None:
-            ema_state = {name: t.to(device).clone() for name, t in saved["state_dict_ema"].items()}
-        step = int(saved["step"])
-        log(f"resuming {run_dir} from {resume_from.name} (step {step} of {total_steps})")
-    elif config.resume:
-        log(f"no checkpoint in {run_dir} to resume from: starting at step 0")
 
-    run_info = {
+def resume(state: RunState, checkpoint: Path, hparams: dict[str, Any], device: torch.device) -> None:
+    """Restore ``state`` from a checkpoint of the same run (its hparams must match)."""
+    saved = torch_load_safely(checkpoint)
+    check_same_run(saved.get("hparams", {}), hparams, checkpoint)
+    state.model.load_state_dict(saved["state_dict"])
+    state.optimizer.load_state_dict(saved["optimizer"])
+    if state.ema_state is not None:
+        state.ema_state = {name: t.to(device).clone() for name, t in saved["state_dict_ema"].items()}
+    state.step = int(saved["step"])
+
+
+def run_info_of(config: TrainConfig, hparams: dict[str, Any], n_train: int, val_indices: list[int],
+                resumed_at_step: int | None) -> dict[str, Any]:
+    """What run.json records: the run's hyperparameters, its data and validation split, when it started."""
+    return {
         "arch": config.arch,
         "hparams": hparams,
         "ema": None if config.ema is None else hparams_ema(hparams),
@@ -330,85 +379,55 @@ def train(config: TrainConfig) -> TrainResult:
         },
         "val_indices": val_indices,
         "started": datetime.datetime.now().isoformat(timespec="seconds"),
-        "resumed_at_step": step if resume_from is not None else None,
+        "resumed_at_step": resumed_at_step,
     }
-    atomic_save(run_info, run_dir / "run.json")
 
-    def save(at_step: int) -> Path:
-        path = checkpoint_path(run_dir, at_step)
-        save_checkpoint(path, model, optimizer, ema_state, at_step, at_step // steps_per_epoch, config.arch, hparams)
-        return path
 
-    written = [] if resume_from is not None else [save(0)]
-    start_step, started, images_seen = step, time.perf_counter(), 0
+def train_steps(config: TrainConfig, state: RunState, train_split: Split, steps_per_epoch: int,
+                save: Callable[[int], Path], result: TrainResult) -> None:
+    """Train from ``state.step`` to the end of the run, saving every ``save_every`` steps and at the end; record the
+    time, rate, last epoch's loss and checkpoints written in ``result``."""
+    total_steps = steps_per_epoch * config.epochs
+    save_every = config.save_every or steps_per_epoch
+    started, images_seen = time.perf_counter(), 0
     losses: list[torch.Tensor] = []  # this epoch's per-step losses, kept on the device until they are read
-    bar = tqdm(
-        total=total_steps,
-        initial=step,
-        unit="step",
-        desc=f"train {config.arch}",
-        dynamic_ncols=True,
-        disable=config.quiet or not sys.stderr.isatty(),
-    )
-    model.train()
-    for epoch in range(step // steps_per_epoch, config.epochs):
+    bar = tqdm(total=total_steps, initial=state.step, unit="step", desc=f"train {config.arch}", dynamic_ncols=True,
+               disable=config.quiet or not sys.stderr.isatty())
+    state.model.train()
+    device = next(state.model.parameters()).device
+    for epoch in range(state.step // steps_per_epoch, config.epochs):
         order = torch.randperm(len(train_split), generator=seeded_generator(config.seed, "order", epoch)).to(device)
         losses = []
-        for batch in range(step - epoch * steps_per_epoch, steps_per_epoch):
+        for batch in range(state.step - epoch * steps_per_epoch, steps_per_epoch):
             indices = order[batch * config.batch_size : (batch + 1) * config.batch_size]
-            generator = seeded_generator(config.seed, "augment", step) if config.augment else None
-            images, labels = training_batch(train_split, indices, generator)
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(config, step, total_steps)
-            loss = F.cross_entropy(model(images), labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            if ema_state is not None:
-                update_ema(ema_state, model, config.ema.decay_at(step))  # type: ignore[union-attr]
-            losses.append(loss.detach())
+            generator = seeded_generator(config.seed, "augment", state.step) if config.augment else None
+            losses.append(train_step(config, state, *training_batch(train_split, indices, generator), total_steps))
             images_seen += len(indices)
-            if step % save_every == 0 or step == total_steps:
-                written.append(save(step))
-            if step % LOG_EVERY == 0 or step == total_steps:
+            if state.step % save_every == 0 or state.step == total_steps:
+                result.checkpoints.append(save(state.step))
+            if state.step % LOG_EVERY == 0 or state.step == total_steps:
                 bar.set_postfix(loss=f"{torch.stack(losses[-LOG_EVERY:]).mean().item():.4f}", epoch=epoch + 1)
-                bar.update(step - bar.n)
+                bar.update(state.step - bar.n)
     bar.close()
-    seconds = time.perf_counter() - started
+    result.seconds = time.perf_counter() - started
+    result.final_step = state.step
+    result.images_per_second = images_seen / result.seconds if result.seconds > 0 else 0.0
+    result.last_loss = torch.stack(losses).mean().item() if losses else float("nan")
 
-    result = TrainResult(
-        run_dir=run_dir,
-        start_step=start_step,
-        final_step=step,
-        total_steps=total_steps,
-        seconds=seconds,
-        images_per_second=images_seen / seconds if seconds > 0 else 0.0,
-        last_loss=torch.stack(losses).mean().item() if losses else float("nan"),
-        checkpoints=written,
-    )
-    if ema_state is not None:
-        result.online_ema = run_dir / ONLINE_EMA_PATH
-        atomic_save(
-            {
-                "state_dict": on_cpu(ema_state),
-                "step": step,
-                "epoch": step // steps_per_epoch,
-                "arch": config.arch,
-                "hparams": hparams,
-            },
-            result.online_ema,
-        )
-    if config.evaluate:
-        result.scores = score_run(model, ema_state, config.arch, test, val, device)
-    run_info["summary"] = {
-        "final_step": step,
-        "seconds": round(seconds, 2),
-        "last_loss": result.last_loss,
-        "scores": {who: {split: s.as_dict() for split, s in by.items()} for who, by in result.scores.items()},
-    }
-    atomic_save(run_info, run_dir / "run.json")
-    return result
+
+def train_step(config: TrainConfig, state: RunState, images: torch.Tensor, labels: torch.Tensor,
+               total_steps: int) -> torch.Tensor:
+    """One optimizer step (and the online EMA's update); returns the batch's loss, still on the device."""
+    for group in state.optimizer.param_groups:
+        group["lr"] = learning_rate(config, state.step, total_steps)
+    loss = F.cross_entropy(state.model(images), labels)
+    state.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    state.optimizer.step()
+    state.step += 1
+    if state.ema_state is not None:
+        update_ema(state.ema_state, state.model, config.ema.decay_at(state.step))  # type: ignore[union-attr]
+    return loss.detach()
 
 
 def score_run(

@@ -2,13 +2,9 @@
 
 A safetensors file is an 8-byte little-endian header length N, N bytes of JSON (name -> dtype, shape and
 ``data_offsets`` relative to the end of the header, plus an optional ``__metadata__`` of strings), then the raw
-tensor bytes. Both directions here work tensor piece by tensor piece:
-
-* :class:`SafetensorsFile` maps a file and hands out zero-copy views of its tensors, so averaging reads each byte
-  once, straight from the page cache, without a copy into a buffer first;
-* :class:`StreamingWriter` writes the header first (every shape is known before any tensor is computed), then
-  the tensors' bytes in order as they are produced, so the output never has to be in memory at once. Files are
-  written under temporary names and renamed only when all of them are complete (see :mod:`ckpt_ema.output`).
+tensor bytes. :class:`SafetensorsFile` maps a file and hands out zero-copy views of its tensors, so averaging
+reads each byte once, straight from the page cache, without a copy into a buffer first. (Writing is
+:mod:`ckpt_ema.output.writer`.)
 
 The ``safetensors`` package stays the reference: the tests read every file written here with it.
 """
@@ -18,9 +14,8 @@ from __future__ import annotations
 import json
 import os
 import struct
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
 
@@ -122,51 +117,3 @@ def _map_privately(path: Path, size: int) -> torch.Tensor | None:
     except RuntimeError as exc:  # the file vanished or shrank since its header was read
         raise CkptEmaError(f"cannot map: {str(exc).strip().splitlines()[0]}", path) from None
     return torch.empty(0, dtype=torch.uint8).set_(storage)
-
-
-def header_bytes(
-    shapes: Mapping[str, tuple[int, ...]], dtypes: Mapping[str, torch.dtype], metadata: Mapping[str, str]
-) -> tuple[bytes, dict[str, tuple[int, int]]]:
-    """The 8-byte length and JSON header for tensors stored in the given order; and each tensor's byte range."""
-    entries: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
-    ranges: dict[str, tuple[int, int]] = {}
-    offset = 0
-    for name, shape in shapes.items():
-        numel = 1
-        for d in shape:
-            numel *= d
-        nbytes = numel * dtypes[name].itemsize
-        if dtypes[name] not in CODE_OF_DTYPE:
-            raise CkptEmaError(f"tensor {name!r} has dtype {dtypes[name]}, which safetensors cannot store")
-        entries[name] = {"dtype": CODE_OF_DTYPE[dtypes[name]], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-        ranges[name] = (offset, offset + nbytes)
-        offset += nbytes
-    text = json.dumps(entries, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as the safetensors package writes it
-    return struct.pack("<Q", len(text)) + text, ranges
-
-
-class StreamingWriter:
-    """Write one safetensors file whose tensors arrive in header order, piece by piece."""
-
-    def __init__(self, file: BinaryIO, shapes: Mapping[str, tuple[int, ...]], dtypes: Mapping[str, torch.dtype],
-                 metadata: Mapping[str, str]) -> None:
-        self.file = file
-        head, self._ranges = header_bytes(shapes, dtypes, metadata)
-        self._dtypes = dict(dtypes)
-        file.write(head)
-        self._written = 0
-        self.total = sum(end - begin for begin, end in self._ranges.values())
-
-    def write(self, name: str, piece: torch.Tensor) -> None:
-        """Append the next piece (a contiguous run of elements, in order) of tensor ``name``."""
-        begin, end = self._ranges[name]
-        if not begin <= self._written < end and begin != end:
-            raise AssertionError(f"tensor {name!r} written out of order")
-        data = piece.detach().to(device="cpu", dtype=self._dtypes[name]).contiguous().reshape(-1).view(torch.uint8)
-        self.file.write(memoryview(data.numpy()))
-        self._written += data.numel()
-
-    def close(self) -> None:
-        if self._written != self.total:
-            raise AssertionError(f"wrote {self._written} of {self.total} tensor bytes")

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from ckpt_ema.errors import CkptEmaError
 
 if TYPE_CHECKING:
-    from ckpt_ema.stream import Layout
+    from ckpt_ema.engine.layout import Layout
 
 
 # How long a rank that has finished its share waits for the others at the commit. Not torch's 30 minutes: at

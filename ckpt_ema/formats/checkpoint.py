@@ -1,0 +1,176 @@
+"""Read the weights and the metadata of one checkpoint, safely and lazily.
+
+A checkpoint is one of:
+
+* a ``torch.save`` file (.pt, .pth, .bin, .ckpt, .pth.tar): :mod:`ckpt_ema.formats.torch_save`;
+* a ``.safetensors`` file: :mod:`ckpt_ema.formats.safetensors`;
+* a Hugging Face ``checkpoint-N/`` folder or a sharded set named by its index json: :mod:`ckpt_ema.formats.hf`.
+
+Whatever the format, the engine reads a :class:`Checkpoint`: names, shapes and dtypes from headers, and tensors as
+views of the mapped files, read from the page cache when used and never all at once. A new format is a module in
+this folder whose reader returns a Checkpoint, and a branch in :func:`open_checkpoint`.
+
+DDP's ``module.`` and torch.compile's ``_orig_mod.`` prefixes are stripped so that the output loads into the plain
+model.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ckpt_ema.errors import CkptEmaError
+from ckpt_ema.formats.hf import INDEX_SUFFIXES, weight_files_of, with_trainer_state
+from ckpt_ema.formats.safetensors import SafetensorsFile
+from ckpt_ema.formats.torch_save import find_state_dict, is_torch_file, plain_metadata, torch_load_safely
+
+# Top-level metadata keys that hold the training step, in order of preference.
+STEP_KEYS = ("global_step", "step", "num_updates", "iteration")
+SAFETENSORS_SUFFIX = ".safetensors"
+
+
+def is_weight_file(path: Path) -> bool:
+    return is_torch_file(path) or path.name.endswith((SAFETENSORS_SUFFIX,) + INDEX_SUFFIXES)
+
+
+@dataclass
+class Checkpoint:
+    """The weights of one checkpoint, as a lazily read mapping of name to tensor, plus its metadata.
+
+    Every tensor is a view of the mapped file (``torch.load(mmap=True)`` or :class:`SafetensorsFile`): its bytes
+    are read from the page cache when used, and never all at once. ``metadata`` holds the plain values saved
+    beside the weights (step, epoch, arch, ...).
+    """
+
+    path: Path
+    names: list[str]
+    metadata: dict[str, Any] = field(default_factory=dict)
+    mapped: bool = True  # every tensor a view of a mapped file (False: an old-style .pt, loaded into memory)
+    _tensors: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    _safetensors: dict[str, tuple[SafetensorsFile, str]] = field(default_factory=dict, repr=False)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """The tensor called ``name`` (prefixes already stripped), as a view of the mapped file."""
+        if name in self._tensors:
+            return self._tensors[name]
+        handle, stored_name = self._safetensors[name]
+        return handle.tensor(stored_name)
+
+    def shapes(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Shape and dtype of every tensor, from headers only."""
+        out = {}
+        for name in self.names:
+            if name in self._tensors:
+                t = self._tensors[name]
+                out[name] = (tuple(t.shape), t.dtype)
+            else:
+                handle, stored = self._safetensors[name]
+                dtype, shape, _, _ = handle.entries[stored]
+                out[name] = (shape, dtype)
+        return out
+
+    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name in self.names:
+            yield name, self.tensor(name)
+
+
+def strip_wrapper_prefixes(names: list[str]) -> dict[str, str]:
+    """Map stored name -> plain name: drop torch.compile's ``_orig_mod.`` components and DDP's ``module.`` prefix.
+
+    ``module.`` is dropped only when every name has it: a model may well have a submodule called ``module``, but
+    DDP wraps the whole model.
+    """
+    plain = {n: n.replace("_orig_mod.", "") for n in names}
+    while plain and all(p.startswith("module.") for p in plain.values()):
+        plain = {n: p[len("module.") :] for n, p in plain.items()}
+        plain = {n: p.replace("_orig_mod.", "") for n, p in plain.items()}
+    return plain
+
+
+
+def _read_weight_file(file: Path, key: str | None) -> tuple[dict[str, Any], dict[str, Any], bool]:
+    """One weight file's tensors by stored name (tensors, or the safetensors handle that maps them), its plain
+    metadata, and whether its tensors are views of the mapped file (False: an old-style .pt, loaded whole)."""
+    if not file.is_file():
+        raise CkptEmaError("shard listed in the index is missing", file)
+    if file.name.endswith(SAFETENSORS_SUFFIX):
+        handle = SafetensorsFile(file)
+        return dict.fromkeys(handle.entries, handle), {k: _parse_json_value(v) for k, v in handle.metadata.items()}, True
+    obj = torch_load_safely(file)
+    state, _ = find_state_dict(obj, file, key)
+    tensors = {name: value for name, value in state.items() if isinstance(value, torch.Tensor)}
+    return tensors, plain_metadata(obj), zipfile.is_zipfile(file)  # zip files are what torch_load_safely mmaps
+
+
+def open_checkpoint(path: Path, key: str | None = None, files: list[Path] | None = None) -> Checkpoint:
+    """Open the checkpoint at ``path`` (made of ``files``, default: :func:`weight_files_of`) for reading: names,
+    metadata, lazily readable tensors."""
+    stored: dict[str, tuple[Path, Any]] = {}  # stored name -> (file, tensor or safetensors handle)
+    metadata: dict[str, Any] = {}
+    mapped = True
+    for file in weight_files_of(path) if files is None else files:
+        tensors, meta, file_mapped = _read_weight_file(file, key)
+        stored.update({name: (file, value) for name, value in tensors.items()})
+        metadata.update(meta)
+        mapped = mapped and file_mapped
+    if not stored:
+        raise CkptEmaError("no tensors in this checkpoint", path)
+    plain = strip_wrapper_prefixes(list(stored))
+    ckpt = Checkpoint(path=path, names=[], metadata=with_trainer_state(path, metadata), mapped=mapped)
+    for name, (file, value) in stored.items():
+        new = plain[name]
+        if new in ckpt._tensors or new in ckpt._safetensors:
+            raise CkptEmaError(f"two tensors are both called {new!r} once wrapper prefixes are removed", file)
+        ckpt.names.append(new)
+        if isinstance(value, torch.Tensor):
+            ckpt._tensors[new] = value
+        else:
+            ckpt._safetensors[new] = (value, name)
+    return ckpt
+
+
+def probe(path: Path, key: str | None = None) -> tuple[dict[str, Any], Checkpoint | None]:
+    """The plain metadata of a checkpoint, without reading tensor data; and, for a checkpoint of one weight file
+    (a file, or a Hugging Face folder) whose tensors are views of the mapped file, the opened checkpoint itself,
+    for the engine to reuse (a .pt file's pickle is then parsed once per run, not once to find its step and again
+    to read it). A sharded checkpoint is probed through its first file only and not kept open (the engine may not
+    need it); neither is an old-style (non-zip) .pt file, which is loaded into memory rather than mapped."""
+    files = weight_files_of(path)
+    if len(files) == 1:
+        ckpt = open_checkpoint(path, key, files)
+        return ckpt.metadata, (ckpt if ckpt.mapped else None)
+    _, meta, _ = _read_weight_file(files[0], key)  # the metadata of a sharded set is the same in every shard
+    return with_trainer_state(path, meta), None
+
+
+def _parse_json_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def step_from_metadata(meta: Mapping[str, Any]) -> tuple[int, str] | None:
+    """The training step a checkpoint records, and the key it came from."""
+    for key in STEP_KEYS:
+        value = meta.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return value, key
+    return None
+
+
+def load_state_dict(path: str | Path, key: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Every tensor of a checkpoint, in memory, with its metadata: the one reader ``eval`` and tests use."""
+    path = Path(path)
+    if not path.exists():
+        raise CkptEmaError("no such file or folder", path)
+    ckpt = open_checkpoint(path, key)
+    meta = dict(ckpt.metadata)
+    # Clone: a view of a mapped file would keep it open, and an eval may modify weights (BatchNorm recalibration).
+    return {name: t.clone() for name, t in ckpt.items()}, meta

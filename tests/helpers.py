@@ -1,0 +1,233 @@
+"""Helpers shared by the tests: the independent references (timm's own ModelEmaV3, float64 brute-force EMAs over
+every training step) and the fixtures (tiny real training runs, plain checkpoints). Tests import from here only;
+they never import one another.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from timm.utils import model_ema as timm_model_ema
+from torch import nn
+
+ModelEmaV3 = timm_model_ema.ModelEmaV3
+
+STEPS = 24
+TOLERANCE = 1e-5  # the contract: float32 rounding, <= 1e-5 absolute
+
+
+# ------------------------------------------------------------------------------------------- real training runs
+
+
+class TinyNet(nn.Module):
+    """Conv + BatchNorm + Linear: parameters, float buffers (running stats) and an int64 buffer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.head = nn.Linear(4 * 4 * 4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn(self.conv(x)))
+        return self.head(x.flatten(1))
+
+
+def train_and_checkpoint(
+    folder: Path, ema_kwargs: dict, *, save_initial: bool, steps: int = STEPS, seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """Train TinyNet for ``steps`` SGD steps, saving ``step_<s>.pt`` after each; return timm's online EMA.
+
+    With ``save_initial`` the weights before training are saved too, as step 0 (``global_step`` metadata).
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: threads only add overhead, and spin for seconds when cores are busy
+    try:
+        return _train(folder, ema_kwargs, save_initial, steps, seed)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(folder: Path, ema_kwargs: dict, save_initial: bool, steps: int, seed: int) -> dict[str, torch.Tensor]:
+    torch.manual_seed(seed)
+    model = TinyNet()
+    ema = ModelEmaV3(model, **ema_kwargs)
+    opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
+    x = torch.randn(16, 3, 4, 4)
+    y = torch.randint(0, 5, (16,))
+    folder.mkdir(parents=True, exist_ok=True)
+    if save_initial:
+        torch.save({"state_dict": model.state_dict(), "global_step": 0}, folder / "step_0.pt")
+    for step in range(1, steps + 1):
+        model.train()
+        noisy = x + 0.5 * torch.randn_like(x)  # a new batch each step: BN running stats keep moving
+        loss = nn.functional.cross_entropy(model(noisy), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        ema.update(model, step=step)
+        torch.save({"state_dict": model.state_dict(), "global_step": step}, folder / f"step_{step}.pt")
+    return {k: v.detach().clone() for k, v in ema.module.state_dict().items()}
+
+
+def assert_matches_timm(result: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert sorted(result) == sorted(expected)
+    for name, want in expected.items():
+        got = result[name]
+        assert got.dtype == want.dtype, name
+        assert got.shape == want.shape, name
+        if want.is_floating_point():
+            diff = (got.double() - want.double()).abs().max().item()
+            assert diff <= TOLERANCE, f"{name}: max abs difference {diff}"
+        else:
+            assert torch.equal(got, want), name
+
+
+# ------------------------------------------------------------------------------------------- the references
+
+
+def timm_ema(decay: float, min_decay: float = 0.0, update_after_step: int = 0, warmup: bool = False,
+             warmup_gamma: float = 1.0, warmup_power: float = 2 / 3) -> timm_model_ema.ModelEmaV3:
+    """A ModelEmaV3 whose only use is its get_decay (d(s) straight from timm)."""
+    return timm_model_ema.ModelEmaV3(
+        nn.Linear(1, 1), decay=decay, min_decay=min_decay, update_after_step=update_after_step, use_warmup=warmup,
+        warmup_gamma=warmup_gamma, warmup_power=warmup_power,
+    )
+
+
+def reference_ema(checkpoints: dict[int, dict[str, torch.Tensor]], *, bias_correction: bool = False,
+                  **schedule: float) -> dict[str, torch.Tensor]:
+    """The EMA of a run whose weights sat at the next saved checkpoint between saves, every step, in float64.
+
+    Without bias correction d(s) = timm's get_decay(s) (its first update copies the model). With it, the
+    accumulator starts at zero, no update happens at s <= update_after_step, every later step decays by
+    ``decay``, and the result is divided by 1 - prod d(s) over s = 1..last.
+    """
+    ema = timm_ema(**schedule)
+    after = int(schedule.get("update_after_step", 0))
+    steps = sorted(checkpoints)
+    names = [n for n, t in checkpoints[steps[0]].items() if t.is_floating_point()]
+    v = {n: torch.zeros_like(checkpoints[steps[0]][n], dtype=torch.float64) for n in names}
+    survive = 1.0
+    j = 0
+    for s in range(1, steps[-1] + 1):
+        while steps[j] < s:
+            j += 1
+        theta = checkpoints[steps[j]]
+        if bias_correction:
+            d = 1.0 if s <= after else ema.get_decay(None)  # get_decay(None) is the plain decay
+        else:
+            d = ema.get_decay(s)
+        for n in names:
+            v[n] = d * v[n] + (1 - d) * theta[n].double()
+        survive *= d
+    if bias_correction:
+        v = {n: t / (1 - survive) for n, t in v.items()}
+    return v
+
+
+def implied_weights(steps: list[int], **kwargs: float) -> list[float]:
+    """The reference is linear in the checkpoints: run it on one-hot vectors to read off each one's weight."""
+    n = len(steps)
+    onehots = {s: {"x": torch.eye(n, dtype=torch.float64)[i]} for i, s in enumerate(steps)}
+    return reference_ema(onehots, **kwargs)["x"].tolist()
+
+
+def seed_ema(thetas: list[torch.Tensor], beta: float, bias_correction: bool) -> torch.Tensor:
+    """The seed's formula: v_t = beta v_{t-1} + (1 - beta) theta_t, v_0 = 0, optionally / (1 - beta^n).
+
+    Without bias correction the first update copies (timm's d(1) = 0).
+    """
+    v = torch.zeros_like(thetas[0], dtype=torch.float64)
+    for t, theta in enumerate(thetas, start=1):
+        b = beta if (bias_correction or t > 1) else 0.0
+        v = b * v + (1 - b) * theta.double()
+    return v / (1 - beta ** len(thetas)) if bias_correction else v
+
+
+def window_of(weights: list[float], share: float = 0.99) -> int:
+    carried = 0.0
+    for k, w in enumerate(reversed(weights), start=1):
+        carried += w
+        if carried >= share - 1e-12:
+            return k
+    return len(weights)
+
+
+def theta_at(checkpoints: dict[int, dict[str, torch.Tensor]], s: int) -> dict[str, torch.Tensor]:
+    """The weights at step s: the first checkpoint's before it, then a straight line between the two saves around s,
+    theta(s) = (1 - l) theta_a + l theta_b with l = (s - a) / (b - a)."""
+    steps = sorted(checkpoints)
+    j = next(i for i, b in enumerate(steps) if b >= s)
+    b = steps[j]
+    names = [n for n, t in checkpoints[b].items() if t.is_floating_point()]
+    if j == 0:
+        return {n: checkpoints[b][n].double() for n in names}
+    a = steps[j - 1]
+    lam = (s - a) / (b - a)
+    return {n: (1 - lam) * checkpoints[a][n].double() + lam * checkpoints[b][n].double() for n in names}
+
+
+def corrected_decay(ema, s: int) -> float:  # noqa: ANN001 - a timm ModelEmaV3
+    """d(s) with Adam's bias correction: no update up to update_after_step; the step timm copies the model at
+    (t = 0) decays instead, by the plain decay, or under warmup by the warmup formula at t = 0 (1 - 1 = 0, clamped
+    to [min_decay, decay]); every later step is timm's get_decay(s)."""
+    if s <= ema.update_after_step:
+        return 1.0
+    if s > ema.update_after_step + 1:
+        return ema.get_decay(s)
+    return max(min(0.0, ema.decay), ema.min_decay) if ema.use_warmup else ema.decay
+
+
+def linear_reference(checkpoints: dict[int, dict[str, torch.Tensor]], *, bias_correction: bool = False,
+                     **schedule: float) -> dict[str, torch.Tensor]:
+    """timm's EMA run at every step s = 1..last over weights moving linearly between saves, in float64.
+
+    Without bias correction d(s) is timm's get_decay(s) (the first update copies); with it the accumulator
+    starts at zero and the result is divided by 1 - prod d(s).
+    """
+    ema = timm_ema(**schedule)
+    steps = sorted(checkpoints)
+    v = {n: torch.zeros_like(t, dtype=torch.float64) for n, t in theta_at(checkpoints, steps[0]).items()}
+    survive = 1.0
+    for s in range(1, steps[-1] + 1):
+        theta = theta_at(checkpoints, s)
+        d = corrected_decay(ema, s) if bias_correction else ema.get_decay(s)
+        for n in v:
+            v[n] = d * v[n] + (1 - d) * theta[n]
+        survive *= d
+    return {n: t / (1 - survive) for n, t in v.items()} if bias_correction else v
+
+
+def linear_weights(steps: list[int], **kwargs: float) -> list[float]:
+    """The reference is linear in the checkpoints: each one's weight is its result on one-hot checkpoints."""
+    onehots = {s: {"x": torch.eye(len(steps), dtype=torch.float64)[i]} for i, s in enumerate(steps)}
+    return linear_reference(onehots, **kwargs)["x"].tolist()
+
+
+# ------------------------------------------------------------------------------------------- checkpoints
+
+
+def make_state(seed: int, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "layer.weight": torch.randn(6, 5, generator=g, dtype=torch.float64).to(dtype),
+        "layer.bias": torch.randn(5, generator=g, dtype=torch.float64).to(dtype),
+        "bn.running_var": (torch.rand(5, generator=g, dtype=torch.float64) + 0.5).to(dtype),
+        "bn.num_batches_tracked": torch.tensor(seed * 7, dtype=torch.int64),
+    }
+
+
+def write_run(folder: Path, steps: list[int], dtype: torch.dtype = torch.float32) -> dict[int, dict[str, torch.Tensor]]:
+    """Plain state dicts named ckpt_<step>.pt; returns what was saved, by step."""
+    folder.mkdir(parents=True, exist_ok=True)
+    saved = {}
+    for s in steps:
+        saved[s] = make_state(s, dtype)
+        torch.save(saved[s], folder / f"ckpt_{s}.pt")
+    return saved
+
+
+def max_abs_diff(got: torch.Tensor, want: torch.Tensor) -> float:
+    return (got.double() - want.double()).abs().max().item()
