@@ -24,7 +24,7 @@ from ckpt_ema.formats.checkpoint import load_state_dict
 from ckpt_ema.options import AverageOptions
 from ckpt_ema.output.atomic import check_output_path
 from ckpt_ema.output.metadata import output_metadata
-from ckpt_ema.output.sinks import MemoryOutput, SafetensorsOutput
+from ckpt_ema.output.sinks import MemoryOutput, SafetensorsOutput, index_path_of
 from ckpt_ema.planning import Plan, make_plan
 
 if TYPE_CHECKING:
@@ -59,6 +59,7 @@ class AverageResult:
     seconds: float
     bytes_read: int = 0
     files: list[Path] = field(default_factory=list)
+    note: str | None = None  # with a state: what was appended, or why it averaged from the start
 
     @property
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -98,15 +99,43 @@ def plan(inputs: list[str | Path] | str | Path, options: AverageOptions | None =
 
 def average(inputs: list[str | Path] | str | Path, output: str | Path | None = None,
             options: AverageOptions | None = None, *, progress: bool = False, world: World | None = None,
-            **fields: Unpack[OptionFields]) -> AverageResult:
+            keep_state: bool = True, **fields: Unpack[OptionFields]) -> AverageResult:
     """Average checkpoints with timm's EMA recurrence (or a uniform mean of the newest ``last``); write the result
     to ``output`` (.safetensors) if given, else keep it in memory (``result.state_dict``).
 
+    With an output and ``keep_state``, what the average needs to go on is kept beside it (``OUT.ckpt-ema-state``),
+    and a later call folds in only the checkpoints that are new since (:mod:`ckpt_ema.follow`); ``result.note``
+    says what was reused. Several processes (``world``) keep no state.
+
     Raises :class:`~ckpt_ema.errors.CkptEmaError` on bad input, before anything is written.
     """
-    if output is not None:
-        check_output_path(output)  # before reading anything: a typo in -o should not cost a whole run
-    return run(plan(inputs, options, **fields), output, progress=progress, world=world)
+    if output is None:
+        return run(plan(inputs, options, **fields), progress=progress, world=world)
+    out = check_output_path(output)  # before reading anything: a typo in -o should not cost a whole run
+    from ckpt_ema.follow.state import StateFolder, state_folder_of
+
+    folder = StateFolder(state_folder_of(out))
+    if not keep_state or (world is not None and world.is_distributed):
+        result = run(plan(inputs, options, **fields), out, progress=progress, world=world)
+        if world is None or world.rank == 0:
+            folder.remove()  # it no longer describes the output
+        return result
+    from ckpt_ema.follow.update import Target, update
+
+    done = update(_input_list(inputs), [Target("average", resolve_options(options, dict(fields)), out)], folder,
+                  progress=progress)
+    return AverageResult(None, done.plans[0], {}, out, done.seconds, done.bytes_read,
+                         done.files[0] if done.files else output_files(out), done.message)
+
+
+def output_files(output: Path) -> list[Path]:
+    """The files of an existing output: the single file, or the shards and the index (last)."""
+    index = index_path_of(output)
+    if index.is_file():
+        from ckpt_ema.formats.hf import weight_files_of
+
+        return [*weight_files_of(index), index]
+    return [output]
 
 
 def run(the_plan: Plan, output: str | Path | None = None, *, progress: bool = False,
@@ -126,12 +155,27 @@ def run(the_plan: Plan, output: str | Path | None = None, *, progress: bool = Fa
 def sweep(inputs: list[str | Path] | str | Path, outdir: str | Path, *, decays: list[float] = (),
           half_lives: list[float] = (), lasts: list[int] = (), options: AverageOptions | None = None,
           score: Scorer | None = None, plot: bool = True, progress: bool = False, world: World | None = None,
-          **fields: Unpack[OptionFields]) -> SweepResult:
+          keep_state: bool = True, **fields: Unpack[OptionFields]) -> SweepResult:
     """Many averages from one read of the checkpoints: one candidate per decay, half-life and K of ``lasts``,
     each written to ``OUTDIR/<candidate>.safetensors``; with ``score``, each candidate and the final model are
-    scored and the best copied to ``OUTDIR/best.safetensors`` (see :func:`ckpt_ema.sweep.run_sweep`)."""
-    from ckpt_ema.sweep import plan_sweep, run_sweep
+    scored and the best copied to ``OUTDIR/best.safetensors`` (see :func:`ckpt_ema.sweep.run_sweep`).
 
-    candidates = plan_sweep(_input_list(inputs), resolve_options(options, dict(fields)), decays=list(decays),
-                            half_lives=list(half_lives), lasts=list(lasts))
+    With ``keep_state`` (one process), the state of every candidate is kept in ``OUTDIR/ckpt-ema-state`` and a
+    later call folds in only the new checkpoints, as :func:`average` does; the first of ``result.notes`` says so."""
+    from ckpt_ema.sweep import finish_sweep, output_folder, plan_sweep, run_sweep, sweep_result_of, sweep_targets
+
+    base = resolve_options(options, dict(fields))
+    if keep_state and (world is None or not world.is_distributed):
+        from ckpt_ema.follow.update import update
+
+        targets, folder = sweep_targets(Path(outdir), base, decays=list(decays), half_lives=list(half_lives),
+                                        lasts=list(lasts))
+        with output_folder(Path(outdir)):
+            done = update(_input_list(inputs), targets, folder, progress=progress,
+                          desc=f"sweeping {len(targets)} candidates")
+        result = sweep_result_of(targets, done)
+        finish_sweep(result, Path(outdir), score=score, plot=plot)
+        return result
+    candidates = plan_sweep(_input_list(inputs), base, decays=list(decays), half_lives=list(half_lives),
+                            lasts=list(lasts))
     return run_sweep(candidates, Path(outdir), score=score, plot=plot, progress=progress, world=world)

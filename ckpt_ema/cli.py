@@ -17,7 +17,7 @@ from typing import Any
 import click
 
 from ckpt_ema import __version__
-from ckpt_ema.cli_options import NumbersOption, averaging_options, options_from
+from ckpt_ema.cli_options import NumbersOption, averaging_options, follow_options, options_from
 from ckpt_ema.errors import CkptEmaError, OptionError
 
 # Click >= 8.2 raises this for a group called without a command; older Clicks print the help themselves.
@@ -103,9 +103,11 @@ def main() -> None:
               help="Instead of --decay: steps over which a weight halves (decay = 0.5^(1/STEPS)).")
 @click.option("--last", type=int, default=None, help="Instead of an EMA: the plain mean of the newest K checkpoints.")
 @averaging_options()
+@follow_options()
 @click.option("--dry-run", is_flag=True, help="Print the checkpoints, steps and weights; read no tensor.")
 def average_command(inputs: tuple[str, ...], output: str | None, decay: float | None, half_life: float | None,
-                    last: int | None, dry_run: bool, quiet: bool, **params: Any) -> None:
+                    last: int | None, dry_run: bool, quiet: bool, keep_state: bool, watch: bool,
+                    until_step: int | None, poll: float, **params: Any) -> None:
     """Average checkpoints INPUTS (files, globs, folders) into one .safetensors file.
 
     Checkpoints are taken in training-step order and folded into timm's EMA recurrence; with a checkpoint saved
@@ -121,6 +123,15 @@ def average_command(inputs: tuple[str, ...], output: str | None, decay: float | 
     options = options_from(params, decay=decay, half_life=half_life, last=last)
     world = world_from_env()
     quiet = quiet or world.rank != 0
+    _check_follow_flags(keep_state, watch, until_step, poll, world, dry_run)
+    if output is not None and keep_state and not dry_run and not world.is_distributed:
+        from ckpt_ema.follow.state import StateFolder, state_folder_of
+        from ckpt_ema.follow.update import Target
+
+        out = Path(output)
+        _follow([Target("average", options, out)], StateFolder(state_folder_of(out)), list(inputs), watch,
+                until_step, poll, quiet)
+        return
     the_plan = plan(list(inputs), options)
     _print_notes(the_plan.discovery, quiet)
     if dry_run:
@@ -129,6 +140,56 @@ def average_command(inputs: tuple[str, ...], output: str | None, decay: float | 
         return
     result = run(the_plan, output, progress=show_progress(quiet), world=world)
     say(result.summary(), quiet)
+    if output is not None and world.rank == 0:
+        from ckpt_ema.follow.state import StateFolder, state_folder_of
+
+        StateFolder(state_folder_of(Path(output))).remove()  # it no longer describes the output
+
+
+def _check_follow_flags(keep_state: bool, watch: bool, until_step: int | None, poll: float, world: Any,
+                        dry_run: bool = False) -> None:
+    if watch and (not keep_state or dry_run or world.is_distributed):
+        why = "--no-state" if not keep_state else "--dry-run" if dry_run else "several processes (torchrun)"
+        raise click.UsageError(f"--watch keeps state beside the output: it does not go with {why}")
+    if until_step is not None and not watch:
+        raise click.UsageError("--until-step goes with --watch")
+    if not poll > 0:
+        raise OptionError("poll", f"must be > 0 seconds, got {poll}")
+
+
+def _follow(targets: list[Any], folder: Any, inputs: list[str], watch: bool, until_step: int | None, poll: float,
+            quiet: bool) -> Any:
+    """One update of ``targets`` from their state (printing what was reused), or with ``watch`` one per new
+    checkpoint until stopped; returns the last update."""
+    from ckpt_ema.follow.update import update
+    from ckpt_ema.follow.watch import watch as follow_run
+
+    if not watch:
+        done = update(inputs, targets, folder, progress=show_progress(quiet),
+                      on_discovery=lambda found: _print_notes(found, quiet))
+        say(_update_line(done, targets), quiet)
+        return done
+    say(f"watching {', '.join(inputs)} (every {poll:g} s{'' if until_step is None else f', until step {until_step}'}); "
+        "Ctrl-C stops", quiet)
+    done = follow_run(inputs, targets, folder, poll=poll, until_step=until_step,
+                      on_update=lambda u: click.echo(_update_line(u, targets), err=True),
+                      on_note=lambda line: say(line, quiet))
+    if done is None:
+        say("stopped before any checkpoint was folded", quiet)
+    else:
+        say(f"stopped: {_where(targets)} holds steps {done.plans[0].sources[0].step}..{done.plans[0].sources[-1].step}"
+            f" ({len(done.plans[0].sources)} checkpoints)", quiet)
+    return done
+
+
+def _where(targets: list[Any]) -> str:
+    return str(targets[0].output) if len(targets) == 1 else f"{targets[0].output.parent}/ ({len(targets)} candidates)"
+
+
+def _update_line(done: Any, targets: list[Any]) -> str:
+    """One line per update: the newest step, what was done, the time, where."""
+    sources = done.plans[0].sources
+    return f"step {sources[-1].step}: {done.message}; {done.seconds:.2f} s -> {_where(targets)}"
 
 
 @main.command("sweep")
@@ -146,11 +207,14 @@ def average_command(inputs: tuple[str, ...], output: str | None, decay: float | 
 @click.option("--test-subset", type=int, default=None, help="With --eval: score on the first M test images only.")
 @click.option("--plot/--no-plot", default=True, show_default=True,
               help="Write weights.png (and accuracy.png with --eval) to OUTDIR; needs matplotlib.")
+@follow_options()
 def sweep_command(inputs: tuple[str, ...], outdir: str, decays: tuple[float, ...], half_lives: tuple[float, ...],
                   lasts: tuple[int, ...], quiet: bool, evaluate: bool, data: str | None, test_subset: int | None,
-                  plot: bool, **params: Any) -> None:
+                  plot: bool, keep_state: bool, watch: bool, until_step: int | None, poll: float,
+                  **params: Any) -> None:
     """Many averages of checkpoints INPUTS from one read: every --decay, --half-life and --last at once."""
-    from ckpt_ema.sweep import Scoring, plan_sweep, run_sweep, sweep_table
+    from ckpt_ema.sweep import (Scoring, finish_sweep, output_folder, plan_sweep, run_sweep, sweep_result_of,
+                                sweep_table, sweep_targets)
 
     folder = Path(outdir)
     world = world_from_env()
@@ -160,21 +224,41 @@ def sweep_command(inputs: tuple[str, ...], outdir: str, decays: tuple[float, ...
     if not (decays or half_lives or lasts):
         raise click.UsageError("give at least one --decay, --half-life or --last to sweep")
     options = options_from(params)
-    candidates = plan_sweep(list(inputs), options, decays=list(decays), half_lives=list(half_lives), lasts=list(lasts))
-    _print_notes(candidates[0].plan.discovery, quiet)
-    scoring = None
-    if evaluate:
+    _check_follow_flags(keep_state, watch, until_step, poll, world)
+
+    def scoring_for(candidates: list[Any]) -> Scoring | None:
+        if not evaluate:
+            return None
         from ckpt_ema.cifar.evaluate import sweep_scorer  # the demo's evaluation, loaded only when asked for
 
         newest = candidates[0].plan.sources[-1].path
-        scoring = Scoring(sweep_scorer(data, options.device, test_subset, newest, options.key), "val_accuracy",
-                          label="validation")
-    result = run_sweep(candidates, folder, score=scoring, plot=plot, progress=show_progress(quiet), world=world)
-    if world.rank != 0:
-        return
-    reads = "once" if result.passes == 1 else f"{result.passes} times (the memory budget holds fewer candidates at once)"
-    say(f"read {len(candidates[0].plan.sources)} checkpoints {reads} for {len(candidates)} candidates in "
-        f"{result.seconds:.1f} s; wrote {folder}/<candidate>.safetensors", quiet)
+        return Scoring(sweep_scorer(data, options.device, test_subset, newest, options.key), "val_accuracy",
+                       label="validation")
+
+    if keep_state and not world.is_distributed:
+        targets, state = sweep_targets(folder, options, decays=list(decays), half_lives=list(half_lives),
+                                       lasts=list(lasts))
+        with output_folder(folder):
+            done = _follow(targets, state, list(inputs), watch, until_step, poll, quiet)
+        if done is None:
+            return
+        result = sweep_result_of(targets, done)
+        result.notes = []  # the update's line is said
+        scoring = scoring_for(result.candidates)
+        finish_sweep(result, folder, score=scoring, plot=plot)
+        if done.action != "up to date" and not watch:
+            say(f"read {len(done.new)} checkpoints {_reads(result.passes)} for {len(targets)} candidates in "
+                f"{done.seconds:.1f} s; wrote {folder}/<candidate>.safetensors", quiet)
+    else:
+        candidates = plan_sweep(list(inputs), options, decays=list(decays), half_lives=list(half_lives),
+                                lasts=list(lasts))
+        _print_notes(candidates[0].plan.discovery, quiet)
+        scoring = scoring_for(candidates)
+        result = run_sweep(candidates, folder, score=scoring, plot=plot, progress=show_progress(quiet), world=world)
+        if world.rank != 0:
+            return
+        say(f"read {len(candidates[0].plan.sources)} checkpoints {_reads(result.passes)} for {len(candidates)} "
+            f"candidates in {result.seconds:.1f} s; wrote {folder}/<candidate>.safetensors", quiet)
     click.echo(sweep_table(result, scoring))
     if scoring is not None and result.scores and not any("val_accuracy" in s for s in result.scores.values()):
         say("note: the run kept no validation images (train --val-split N), so no candidate is chosen: "
@@ -186,6 +270,10 @@ def sweep_command(inputs: tuple[str, ...], outdir: str, decays: tuple[float, ...
             say(f"note: {note}", quiet)
     for picture in result.pictures:
         say(f"picture: {picture}", quiet)
+
+
+def _reads(passes: int) -> str:
+    return "once" if passes == 1 else f"{passes} times (the memory budget holds fewer candidates at once)"
 
 
 def _print_notes(discovery: Any, quiet: bool) -> None:

@@ -251,5 +251,5 @@ def uniform_weighting(steps: list[int], last: int) -> Weighting:
     if last < 1:
         raise OptionError("last", f"must be at least 1, got {last}")
     if last > len(steps):
-        raise OptionError("last", f"asks for {last} checkpoints, more than the {len(steps)} there are")
+        raise OptionError("last", f"{last} asks for more checkpoints than the {len(steps)} there are")
     return Weighting(tuple(steps), tuple(0.0 if i < len(steps) - last else 1.0 / last for i in range(len(steps))))

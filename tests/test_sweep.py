@@ -295,7 +295,7 @@ def test_each_candidate_equals_average_alone(runs, tmp_path: Path, interpolate: 
     out = tmp_path / "sweep"
     res = ok(cli("sweep", folder, "-o", out, "--decay", "0.8", "0.97", "--half-life", "12.5", "--last", "1", "3",
                  "--interpolate", interpolate, *extra, "--no-plot", "-q"))
-    assert {p.name for p in out.iterdir()} == {f"{name}.safetensors" for name in CANDIDATES}
+    assert {p.name for p in out.iterdir() if p.is_file()} == {f"{name}.safetensors" for name in CANDIDATES}
     for name, option in CANDIDATES.items():
         assert re.search(rf"^{re.escape(name)}\s", res.stdout, re.M), name  # a row of the table
         alone = tmp_path / f"alone-{name}.safetensors"
@@ -534,7 +534,7 @@ def test_sweep_eval_without_a_validation_split_chooses_nothing(cifar_runs: dict[
     assert sorted(rows) == ["ema-0.9", "last-2"], res.stdout
     for row in rows.values():
         assert row["val"] == "-" and row["test"].endswith("%"), row.group(0)
-    assert {p.name for p in out.iterdir()} == {"ema-0.9.safetensors", "last-2.safetensors"}
+    assert {p.name for p in out.iterdir() if p.is_file()} == {"ema-0.9.safetensors", "last-2.safetensors"}
 
 
 def test_a_budget_too_small_for_every_candidate_splits_the_sweep_into_passes(runs, tmp_path: Path) -> None:

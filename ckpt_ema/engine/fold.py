@@ -79,6 +79,7 @@ def fold(
     on_layout: Callable[[Layout, int], None] | None = None,
     select: Callable[[Layout], Collection[str]] | None = None,
     initial: Sequence[Checkpoint | None] | None = None,
+    newest_to: Sink | None = None,
 ) -> Layout:
     """Fold ``checkpoints`` (paths, or checkpoints already open) into one running mean per candidate and stream
     the results to ``sinks``.
@@ -90,7 +91,8 @@ def fold(
     ``select(layout)``, if given, names the only tensors to fold and write (this rank's share under torchrun);
     the checks that checkpoints hold the same tensors still cover all of them, so every rank fails alike.
     ``initial[c]``, if given, is the running mean candidate c continues (see the module docstring): a checkpoint
-    with the same tensors, its float ones in ``accum_dtype``.
+    with the same tensors, its float ones in ``accum_dtype``. ``newest_to``, if given, receives the newest
+    checkpoint's tensors as read (the copy a later append needs), chunk by chunk like the candidates' sinks.
     """
     if len(lerps) != len(sinks):
         raise ValueError("one sink per candidate")
@@ -122,6 +124,9 @@ def fold(
             folded = iter(accs[c])
             for p in chunk:
                 sinks[c].write(p.name, next(folded) if layout.is_float(p.name) else newest.piece(p))
+        if newest_to is not None:
+            for p in chunk:
+                newest_to.write(p.name, newest.piece(p))
     return layout
 
 
