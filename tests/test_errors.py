@@ -467,7 +467,9 @@ def test_interrupted_rename_leaves_existing_output_intact(tmp_path: Path, monkey
     res = invoke(run, "-o", out)
     assert hit and res.exit_code == 130
     assert out.read_bytes() == old
-    assert files_in(out.parent) == {"ema.safetensors"}
+    # The state, committed just before, is ahead of the output: the next run rewrites the output from it
+    # (tests/test_follow.py). A real SIGINT cannot land here: it is held back while a state commits.
+    assert files_in(out.parent) == {"ema.safetensors", "ema.ckpt-ema-state"}
 
 
 class FillsUp:

@@ -416,7 +416,7 @@ for step in range(0, last + 1):
             f.write(data[i : i + 4096]); f.flush(); time.sleep(0.002)
     for old in sorted(run.glob("ckpt_*.pt"))[:-keep]:
         old.unlink()
-    time.sleep(0.3)  # a step of real training takes a while: here each checkpoint lives 0.9 s or more
+    time.sleep(0.5)  # a step of real training takes a while: here each checkpoint lives 2 s or more
 print("trainer done", flush=True)
 """
 
@@ -428,7 +428,7 @@ def _cli(*args: object, **popen: object) -> subprocess.Popen:
 
 
 def test_watch_follows_a_trainer_in_another_process(tmp_path):
-    """A trainer writes each checkpoint in place, slowly, and keeps only its last 3; a watching average and a
+    """A trainer writes each checkpoint in place, slowly, and keeps only its last 4; a watching average and a
     watching sweep fold every checkpoint, never a half-written one, and end with the full rerun's result."""
     run = tmp_path / "run"
     run.mkdir()
@@ -437,7 +437,7 @@ def test_watch_follows_a_trainer_in_another_process(tmp_path):
                    "-o", tmp_path / "ema.safetensors")
     sweep = _cli("sweep", run, "--watch", "--until-step", 150, "--poll", 0.3, "--decay", 0.9, 0.95, "--last", 2,
                  "--no-plot", "-o", tmp_path / "sweep")
-    trainer = subprocess.run([sys.executable, "-c", TRAINER, str(run), "10", "150", "3"], env=env, timeout=240,
+    trainer = subprocess.run([sys.executable, "-c", TRAINER, str(run), "10", "150", "4"], env=env, timeout=240,
                              capture_output=True, text=True)
     assert trainer.returncode == 0, trainer.stderr
     for proc in (average, sweep):
@@ -456,7 +456,7 @@ def test_watch_follows_a_trainer_in_another_process(tmp_path):
                        ("last-2", tmp_path / "sweep" / "last-2.safetensors")):
         got = load_file(path)
         assert all(max_abs_diff(got[k], full[name][k]) < TOLERANCE for k in full[name]), name
-    assert len(list(run.glob("ckpt_*.pt"))) == 3
+    assert len(list(run.glob("ckpt_*.pt"))) == 4
 
 
 def test_watch_stops_cleanly_on_sigterm(tmp_path):

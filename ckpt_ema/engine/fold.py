@@ -116,8 +116,11 @@ def fold(
         for acc, start in zip(accs, starts):
             if start is not None:
                 torch._foreach_copy_(acc, stage([start.piece(p) for p in floats], accum_dtype))
-        for i, sources in _staged_sources(floats, opened, used, stage, accum_dtype, on_bytes):
+        newest_floats = None
+        for i, raw, sources in _staged_sources(floats, opened, used, stage, accum_dtype, on_bytes):
             _fold_one(accs, sources, [cand[i] for cand in lerps])
+            if i == len(checkpoints) - 1:
+                newest_floats = raw
         used_elems = offsets[-1][1] if offsets else 0
         for c, buf in enumerate(buffers):
             _check_finite(buf[:used_elems], floats, opened, used, lerps[c], starts[c])
@@ -125,8 +128,9 @@ def fold(
             for p in chunk:
                 sinks[c].write(p.name, next(folded) if layout.is_float(p.name) else newest.piece(p))
         if newest_to is not None:
+            read = dict(zip((p.name for p in floats), newest_floats or []))  # its float pieces, as read above
             for p in chunk:
-                newest_to.write(p.name, newest.piece(p))
+                newest_to.write(p.name, read[p.name] if p.name in read else newest.piece(p))
     return layout
 
 
@@ -147,13 +151,15 @@ def chunk_elems_for(budget: int, candidates: int, itemsize: int) -> int:
 
 def _staged_sources(floats: list[Piece], opened: dict[int, FlatViews], used: list[int],
                     stage: Callable[[list[torch.Tensor], torch.dtype], list[torch.Tensor]], dtype: torch.dtype,
-                    on_bytes: Callable[[int], None] | None) -> Iterator[tuple[int, list[torch.Tensor]]]:
-    """For each used checkpoint i in order: (i, its pieces of the chunk, on the accumulators' device and dtype)."""
+                    on_bytes: Callable[[int], None] | None
+                    ) -> Iterator[tuple[int, list[torch.Tensor], list[torch.Tensor]]]:
+    """For each used checkpoint i in order: (i, its pieces of the chunk as read, the same on the accumulators'
+    device and in their dtype)."""
     for i in used:
         sources = [opened[i].piece(p) for p in floats]
         if on_bytes is not None:
             on_bytes(sum(s.numel() * s.element_size() for s in sources))
-        yield i, stage(sources, dtype)
+        yield i, sources, stage(sources, dtype)
 
 
 def _fold_one(accs: list[list[torch.Tensor]], sources: list[torch.Tensor], weights: list[float]) -> None:
