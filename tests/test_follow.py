@@ -476,3 +476,20 @@ def test_watch_stops_cleanly_on_sigterm(tmp_path):
     want = ckpt_ema.average(run, None, decay=0.9).state_dict
     assert all(max_abs_diff(got[k], want[k]) < TOLERANCE for k in want)
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_the_demo_trainer_keeps_its_last_k(cifar_dir, tmp_path):
+    """``ckpt-ema train --keep-last 3``: after every save only the newest 3 checkpoints are left, and an average
+    kept current while it trains (appended after the run here) needs no more."""
+    from click.testing import CliRunner
+
+    from ckpt_ema.cli import main
+
+    run = tmp_path / "run"
+    res = CliRunner().invoke(main, ["train", "-o", str(run), "--data", str(cifar_dir), "--train-subset", "256",
+                                    "--epochs", "2", "--save-every", "2", "--keep-last", "3", "--no-eval", "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in run.glob("step_*.pt")) == ["step_00000004.pt", "step_00000006.pt",
+                                                              "step_00000008.pt"]
+    avg = ckpt_ema.average(run, tmp_path / "ema.safetensors", decay=0.9)
+    assert [s.step for s in avg.plan.sources] == [4, 6, 8]

@@ -37,7 +37,7 @@ import tempfile
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -110,7 +110,9 @@ class Manifest:
     version: int = MANIFEST_VERSION
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"))
+        fields = {**vars(self), "inputs": [vars(r) for r in self.inputs],
+                  "candidates": [vars(c) for c in self.candidates]}  # (dataclasses.asdict: 10x slower)
+        return json.dumps(fields, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text: str, where: Path) -> Manifest:

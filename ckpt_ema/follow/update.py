@@ -48,8 +48,10 @@ from ckpt_ema.output.sinks import SafetensorsOutput
 from ckpt_ema.planning import Plan, weighting_for, within_window
 from ckpt_ema.weighting import EmaState, Weighting, ema_continuation, uniform_weighting
 
-# Options that change how outputs are written, not the running means: a change rewrites the outputs from the state.
-OUTPUT_ONLY_OPTIONS = ("device", "max_memory", "max_shard_size", "out_dtype")
+# Options that do not change the running means: how the outputs are written (a change rewrites them from the
+# state), and where and within what memory the fold runs.
+OUTPUT_OPTIONS = ("out_dtype", "max_shard_size")
+RUN_OPTIONS = ("device", "max_memory")
 
 
 class NothingYet(CkptEmaError):
@@ -132,7 +134,7 @@ def _options_differ(manifest: Manifest, targets: Sequence[Target]) -> str | None
     for record, target in zip(manifest.candidates, targets):
         now = target.options.flat()
         differ = sorted(k for k in set(now) | set(record.options)
-                        if k not in OUTPUT_ONLY_OPTIONS and now.get(k) != record.options.get(k))
+                        if k not in OUTPUT_OPTIONS + RUN_OPTIONS and now.get(k) != record.options.get(k))
         if differ:
             k = differ[0]
             return f"--{k.replace('_', '-')} was {record.options.get(k)!r}, now {now.get(k)!r}"
@@ -194,7 +196,8 @@ def _append(manifest: Manifest, found: Discovery, new: list[Source], targets: Se
         plans = _plans_from_state(manifest, found, targets)
         return Update("up to date", f"up to date: no new checkpoint after step {manifest.inputs[-1].step}", plans, [],
                       seconds=time.perf_counter() - started)
-    gone = sum(1 for r in manifest.inputs if not Path(r.path).exists())
+    listed = {str(s.path.absolute()) for s in found.sources}
+    gone = sum(1 for r in manifest.inputs if r.path not in listed and not Path(r.path).exists())
     if new:
         steps = f"step {new[0].step}" if len(new) == 1 else f"steps {new[0].step}..{new[-1].step}"
         message = (f"appended {len(new)} new checkpoint{'s' if len(new) > 1 else ''} ({steps}) to the state of "
@@ -207,7 +210,7 @@ def _append(manifest: Manifest, found: Discovery, new: list[Source], targets: Se
 
 def _output_options_differ(record: CandidateRecord, target: Target) -> bool:
     now = target.options.flat()
-    return any(now.get(k) != record.options.get(k) for k in OUTPUT_ONLY_OPTIONS if k != "device" and k != "max_memory")
+    return any(now.get(k) != record.options.get(k) for k in OUTPUT_OPTIONS)
 
 
 def _plans_from_state(manifest: Manifest, found: Discovery, targets: Sequence[Target]) -> list[Plan]:
@@ -241,7 +244,8 @@ class _Job:
     lerps: list[list[float]] = field(default_factory=list)
     initial: list[Checkpoint | None] = field(default_factory=list)
     sinks: list[object] = field(default_factory=list)
-    # per candidate: the files it writes, each with the dtype its float tensors take (None: the output's dtypes)
+    # per candidate: the files it writes, each with what its float tensors are ("output": the output's dtype,
+    # "accum": the accumulator's)
     files: list[list[tuple[SafetensorsOutput, str]]] = field(default_factory=list)
 
 
@@ -263,11 +267,8 @@ def _fold_and_commit(manifest: Manifest | None, found: Discovery, new: list[Sour
         opts = target.options
         if not target.is_ema:
             weighting = uniform_weighting(steps, opts.last)  # type: ignore[arg-type]
-            from_old = 0 if manifest is None else max(opts.last - len(new), 0)  # type: ignore[operator]
-            positions = [*range(len(reread) - from_old, len(reread)), *range(n - min(opts.last, len(new)), n)] \
-                if manifest is not None else range(n - opts.last, n)  # type: ignore[operator]
-            job.lerps.append(list(Weighting(tuple(range(n)), tuple(1.0 if i in positions else 0.0
-                                                                      for i in range(n))).lerps))
+            newest = _newest_positions(opts.last, n, None if manifest is None else (len(reread), len(new)))  # type: ignore[arg-type]
+            job.lerps.append(list(Weighting(tuple(range(n)), tuple(float(i in newest) for i in range(n))).lerps))
             job.initial.append(None)
             total = None
         elif manifest is None:
@@ -292,25 +293,25 @@ def _fold_and_commit(manifest: Manifest | None, found: Discovery, new: list[Sour
     if not any(any(w > 0 for w in p.weighting.weights) for p in plans):
         raise NothingYet("no checkpoint carries any weight yet")
 
+    state_read = [c for c in [*job.checkpoints, *job.initial] if isinstance(c, Checkpoint) and c.path.parent == folder.path]
+    read = sum(s.nbytes for s in [*new, *reread]) + sum(c.path.stat().st_size for c in state_read)
     outputs = [SafetensorsOutput(t.output, {**output_metadata(p), STATE_KEY: generation}, t.options.max_shard_size)
                for t, p in zip(targets, plans)]
     state_files: list[SafetensorsOutput] = []
-    for k, (target, out) in enumerate(zip(targets, outputs)):
-        if target.is_ema:
-            mean = folder.new_file(generation, f"mean-{k}")
-            state_files.append(mean)
-            job.sinks.append(_Tee(out, mean))
-            job.files.append([(out, "output"), (mean, "accum")])
-        else:
-            job.sinks.append(out)
-            job.files.append([(out, "output")])
-    theta = None
-    if base.interpolate == "linear" and any(t.is_ema for t in targets):
-        theta = folder.new_file(generation, "theta")  # the newest checkpoint, copied as read
-        state_files.append(theta)
-    state_read = [c for c in [*job.checkpoints, *job.initial] if isinstance(c, Checkpoint) and c.path.parent == folder.path]
-    read = sum(s.nbytes for s in [*new, *reread]) + sum(c.path.stat().st_size for c in state_read)
     try:
+        for k, (target, out) in enumerate(zip(targets, outputs)):
+            if target.is_ema:
+                mean = folder.new_file(generation, f"mean-{k}")
+                state_files.append(mean)
+                job.sinks.append(_Tee(out, mean))
+                job.files.append([(out, "output"), (mean, "accum")])
+            else:
+                job.sinks.append(out)
+                job.files.append([(out, "output")])
+        theta = None
+        if base.interpolate == "linear" and any(t.is_ema for t in targets):
+            theta = folder.new_file(generation, "theta")  # the newest checkpoint, copied as read
+            state_files.append(theta)
         dtypes, passes = _run(job, theta, base, None if manifest is None else manifest.dtypes, progress, desc)
         records = {} if manifest is None else {r.path: r for r in manifest.inputs}
         next_manifest = Manifest(
@@ -334,6 +335,16 @@ def _fold_and_commit(manifest: Manifest | None, found: Discovery, new: list[Sour
             sink.abort()
     return Update("averaged" if manifest is None else "appended", message, plans, list(new), files, read,
                   time.perf_counter() - started, passes)
+
+
+def _newest_positions(k: int, n: int, appending: tuple[int, int] | None) -> list[int]:
+    """Where the run's newest ``k`` checkpoints are among the ``n`` a fold reads: the last ``k`` from the start;
+    appending (``(reread, new)``: how many are read again, how many are new), the last of those read again and of
+    the new ones (the copy of the newest folded before, between them, is for the EMAs)."""
+    if appending is None:
+        return list(range(n - k, n))
+    reread, new = appending
+    return [*range(reread - max(k - new, 0), reread), *range(n - min(k, new), n)]
 
 
 def _sources_so_far(manifest: Manifest, found: Discovery, new: list[Source]) -> list[Source]:
