@@ -25,7 +25,7 @@ from ckpt_ema.options import AverageOptions
 from ckpt_ema.output.atomic import check_output_path
 from ckpt_ema.output.metadata import output_metadata
 from ckpt_ema.output.sinks import MemoryOutput, SafetensorsOutput
-from ckpt_ema.planning import Plan, make_plan
+from ckpt_ema.planning import Plan, make_plan, percent
 
 if TYPE_CHECKING:
     import torch
@@ -78,7 +78,8 @@ class AverageResult:
             where = f" -> {shown}{shards} ({human_bytes(size)})"
         sources = self.plan.sources
         return (f"averaged {len(sources)} checkpoints (steps {sources[0].step}..{sources[-1].step}, effective window "
-                f"{self.plan.weighting.effective_window()} checkpoints){where} in {self.seconds:.1f} s "
+                f"{self.plan.weighting.effective_window()} checkpoints, unresolved {percent(self.plan.weighting.unresolved)})"
+                f"{where} in {self.seconds:.1f} s "
                 f"({human_bytes(self.bytes_read / max(self.seconds, 1e-9))}/s)")
 
 

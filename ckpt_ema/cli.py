@@ -102,10 +102,12 @@ def main() -> None:
 @click.option("--half-life", type=float, default=None,
               help="Instead of --decay: steps over which a weight halves (decay = 0.5^(1/STEPS)).")
 @click.option("--last", type=int, default=None, help="Instead of an EMA: the plain mean of the newest K checkpoints.")
+@click.option("--sigma-rel", type=float, default=None,
+              help="Instead of timm's EMA: EDM2's power-function EMA with this relative width (e.g. 0.05, 0.1).")
 @averaging_options()
 @click.option("--dry-run", is_flag=True, help="Print the checkpoints, steps and weights; read no tensor.")
 def average_command(inputs: tuple[str, ...], output: str | None, decay: float | None, half_life: float | None,
-                    last: int | None, dry_run: bool, quiet: bool, **params: Any) -> None:
+                    last: int | None, sigma_rel: float | None, dry_run: bool, quiet: bool, **params: Any) -> None:
     """Average checkpoints INPUTS (files, globs, folders) into one .safetensors file.
 
     Checkpoints are taken in training-step order and folded into timm's EMA recurrence; with a checkpoint saved
@@ -118,11 +120,13 @@ def average_command(inputs: tuple[str, ...], output: str | None, decay: float | 
         raise click.UsageError("missing option '-o' / '--output' (or use --dry-run)")
     if output is not None:
         check_output_path(output)
-    options = options_from(params, decay=decay, half_life=half_life, last=last)
+    options = options_from(params, decay=decay, half_life=half_life, last=last, sigma_rel=sigma_rel)
     world = world_from_env()
     quiet = quiet or world.rank != 0
     the_plan = plan(list(inputs), options)
     _print_notes(the_plan.discovery, quiet)
+    for line in the_plan.warnings():
+        say(f"warning: {line}", quiet)
     if dry_run:
         if world.rank == 0:
             click.echo(the_plan.table())
