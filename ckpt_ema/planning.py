@@ -13,7 +13,7 @@ from pathlib import Path
 from ckpt_ema.discover import Discovery, Source, discover
 from ckpt_ema.errors import CkptEmaError, OptionError
 from ckpt_ema.options import AverageOptions
-from ckpt_ema.weighting import UNRESOLVED_WARNING, Weighting, ema_weighting, power_weighting, uniform_weighting
+from ckpt_ema.weighting import Weighting, ema_weighting, power_weighting, uniform_weighting
 
 
 @dataclass
@@ -47,12 +47,11 @@ class Plan:
 
     def warnings(self) -> list[str]:
         """One line when the checkpoints are too far apart for the average asked for."""
-        u = self.weighting.unresolved
-        if u <= UNRESOLVED_WARNING:
+        if not self.weighting.too_sparse():
             return []
-        return [f"the checkpoints are too far apart for this average: {percent(u)} of its per-step weights are "
-                f"unresolved and the newest {self.weighting.effective_window()} checkpoints carry 99% of it; save "
-                "checkpoints more often or ask for a longer average"]
+        return [f"the checkpoints are too far apart for this average: {percent(self.weighting.unresolved)} of its "
+                f"per-step weights are unresolved and the newest {self.weighting.effective_window()} checkpoints carry "
+                "99% of it; save checkpoints more often or ask for a longer average"]
 
 
     def window_line(self) -> str:

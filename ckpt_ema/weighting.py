@@ -69,7 +69,10 @@ distance between the profile and the same profile made flat within each interval
 the share of the weight that would have to move for the profile to be flat between checkpoints. U = 0 with a
 checkpoint every step, and for a uniform mean of checkpoints (it asks for nothing between them). For an EMA over
 evenly spaced checkpoints whose 99% window spans 20 / 10 / 5 / 3 / 2 / 1 intervals, U is 3 / 6 / 11 / 19 / 27 /
-46%. Above :data:`UNRESOLVED_WARNING` the average is mostly the newest checkpoint or two, whatever was asked.
+46%. Above :data:`UNRESOLVED_WARNING`, with the 99% window within the newest :data:`WARNING_WINDOW` checkpoints,
+the average is mostly the newest checkpoint or two, whatever was asked (:meth:`Weighting.too_sparse`). (A large U with a wide
+window comes from a profile whose weight sits at the start: timm's copy at step 1 with a decay too long for the
+run. That is not a matter of spacing, and linear interpolation places it well, next to the first checkpoint.)
 """
 
 from __future__ import annotations
@@ -87,8 +90,10 @@ if TYPE_CHECKING:
 EFFECTIVE_WEIGHT = 0.99
 INTERPOLATIONS = ("linear", "step")
 DEFAULT_DECAY = 0.999
-# Above this unresolved share, the checkpoints are too far apart for the average asked for (a warning says so).
+# The checkpoints are too far apart for an average (a warning says so) when its unresolved share is above this and
+# its effective window at most WARNING_WINDOW checkpoints: the window spans one or two checkpoint intervals.
 UNRESOLVED_WARNING = 0.2
+WARNING_WINDOW = 3
 
 
 @dataclass(frozen=True)
@@ -185,6 +190,10 @@ class Weighting:
             total += w
             out.append(w / total if w > 0 else 0.0)
         return tuple(out)
+
+    def too_sparse(self) -> bool:
+        """The checkpoints are too far apart for this average: see the module docstring."""
+        return self.unresolved > UNRESOLVED_WARNING and self.effective_window() <= WARNING_WINDOW
 
     def effective_window(self, share: float = EFFECTIVE_WEIGHT) -> int:
         """How many of the newest checkpoints carry ``share`` of the weight."""

@@ -446,7 +446,7 @@ def test_bad_values_are_one_line_errors_and_write_nothing(runs, tmp_path: Path, 
 
 # ------------------------------------------------------------------------------------------- sweep --eval on CIFAR-10
 
-ROW = re.compile(r"^(?P<name>\S+)\s+\S+\s+\d+\s+(?P<val>[\d.]+%|-)\s+(?P<test>[\d.]+%|-)\s+(?P<what>.*)$")
+ROW = re.compile(r"^(?P<name>\S+)\s+\S+\s+\d+\s+[\d.e+-]+%\s+(?P<val>[\d.]+%|-)\s+(?P<test>[\d.]+%|-)\s+(?P<what>.*)$")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -534,7 +534,7 @@ def test_sweep_eval_without_a_validation_split_chooses_nothing(cifar_runs: dict[
     assert sorted(rows) == ["ema-0.9", "last-2"], res.stdout
     for row in rows.values():
         assert row["val"] == "-" and row["test"].endswith("%"), row.group(0)
-    assert {p.name for p in out.iterdir()} == {"ema-0.9.safetensors", "last-2.safetensors"}
+    assert {p.name for p in out.iterdir()} == {"ema-0.9.safetensors", "last-2.safetensors", "final-model.safetensors"}
 
 
 def test_a_budget_too_small_for_every_candidate_splits_the_sweep_into_passes(runs, tmp_path: Path) -> None:
