@@ -55,13 +55,14 @@ def plot_weights(candidates: list[Any], path: Path) -> bool:
 
 
 def plot_scores(candidates: list[Any], scores: Mapping[str, Mapping[str, float]],
-                final: Mapping[str, float] | None, path: Path) -> bool:
-    """Each score against half-life (log scale), a line per family; uniform means and the final model as horizontal
-    lines."""
+                final: Mapping[str, float] | None, path: Path, ranked_by: str | None = None) -> bool:
+    """Each score against half-life (log scale), a line per family; uniform means (on the ranking score) and the
+    final model as horizontal lines."""
     plt = matplotlib_or_none()
     if plt is None:
         return False
-    keys = sorted({k for s in scores.values() for k in s})
+    reported = list(dict.fromkeys(k for s in scores.values() for k in s))
+    keys = sorted(reported, key=lambda k: k != ranked_by)  # the ranking score first, then as the scorer reports
     percent = all(k.endswith("accuracy") for k in keys)
     scale = 100 if percent else 1
     fig, ax = plt.subplots(figsize=(8, 4.5))
@@ -76,8 +77,8 @@ def plot_scores(candidates: list[Any], scores: Mapping[str, Mapping[str, float]]
                 ax.plot(*zip(*points), next(styles), label=f"{family}, {key}")
     colors = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"][2:] * 4)
     for c in candidates:
-        if c.half_life is None and keys and scores.get(c.name, {}).get(keys[-1]) is not None:
-            ax.axhline(scale * scores[c.name][keys[-1]], linestyle=":", color=next(colors), label=f"{c.name}, {keys[-1]}")
+        if c.half_life is None and keys and scores.get(c.name, {}).get(keys[0]) is not None:
+            ax.axhline(scale * scores[c.name][keys[0]], linestyle=":", color=next(colors), label=f"{c.name}, {keys[0]}")
     for key in keys:
         if final and final.get(key) is not None:
             ax.axhline(scale * final[key], color="black", linewidth=1, linestyle=["-", "--", "-.", ":"][keys.index(key) % 4],

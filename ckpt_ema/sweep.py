@@ -233,7 +233,7 @@ def draw(result: SweepResult, outdir: Path, scoring: Scoring | None) -> None:
         return
     keys = {k for s in result.scores.values() for k in s}
     picture = outdir / ("accuracy.png" if all(k.endswith("accuracy") for k in keys) else "scores.png")
-    if plot_scores(result.candidates, result.scores, result.final_scores, picture):
+    if plot_scores(result.candidates, result.scores, result.final_scores, picture, result.ranked_by):
         result.pictures.append(picture)
 
 

@@ -313,3 +313,25 @@ def test_an_eval_cmd_without_the_placeholder_is_refused_before_reading(run_folde
     res = cli("sweep", folder, "--decay", "0.9", "--eval-cmd", "python my_eval.py", "-o", tmp_path / "sweep")
     assert res.exit_code == 2 and "--eval-cmd must contain {weights}" in res.output
     assert not (tmp_path / "sweep").exists()
+
+
+def test_the_api_takes_any_function_from_a_path_to_scores(run_folder, tmp_path: Path) -> None:
+    folder, saved = run_folder
+    target = saved[50]["layer.weight"]
+    seen: list[str] = []
+
+    def closeness(path: Path) -> dict[str, float]:
+        seen.append(path.name)
+        return {"closeness": -distance(path, target), "size": float(path.stat().st_size)}
+
+    from ckpt_ema.api import sweep  # ckpt_ema.sweep is the module once ckpt_ema.sweep.Scoring was imported
+
+    result = sweep(folder, tmp_path / "sweep", decays=[0.5, 0.9], lasts=[1, 2], sigma_rels=[0.05], score=closeness,
+                   plot=False)
+    assert seen == ["ema-0.5.safetensors", "ema-0.9.safetensors", "power-0.05.safetensors", "last-1.safetensors",
+                    "last-2.safetensors", "final-model.safetensors"]
+    assert result.ranked_by == "closeness"
+    best = max(result.scores, key=lambda name: result.scores[name]["closeness"])
+    assert result.best == best and result.scores[best]["closeness"] > result.final_scores["closeness"]
+    assert result.final_scores["closeness"] == pytest.approx(-distance(result.final_output, target))
+    assert (tmp_path / "sweep" / "best.safetensors").read_bytes() == (tmp_path / "sweep" / f"{best}.safetensors").read_bytes()
