@@ -28,7 +28,7 @@ from ckpt_ema.errors import CkptEmaError, OptionError
 from ckpt_ema.options import AverageOptions
 from ckpt_ema.output.atomic import copy_atomically
 from ckpt_ema.output.metadata import output_metadata
-from ckpt_ema.output.sinks import SafetensorsOutput
+from ckpt_ema.output.sinks import SafetensorsOutput, index_path_of
 from ckpt_ema.planning import Plan, discover_window, percent, weighting_for
 from ckpt_ema.weighting import gamma_of, uniform_weighting
 
@@ -196,9 +196,9 @@ def choose(result: SweepResult, scoring: Scoring, outdir: Path) -> None:
     nothing is copied, and a ``best.safetensors`` of an earlier sweep is removed: it cannot pass for this one's
     choice."""
     best_path = outdir / "best.safetensors"
-    result.scores = {c.name: scoring.score(c.output) for c in result.candidates if c.output is not None}
+    result.scores = {c.name: scoring.score(written_file(c.output)) for c in result.candidates if c.output is not None}
     assert result.final_output is not None
-    result.final_scores = scoring.score(result.final_output)
+    result.final_scores = scoring.score(written_file(result.final_output))
     key = result.ranked_by = scoring.key or next(iter(next(iter(result.scores.values()), {})), None)
     ranked = {name: s[key] for name, s in result.scores.items() if key is not None and s.get(key) is not None}
     if key is None or len(ranked) < len(result.scores):
@@ -215,8 +215,20 @@ def choose(result: SweepResult, scoring: Scoring, outdir: Path) -> None:
                             f"{best}, has {ranked[best]:.6g}): no average is copied{stale}")
         return
     result.best = best
+    chosen = written_file(next(c.output for c in result.candidates if c.output is not None and c.name == best))
+    if chosen.name.endswith(".index.json"):  # shards are not copied: the choice is named
+        best_path.unlink(missing_ok=True)
+        result.best_output = chosen
+        result.notes.append(f"{best} is sharded: it stays {chosen} (no best.safetensors copy)")
+        return
     result.best_output = best_path
-    copy_atomically(next(c.output for c in result.candidates if c.name == best), best_path)
+    copy_atomically(chosen, best_path)
+
+
+def written_file(output: Path) -> Path:
+    """The file that holds an output: itself, or the index json of its shards (a large output, or any under
+    torchrun), which is what a scorer is then given."""
+    return output if output.exists() or not index_path_of(output).exists() else index_path_of(output)
 
 
 def draw(result: SweepResult, outdir: Path, scoring: Scoring | None) -> None:

@@ -335,3 +335,21 @@ def test_the_api_takes_any_function_from_a_path_to_scores(run_folder, tmp_path: 
     assert result.best == best and result.scores[best]["closeness"] > result.final_scores["closeness"]
     assert result.final_scores["closeness"] == pytest.approx(-distance(result.final_output, target))
     assert (tmp_path / "sweep" / "best.safetensors").read_bytes() == (tmp_path / "sweep" / f"{best}.safetensors").read_bytes()
+
+
+def test_a_sharded_output_is_scored_through_its_index(tmp_path: Path) -> None:
+    """A model over --max-shard-size (and any output under torchrun) is written as shards: the command is given
+    the index json, and a sharded best is named, not copied."""
+    run = tmp_path / "run"
+    run.mkdir()
+    for step in (10, 20, 30):
+        torch.save({"a": torch.randn(100, 100), "b": torch.randn(100, 100), "step": step}, run / f"ckpt_{step}.pt")
+    script = tmp_path / "name_length.py"
+    script.write_text("import sys\nassert sys.argv[1].endswith('.safetensors.index.json'), sys.argv[1]\n"
+                      "print(len(sys.argv[1].rsplit('/', 1)[-1]))\n")
+    out = tmp_path / "sweep"
+    res = ok(cli("sweep", run, "--decay", "0.5", "--last", "2", "--max-shard-size", "50KB", "--minimize",
+                 "--eval-cmd", f"{sys.executable} {script} {{weights}}", "-o", out, "--no-plot"))
+    assert "<- best on score" in [line for line in res.stdout.splitlines() if line.startswith("last-2")][0]
+    assert f"last-2 is sharded: it stays {out / 'last-2.safetensors.index.json'}" in res.stderr, res.stderr
+    assert not (out / "best.safetensors").exists()
