@@ -308,14 +308,16 @@ def _power_sum(c: torch.Tensor, b: torch.Tensor, g: float) -> torch.Tensor:
 
     h = g + 1
     eps = (b - c) / b
-    term = (h - 1) * eps * eps / 2
+    integral = b * eps - b * _one_minus_pow(c / b, h) / h
+    short = h * eps <= 1  # the series converges at least as fast as 1/k! there
+    term = (h - 1) * eps[short] ** 2 / 2
     series = term.clone()
-    for k in range(2, 400):
-        term = term * (-(h - k) * eps / (k + 1))
+    for k in range(2, 200):
+        term = term * (-(h - k) * eps[short] / (k + 1))
         series = series + term
         if bool((term.abs() <= 1e-18 * series.abs()).all()):
             break
-    integral = torch.where(h * eps <= 1, b * series, b * eps - b * _one_minus_pow(c / b, h) / h)
+    integral[short] = b[short] * series
     total = integral + _one_minus_pow(c / b, g) / 2  # (f(c) - f(b)) / 2, f(b) = 0
     for k, bernoulli in enumerate(_BERNOULLI, start=1):
         m = 2 * k - 1  # f^(m)(b) - f^(m)(c) = -g (g-1) ... (g-m+1) / b^m * (1 - (c/b)^(g-m))
