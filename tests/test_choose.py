@@ -76,7 +76,7 @@ STEP_LISTS = [
 @pytest.mark.parametrize("interpolate", ["linear", "step"])
 @pytest.mark.parametrize("steps", STEP_LISTS, ids=lambda s: f"{len(s)}ckpts-to-{s[-1]}")
 def test_power_weights_equal_edm2s_recurrence_over_every_step(steps: list[int], interpolate: str) -> None:
-    for sigma_rel in SIGMAS:
+    for sigma_rel in SIGMAS if steps[-1] <= 1000 else [0.01, 0.2]:  # the reference walks every step
         got = power_weighting(steps, sigma_rel, interpolate).weights
         want = power_weights(steps, sigma_rel, interpolate)
         assert max(abs(g - w) for g, w in zip(got, want)) <= 1e-12, (sigma_rel, got, want)

@@ -531,16 +531,16 @@ def test_sweep_eval_chooses_the_best_on_validation(cifar_runs: dict[str, Path], 
 def test_sweep_eval_without_a_validation_split_chooses_nothing(cifar_runs: dict[str, Path], cifar_dir: Path,
                                                                tmp_path: Path) -> None:
     out = tmp_path / "sweep"
-    res = ok(cli("sweep", cifar_runs["no_val"], "-o", out, "--decay", "0.9", "--last", "2", "--eval",
+    res = ok(cli("sweep", cifar_runs["no_val"], "-o", out, "--last", "2", "--eval",
                  "--data", cifar_dir, "--test-subset", 500, "--no-plot"))
     assert "note:" in res.stderr and "validation" in res.stderr, res.stderr
     assert not (out / "best.safetensors").exists()
     assert "best on validation" not in res.stdout
     rows = table_rows(res.stdout)
-    assert sorted(rows) == ["ema-0.9", "last-2"], res.stdout
+    assert sorted(rows) == ["last-2"], res.stdout
     for row in rows.values():
         assert row["val"] == "-" and row["test"].endswith("%"), row.group(0)
-    assert {p.name for p in out.iterdir()} == {"ema-0.9.safetensors", "last-2.safetensors", "final-model.safetensors"}
+    assert {p.name for p in out.iterdir()} == {"last-2.safetensors", "final-model.safetensors"}
 
 
 def test_a_budget_too_small_for_every_candidate_splits_the_sweep_into_passes(runs, tmp_path: Path) -> None:
