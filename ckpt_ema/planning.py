@@ -29,7 +29,8 @@ class Plan:
         return self.discovery.sources
 
     def table(self) -> str:
-        """One line per checkpoint (step, weight, path) and the effective window: what ``--dry-run`` prints."""
+        """One line per checkpoint (step, weight, path), the effective window and the unresolved share: what
+        ``--dry-run`` prints."""
         lines = [f"{'#':>4}  {'step':>10}  {'weight':>10}  checkpoint"]
         for i, (source, w) in enumerate(zip(self.sources, self.weighting.weights)):
             lines.append(f"{i:>4}  {source.step:>10}  {w:>10.3e}  {source.path}")
