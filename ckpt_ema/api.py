@@ -19,20 +19,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ckpt_ema.engine.distributed import World
-from ckpt_ema.engine.runner import bytes_read_by, check_device, fold_plans
+from ckpt_ema.engine.runner import bytes_read_by, check_device, run_plans
 from ckpt_ema.formats.checkpoint import load_state_dict
 from ckpt_ema.options import AverageOptions
 from ckpt_ema.output.atomic import check_output_path
 from ckpt_ema.output.metadata import output_metadata
 from ckpt_ema.output.sinks import MemoryOutput, SafetensorsOutput, index_path_of
-from ckpt_ema.planning import Plan, make_plan
+from ckpt_ema.planning import Plan, make_plan, percent
 
 if TYPE_CHECKING:
     import torch
     from typing_extensions import Unpack
 
     from ckpt_ema.options import OptionFields
-    from ckpt_ema.sweep import SweepResult, Scorer
+    from ckpt_ema.sweeping import Scorer, Scoring, SweepResult
 
 Inputs = "list[str | Path] | str | Path"
 
@@ -79,7 +79,8 @@ class AverageResult:
             where = f" -> {shown}{shards} ({human_bytes(size)})"
         sources = self.plan.sources
         return (f"averaged {len(sources)} checkpoints (steps {sources[0].step}..{sources[-1].step}, effective window "
-                f"{self.plan.weighting.effective_window()} checkpoints){where} in {self.seconds:.1f} s "
+                f"{self.plan.weighting.effective_window()} checkpoints, unresolved {percent(self.plan.weighting.unresolved)})"
+                f"{where} in {self.seconds:.1f} s "
                 f"({human_bytes(self.bytes_read / max(self.seconds, 1e-9))}/s)")
 
 
@@ -146,36 +147,41 @@ def run(the_plan: Plan, output: str | Path | None = None, *, progress: bool = Fa
     started = time.perf_counter()
     metadata = output_metadata(the_plan)
     sink = SafetensorsOutput(out_path, metadata, the_plan.options.max_shard_size) if out_path else MemoryOutput()
-    written = fold_plans([the_plan], [sink], progress=progress, desc="averaging", world=world)
+    written = run_plans([the_plan], [sink], progress=progress, desc="averaging", world=world)
     state = sink.tensors if isinstance(sink, MemoryOutput) else None
     return AverageResult(state, the_plan, metadata, out_path, time.perf_counter() - started,
                          bytes_read_by([the_plan]), written[0])
 
 
 def sweep(inputs: list[str | Path] | str | Path, outdir: str | Path, *, decays: list[float] = (),
-          half_lives: list[float] = (), lasts: list[int] = (), options: AverageOptions | None = None,
-          score: Scorer | None = None, plot: bool = True, progress: bool = False, world: World | None = None,
-          keep_state: bool = True, **fields: Unpack[OptionFields]) -> SweepResult:
-    """Many averages from one read of the checkpoints: one candidate per decay, half-life and K of ``lasts``,
-    each written to ``OUTDIR/<candidate>.safetensors``; with ``score``, each candidate and the final model are
-    scored and the best copied to ``OUTDIR/best.safetensors`` (see :func:`ckpt_ema.sweep.run_sweep`).
+          half_lives: list[float] = (), lasts: list[int] = (), sigma_rels: list[float] = (),
+          options: AverageOptions | None = None, score: Scoring | Scorer | None = None, plot: bool = True,
+          progress: bool = False, world: World | None = None, keep_state: bool = True,
+          **fields: Unpack[OptionFields]) -> SweepResult:
+    """Many averages from one read of the checkpoints: one candidate per decay, half-life, sigma_rel (power EMA) and
+    K of ``lasts``, each written to ``OUTDIR/<candidate>.safetensors``. With ``score`` (a
+    :class:`~ckpt_ema.sweeping.Scoring`, or a function from a weights file's path to named scores, ranked by the first,
+    higher being better), each candidate and the final model are scored and the best copied to
+    ``OUTDIR/best.safetensors`` if it beats the final model (see :func:`ckpt_ema.sweeping.run_sweep`).
 
     With ``keep_state`` (one process), the state of every candidate is kept in ``OUTDIR/ckpt-ema-state`` and a
     later call folds in only the new checkpoints, as :func:`average` does; the first of ``result.notes`` says so."""
-    from ckpt_ema.sweep import finish_sweep, output_folder, plan_sweep, run_sweep, sweep_result_of, sweep_targets
+    from ckpt_ema.sweeping import (Scoring, finish_sweep, output_folder, plan_sweep, run_sweep, sweep_result_of,
+                                   sweep_targets)
 
     base = resolve_options(options, dict(fields))
+    scoring = score if score is None or isinstance(score, Scoring) else Scoring(score)
     if keep_state and (world is None or not world.is_distributed):
         from ckpt_ema.follow.update import update
 
         targets, folder = sweep_targets(Path(outdir), base, decays=list(decays), half_lives=list(half_lives),
-                                        lasts=list(lasts))
+                                        lasts=list(lasts), sigma_rels=list(sigma_rels))
         with output_folder(Path(outdir)):
             done = update(_input_list(inputs), targets, folder, progress=progress,
                           desc=f"sweeping {len(targets)} candidates")
         result = sweep_result_of(targets, done)
-        finish_sweep(result, Path(outdir), score=score, plot=plot)
+        finish_sweep(result, Path(outdir), score=scoring, plot=plot)
         return result
     candidates = plan_sweep(_input_list(inputs), base, decays=list(decays), half_lives=list(half_lives),
-                            lasts=list(lasts))
-    return run_sweep(candidates, Path(outdir), score=score, plot=plot, progress=progress, world=world)
+                            lasts=list(lasts), sigma_rels=list(sigma_rels))
+    return run_sweep(candidates, Path(outdir), score=scoring, plot=plot, progress=progress, world=world)

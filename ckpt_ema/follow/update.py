@@ -46,7 +46,8 @@ from ckpt_ema.options import AverageOptions
 from ckpt_ema.output.metadata import CARRIED_METADATA, output_metadata
 from ckpt_ema.output.sinks import SafetensorsOutput
 from ckpt_ema.planning import Plan, weighting_for, within_window
-from ckpt_ema.weighting import EmaState, Weighting, ema_continuation, uniform_weighting
+from ckpt_ema.weighting import (EmaState, Weighting, ema_continuation, ema_total, ema_unresolved, ema_weighting,
+                                uniform_weighting)
 
 # Options that do not change the running means: how the outputs are written (a change rewrites them from the
 # state), and where and within what memory the fold runs.
@@ -68,8 +69,10 @@ class Target:
     output: Path
 
     @property
-    def is_ema(self) -> bool:
-        return self.options.last is None
+    def keeps_mean(self) -> bool:
+        """timm's EMA, which goes on from its running mean; a uniform mean of the newest K reads them again, and a
+        power EMA (``sigma_rel``) is averaged from the start each time (its continuation is not written yet)."""
+        return self.options.last is None and self.options.sigma_rel is None
 
 
 @dataclass
@@ -131,6 +134,9 @@ def _options_differ(manifest: Manifest, targets: Sequence[Target]) -> str | None
     """Why the state's means cannot go on under these targets' options (None: they can)."""
     if [(c.name, c.output) for c in manifest.candidates] != [(t.name, str(t.output.absolute())) for t in targets]:
         return "the averages asked for are not those the state carries"
+    power = [t.name for t in targets if t.options.sigma_rel is not None]
+    if power:
+        return f"{power[0]} is a power EMA, which is averaged from the start each time"
     for record, target in zip(manifest.candidates, targets):
         now = target.options.flat()
         differ = sorted(k for k in set(now) | set(record.options)
@@ -265,17 +271,20 @@ def _fold_and_commit(manifest: Manifest | None, found: Discovery, new: list[Sour
     totals: list[float | None] = []
     for k, target in enumerate(targets):
         opts = target.options
-        if not target.is_ema:
-            weighting = uniform_weighting(steps, opts.last)  # type: ignore[arg-type]
-            newest = _newest_positions(opts.last, n, None if manifest is None else (len(reread), len(new)))  # type: ignore[arg-type]
-            job.lerps.append(list(Weighting(tuple(range(n)), tuple(float(i in newest) for i in range(n))).lerps))
-            job.initial.append(None)
-            total = None
-        elif manifest is None:
-            weighting, state = ema_continuation(steps, opts.schedule, opts.bias_correction, opts.interpolate)
+        total = None
+        if manifest is None:  # from the start: the full weighting
+            if target.keeps_mean:
+                weighting = ema_weighting(steps, opts.schedule, opts.bias_correction, opts.interpolate)
+                total = ema_total(steps[-1], opts.schedule, opts.bias_correction)
+            else:
+                weighting = weighting_for(opts, steps)
             job.lerps.append(list(weighting.lerps))
             job.initial.append(None)
-            total = state.total
+        elif not target.keeps_mean:  # a uniform mean (a power EMA is never appended to)
+            weighting = uniform_weighting(steps, opts.last)  # type: ignore[arg-type]
+            newest = _newest_positions(opts.last, n, (len(reread), len(new)))  # type: ignore[arg-type]
+            job.lerps.append(list(Weighting(tuple(range(n)), tuple(float(i in newest) for i in range(n))).lerps))
+            job.initial.append(None)
         else:
             record = manifest.candidates[k]
             after = EmaState(manifest.inputs[-1].step, record.total or 0.0)
@@ -283,7 +292,8 @@ def _fold_and_commit(manifest: Manifest | None, found: Discovery, new: list[Sour
                                         after)
             old = [x * w.prior for x in record.weights]
             old[-1] += w.weights[0]  # the newest folded before: its share of the next interval (linear rule)
-            weighting = Weighting(tuple(steps), tuple(old) + w.weights[1:])
+            weighting = Weighting(tuple(steps), tuple(old) + w.weights[1:],
+                                  ema_unresolved(steps, opts.schedule, opts.bias_correction))
             lerps = list(w.lerps) if manifest.theta else (list(w.lerps[1:]) or [0.0])  # no copy: no slot
             job.lerps.append([0.0] * len(reread) + lerps)
             job.initial.append(folder.open(record.mean) if w.prior > 0 and record.mean else None)
@@ -300,7 +310,7 @@ def _fold_and_commit(manifest: Manifest | None, found: Discovery, new: list[Sour
     state_files: list[SafetensorsOutput] = []
     try:
         for k, (target, out) in enumerate(zip(targets, outputs)):
-            if target.is_ema:
+            if target.keeps_mean:
                 mean = folder.new_file(generation, f"mean-{k}")
                 state_files.append(mean)
                 job.sinks.append(_Tee(out, mean))
@@ -309,7 +319,7 @@ def _fold_and_commit(manifest: Manifest | None, found: Discovery, new: list[Sour
                 job.sinks.append(out)
                 job.files.append([(out, "output")])
         theta = None
-        if base.interpolate == "linear" and any(t.is_ema for t in targets):
+        if base.interpolate == "linear" and any(t.keeps_mean for t in targets):
             theta = folder.new_file(generation, "theta")  # the newest checkpoint, copied as read
             state_files.append(theta)
         dtypes, passes = _run(job, theta, base, None if manifest is None else manifest.dtypes, progress, desc)
@@ -319,7 +329,7 @@ def _fold_and_commit(manifest: Manifest | None, found: Discovery, new: list[Sour
             accum_dtype=base.accum_dtype,
             inputs=[records.get(str(s.path.absolute())) or _record(s, listings.get(s.path)) for s in sources],
             candidates=[CandidateRecord(t.name, str(t.output.absolute()), t.options.flat(), total,
-                                        f"{generation}.mean-{k}.safetensors" if t.is_ema else None,
+                                        f"{generation}.mean-{k}.safetensors" if t.keeps_mean else None,
                                         list(p.weighting.weights))
                         for k, (t, p, total) in enumerate(zip(targets, plans, totals))],
             theta=f"{generation}.theta.safetensors" if theta is not None else None,
@@ -398,7 +408,7 @@ def _run(job: _Job, theta: SafetensorsOutput | None, options: AverageOptions, re
     ``theta`` in the first; returns the run's tensor dtypes and the number of passes."""
     accum = DTYPES[options.accum_dtype]
     out_dtype = DTYPES[options.out_dtype] if options.out_dtype else None
-    from ckpt_ema.sweep import candidates_per_pass  # (sweep.py imports this module)
+    from ckpt_ema.sweeping import candidates_per_pass  # (sweeping.py imports this module)
 
     per_pass = candidates_per_pass(options, len(job.lerps))
     seen: dict[str, str] = {}
