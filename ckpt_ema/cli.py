@@ -163,16 +163,26 @@ def _check_follow_flags(keep_state: bool, watch: bool, until_step: int | None, p
 
 
 def _follow(targets: list[Any], folder: Any, inputs: list[str], watch: bool, until_step: int | None, poll: float,
-            quiet: bool) -> Any:
-    """One update of ``targets`` from their state (printing what was reused), or with ``watch`` one per new
-    checkpoint until stopped; returns the last update."""
+            quiet: bool, average: bool = True) -> Any:
+    """One update of ``targets`` from their state, or with ``watch`` one per new checkpoint until stopped; returns
+    the last update. One update of an ``average`` is said here (what was reused, warnings, the summary); a sweep's,
+    by the caller once the candidates are scored."""
     from ckpt_ema.follow.update import update
     from ckpt_ema.follow.watch import watch as follow_run
 
     if not watch:
         done = update(inputs, targets, folder, progress=show_progress(quiet),
                       on_discovery=lambda found: _print_notes(found, quiet))
+        if not average:
+            return done
         say(_update_line(done, targets), quiet)
+        if done.action != "up to date":  # its warnings and summary, as without a state
+            from ckpt_ema.api import AverageResult
+
+            for line in done.plans[0].warnings():
+                say(f"warning: {line}", quiet)
+            say(AverageResult(None, done.plans[0], {}, targets[0].output, done.seconds, done.bytes_read,
+                              done.files[0]).summary(), quiet)
         return done
     say(f"watching {', '.join(inputs)} (every {poll:g} s{'' if until_step is None else f', until step {until_step}'}); "
         "Ctrl-C stops", quiet)
@@ -252,15 +262,19 @@ def sweep_command(inputs: tuple[str, ...], outdir: str, decays: tuple[float, ...
         targets, state = sweep_targets(folder, options, decays=list(decays), half_lives=list(half_lives),
                                        lasts=list(lasts), sigma_rels=list(sigma_rels))
         with output_folder(folder):
-            done = _follow(targets, state, list(inputs), watch, until_step, poll, quiet)
+            done = _follow(targets, state, list(inputs), watch, until_step, poll, quiet, average=False)
         if done is None:
             return
         result = sweep_result_of(targets, done)
         result.notes = []  # the update's line is said
         finish_sweep(result, folder, score=scoring, plot=plot)
-        if done.action != "up to date" and not watch:
-            say(f"read {len(done.new)} checkpoints {_reads(result.passes)} for {len(targets)} candidates in "
-                f"{done.seconds:.1f} s; wrote {folder}/<candidate>.safetensors", quiet)
+        if not watch:
+            say(_update_line(done, targets), quiet)
+            if done.action != "up to date":
+                for line in sweep_warnings(result.candidates):
+                    say(f"warning: {line}", quiet)
+                say(f"read {len(done.new)} checkpoints {_reads(result.passes)} for {len(targets)} candidates in "
+                    f"{done.seconds:.1f} s; wrote {folder}/<candidate>.safetensors", quiet)
     else:
         candidates = plan_sweep(list(inputs), options, decays=list(decays), half_lives=list(half_lives),
                                 lasts=list(lasts), sigma_rels=list(sigma_rels))

@@ -493,3 +493,23 @@ def test_the_demo_trainer_keeps_its_last_k(cifar_dir, tmp_path):
                                                               "step_00000008.pt"]
     avg = ckpt_ema.average(run, tmp_path / "ema.safetensors", decay=0.9)
     assert [s.step for s in avg.plan.sources] == [4, 6, 8]
+
+
+def test_a_power_ema_candidate_is_averaged_from_the_start_each_time(tmp_path):
+    """A power EMA (sigma_rel) keeps no running mean yet: an update says so and redoes the sweep from the start,
+    with the full rerun's result (and fails in one line once a checkpoint it needs is gone)."""
+    run, outdir = tmp_path / "run", tmp_path / "sweep"
+    write_run(run, STEPS[:5])
+    kwargs = dict(decays=[0.9], sigma_rels=[0.1], plot=False)
+    ckpt_ema.api.sweep(run, outdir, **kwargs)
+    write_run(run, STEPS[5:])
+    again = ckpt_ema.api.sweep(run, outdir, **kwargs)
+    assert again.notes[0] == ("averaged 10 checkpoints from the start (the state cannot go on: power-0.1 is a power "
+                              "EMA, which is averaged from the start each time)")
+    for candidate in again.candidates:
+        full = ckpt_ema.average(run, None, candidate.plan.options).state_dict
+        got = load_file(candidate.output)
+        assert all(max_abs_diff(got[k], full[k]) < TOLERANCE for k in full), candidate.name
+    (run / "ckpt_0.pt").unlink()
+    with pytest.raises(CkptEmaError, match="is a power EMA, which is averaged from the start each time.*ckpt_0.pt"):
+        ckpt_ema.api.sweep(run, outdir, **kwargs)

@@ -97,11 +97,10 @@ class Watcher:
             wanted = max((t.options.last or 0 for t in self.targets), default=0)
             if manifest is None and len(ready) < max(wanted, 1):
                 return False  # a uniform mean of the newest K waits for K checkpoints
-            # Checkpoints folded before need not be listed (those gone are in the state), except the newest K
-            # that a uniform mean reads again: the fewer files named, the fewer a trainer can delete meanwhile.
-            inputs = (present[-wanted:] if wanted else []) + ready or present[-1:]
+            # Every checkpoint listed is named, those folded before too: should the update have to start over (other
+            # options than the state's), it must see the whole run, or it would average a part of it.
             try:
-                done = update(inputs, self.targets, self.folder, progress=self.progress, desc="updating")
+                done = update(present + ready, self.targets, self.folder, progress=self.progress, desc="updating")
                 break
             except NothingYet:
                 return False  # every step so far is before update_after_step
