@@ -180,6 +180,17 @@ def corrected_decay(ema, s: int) -> float:  # noqa: ANN001 - a timm ModelEmaV3
     return max(min(0.0, ema.decay), ema.min_decay) if ema.use_warmup else ema.decay
 
 
+def interval_reference(ema, a: int, b: int, bias_correction: bool = False) -> tuple[float, float, float]:  # noqa: ANN001
+    """(F, A, B) of the steps s = a+1..b by timm's recurrence run literally, one step at a time, on the
+    coefficients of v_a, theta_a and theta_b (theta(s) on the line between them): the per-step brute force."""
+    survive, older, newer = 1.0, 0.0, 0.0
+    for s in range(a + 1, b + 1):
+        d = corrected_decay(ema, s) if bias_correction else ema.get_decay(s)
+        lam = (s - a) / (b - a)
+        survive, older, newer = d * survive, d * older + (1 - d) * (1 - lam), d * newer + (1 - d) * lam
+    return survive, older, newer
+
+
 def linear_reference(checkpoints: dict[int, dict[str, torch.Tensor]], *, bias_correction: bool = False,
                      **schedule: float) -> dict[str, torch.Tensor]:
     """timm's EMA run at every step s = 1..last over weights moving linearly between saves, in float64.
