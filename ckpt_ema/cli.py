@@ -19,6 +19,7 @@ import click
 from ckpt_ema import __version__
 from ckpt_ema.cli_options import NumbersOption, averaging_options, options_from
 from ckpt_ema.errors import CkptEmaError, OptionError
+from ckpt_ema.interrupts import Interrupted, signal_name, signals_as_interrupts
 
 # Click >= 8.2 raises this for a group called without a command; older Clicks print the help themselves.
 NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
@@ -53,7 +54,8 @@ class CkptEmaGroup(click.Group):
     def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
              standalone_mode: bool = True, **extra: Any) -> Any:
         try:
-            rv = super().main(args, prog_name or "ckpt-ema", complete_var, standalone_mode=False, **extra)
+            with signals_as_interrupts():
+                rv = super().main(args, prog_name or "ckpt-ema", complete_var, standalone_mode=False, **extra)
         except OptionError as exc:
             fail(exc.as_flag())
         except CkptEmaError as exc:
@@ -63,7 +65,10 @@ class CkptEmaGroup(click.Group):
             sys.exit(0)
         except click.ClickException as exc:
             fail(exc.format_message(), exc.exit_code)
-        except (click.exceptions.Abort, KeyboardInterrupt):
+        except (click.exceptions.Abort, KeyboardInterrupt) as exc:
+            stop = exc.__cause__ if isinstance(exc, click.exceptions.Abort) else exc  # Click wraps Ctrl-C in Abort
+            if isinstance(stop, Interrupted):
+                fail(f"interrupted ({signal_name(stop.signum)})", stop.exit_code)
             fail("interrupted", 130)
         if not standalone_mode:
             return rv
@@ -128,6 +133,8 @@ def average_command(inputs: tuple[str, ...], output: str | None, decay: float | 
             click.echo(the_plan.table())
         return
     result = run(the_plan, output, progress=show_progress(quiet), world=world)
+    for note in result.notes:
+        say(f"note: {note}", quiet)
     say(result.summary(), quiet)
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ckpt_ema.discover import Discovery, Source, discover
 from ckpt_ema.errors import CkptEmaError, OptionError
+from ckpt_ema.formats.hf import HF_INDEX_FILES, weight_files_of
 from ckpt_ema.options import AverageOptions
 from ckpt_ema.weighting import Weighting, ema_weighting, uniform_weighting
 
@@ -27,6 +28,18 @@ class Plan:
     @property
     def sources(self) -> list[Source]:
         return self.discovery.sources
+
+    def input_files(self) -> list[Path]:
+        """Every file the planned checkpoints consist of: each weight file, each shard of a sharded set and its
+        index, a folder's weights (what no output may replace)."""
+        files: list[Path] = []
+        for source in self.sources:
+            files += weight_files_of(source.path)
+            if source.path.is_dir():
+                files += [source.path / name for name in HF_INDEX_FILES]
+            else:
+                files.append(source.path)
+        return files
 
     def table(self) -> str:
         """One line per checkpoint (step, weight, path) and the effective window: what ``--dry-run`` prints."""

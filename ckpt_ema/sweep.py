@@ -23,7 +23,7 @@ from ckpt_ema.engine.distributed import World
 from ckpt_ema.engine.runner import chunk_elems, fold_plans
 from ckpt_ema.errors import CkptEmaError, OptionError
 from ckpt_ema.options import AverageOptions
-from ckpt_ema.output.atomic import copy_atomically
+from ckpt_ema.output.atomic import check_not_an_input, copy_atomically, output_files
 from ckpt_ema.output.metadata import output_metadata
 from ckpt_ema.output.sinks import SafetensorsOutput
 from ckpt_ema.planning import Plan, discover_window, weighting_for
@@ -138,7 +138,20 @@ def run_sweep(candidates: list[Candidate], outdir: Path, *, score: Scoring | Non
     """
     if not outdir.parent.is_dir():
         raise CkptEmaError("the output folder's parent does not exist", outdir)
+    outputs = [outdir / f"{c.name}.safetensors" for c in candidates] + [outdir / "best.safetensors"]
+    check_not_an_input([f for o in outputs for f in output_files(o)], candidates[0].plan.input_files())
+    created = not outdir.exists()
     outdir.mkdir(exist_ok=True)
+    try:
+        return _sweep_into(candidates, outdir, score=score, plot=plot, progress=progress, world=world)
+    except BaseException:
+        if created and not any(outdir.iterdir()):
+            outdir.rmdir()  # a failed sweep leaves no empty folder behind
+        raise
+
+
+def _sweep_into(candidates: list[Candidate], outdir: Path, *, score: Scoring | None, plot: bool, progress: bool,
+                world: World | None) -> SweepResult:
     started = time.perf_counter()
     sinks = []
     for c in candidates:
@@ -151,6 +164,7 @@ def run_sweep(candidates: list[Candidate], outdir: Path, *, score: Scoring | Non
         fold_plans(plans[group], sinks[group], progress=progress, desc=f"sweeping {len(plans[group])} candidates",
                    world=world)
     result = SweepResult(candidates, time.perf_counter() - started, -(-len(plans) // per_pass))
+    result.notes += [note for sink in sinks for note in sink.notes]
     if world is not None and world.rank != 0:
         return result  # under torchrun: scores, the choice and pictures come from rank 0
     if score is not None:

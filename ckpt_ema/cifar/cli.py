@@ -112,10 +112,10 @@ def train_command(output: str, ema_decay: float | None, quiet: bool, **options: 
 
     try:
         result = train(TrainConfig(output=Path(output), ema=ema, quiet=quiet, **options))
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM/SIGHUP (ckpt_ema.interrupts)
         click.echo(f"ckpt-ema: interrupted; the checkpoints saved so far stay in {output}: continue with --resume",
                    err=True)
-        raise SystemExit(130) from None
+        raise SystemExit(getattr(exc, "exit_code", 130)) from None
     if not quiet:
         click.echo(result.summary(), err=True)
 
