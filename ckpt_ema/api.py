@@ -78,9 +78,11 @@ class AverageResult:
             shards = f" + {len(self.files) - 1} shards" if len(self.files) > 1 else ""
             where = f" -> {shown}{shards} ({human_bytes(size)})"
         sources = self.plan.sources
+        warned = (f"; warning: {self.plan.first_share:.0%} of the weight is on the first checkpoint"
+                  if self.plan.warnings else "")
         return (f"averaged {len(sources)} checkpoints (steps {sources[0].step}..{sources[-1].step}, effective window "
                 f"{self.plan.weighting.effective_window()} checkpoints){where} in {self.seconds:.1f} s "
-                f"({human_bytes(self.bytes_read / max(self.seconds, 1e-9))}/s)")
+                f"({human_bytes(self.bytes_read / max(self.seconds, 1e-9))}/s){warned}")
 
 
 def human_bytes(n: float) -> str:

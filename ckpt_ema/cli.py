@@ -128,6 +128,8 @@ def average_command(inputs: tuple[str, ...], output: str | None, decay: float | 
     quiet = quiet or world.rank != 0
     the_plan = plan(list(inputs), options)
     _print_notes(the_plan.discovery, quiet)
+    for note in the_plan.notes:
+        say(f"note: {note}", quiet)
     if dry_run:
         if world.rank == 0:
             click.echo(the_plan.table())
@@ -135,6 +137,8 @@ def average_command(inputs: tuple[str, ...], output: str | None, decay: float | 
     result = run(the_plan, output, progress=show_progress(quiet), world=world)
     for note in result.notes:
         say(f"note: {note}", quiet)
+    for warning in the_plan.warnings:  # after the run: a failing run's error stays its one line
+        say(f"warning: {warning}", quiet)
     say(result.summary(), quiet)
 
 
@@ -169,6 +173,8 @@ def sweep_command(inputs: tuple[str, ...], outdir: str, decays: tuple[float, ...
     options = options_from(params)
     candidates = plan_sweep(list(inputs), options, decays=list(decays), half_lives=list(half_lives), lasts=list(lasts))
     _print_notes(candidates[0].plan.discovery, quiet)
+    for note in candidates[0].plan.notes:
+        say(f"note: {note}", quiet)
     scoring = None
     if evaluate:
         from ckpt_ema.cifar.evaluate import sweep_scorer  # the demo's evaluation, loaded only when asked for
@@ -193,6 +199,9 @@ def sweep_command(inputs: tuple[str, ...], outdir: str, decays: tuple[float, ...
             say(f"note: {note}", quiet)
     for picture in result.pictures:
         say(f"picture: {picture}", quiet)
+    for candidate in candidates:
+        for warning in candidate.plan.warnings:
+            say(f"warning: {candidate.name}: {warning}", quiet)
 
 
 def _print_notes(discovery: Any, quiet: bool) -> None:

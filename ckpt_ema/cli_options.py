@@ -94,6 +94,9 @@ def averaging_options() -> Any:
         click.option("--per-checkpoint", is_flag=True, default=d("per_checkpoint"),
                      help="Ignore steps: every checkpoint counts as one update."),
         click.option("--key", default=d("key"), help="Where the weights are inside each checkpoint (e.g. state_dict_ema)."),
+        click.option("--strip-prefix", default=d("strip_prefix"), metavar="PREFIX",
+                     help="Cut PREFIX from every tensor name (a wrapper's, e.g. Lightning's 'model.'), so that the "
+                          "average loads into the bare model; a tensor without it is an error."),
         click.option("--device", default=d("device"), show_default=True, help="Where to accumulate: cpu, cuda, mps."),
         click.option("--accum-dtype", type=click.Choice(ACCUM_DTYPE_NAMES), default=d("accum_dtype"), show_default=True,
                      help="Precision of the running average."),

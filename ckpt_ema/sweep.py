@@ -101,6 +101,18 @@ def plan_sweep(inputs: list[str | Path], options: AverageOptions | None = None, 
     return candidates
 
 
+def identical_candidates(candidates: list[Candidate]) -> list[str]:
+    """A note for each candidate whose weights equal an earlier one's (to 1e-12): with warmup, decays that never
+    bind within the run give the same average, so the sweep compares the same thing twice."""
+    notes = []
+    for i, c in enumerate(candidates):
+        twin = next((d for d in candidates[:i] if max(abs(a - b) for a, b in
+                                                     zip(c.plan.weighting.weights, d.plan.weighting.weights)) <= 1e-12), None)
+        if twin is not None:
+            notes.append(f"{c.name} gives the same weights as {twin.name}: the same average")
+    return notes
+
+
 @dataclass
 class SweepResult:
     """What a sweep wrote and, when scored, how each candidate and the final model did and which is best."""
@@ -164,7 +176,7 @@ def _sweep_into(candidates: list[Candidate], outdir: Path, *, score: Scoring | N
         fold_plans(plans[group], sinks[group], progress=progress, desc=f"sweeping {len(plans[group])} candidates",
                    world=world)
     result = SweepResult(candidates, time.perf_counter() - started, -(-len(plans) // per_pass))
-    result.notes += [note for sink in sinks for note in sink.notes]
+    result.notes += identical_candidates(candidates) + [note for sink in sinks for note in sink.notes]
     if world is not None and world.rank != 0:
         return result  # under torchrun: scores, the choice and pictures come from rank 0
     if score is not None:

@@ -164,7 +164,7 @@ def eval_command(
     if bn_batches < 0:
         raise CkptEmaError(f"--bn-recalibrate must be >= 0 batches, got {bn_batches}")
     dev = check_device(device)
-    paths, _ = expand_inputs(list(weights), drop_aliases=False)  # folders and globs, as average reads them
+    paths, _ = expand_inputs(list(weights))  # folders and globs, as average reads them
     eval_data = EvalData(data, test_subset, dev)
     results = []
     for path in paths:
