@@ -48,6 +48,7 @@ the checkpoints are too sparse for the decay, and the "average" is mostly the la
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from collections.abc import Callable
@@ -156,8 +157,7 @@ class DecaySchedule:
         first, last = s - k - 1, upto - k - 1  # the warmup's t of these steps (t >= 0)
         if self.min_decay >= self.decay:
             return out.then(constant_run(self.min_decay, last - first + 1))
-        varying = self._first_t(lambda raw: raw > self.min_decay)  # d(t) > min_decay from here on
-        capped = self._first_t(lambda raw: raw >= self.decay)  # d(t) = decay from here on
+        varying, capped = self._warmup_bounds
         varying = last + 1 if varying is None else varying
         capped = last + 1 if capped is None else capped
         if first < varying:
@@ -168,6 +168,11 @@ class DecaySchedule:
         if max(first, capped) <= last:
             out = out.then(constant_run(self.decay, last - max(first, capped) + 1))
         return out
+
+    @functools.cached_property
+    def _warmup_bounds(self) -> tuple[int | None, int | None]:
+        """The first warmup t with d(t) > min_decay, and the first with d(t) = decay (None: not before 2^62)."""
+        return self._first_t(lambda raw: raw > self.min_decay), self._first_t(lambda raw: raw >= self.decay)
 
     def warmup_raw(self, t: float) -> float:
         """timm's warmup formula before clamping, with its float operations: 1 - (1 + t/gamma)^-power."""
@@ -188,7 +193,9 @@ class DecaySchedule:
         return high
 
 
-# The warmup's d(t) varies at every step: a stretch of up to this many steps is summed step by step (exact)...
+# The warmup's d(t) varies at every step: a stretch of up to this many steps is summed step by step (exact), in
+# plain floats up to FEW_STEPS (numpy's per-call cost would dominate) ...
+FEW_STEPS = 256
 EXACT_WARMUP_STEPS = 1 << 16
 # ... a longer one in chunks over which 1 - d(t) changes by about this fraction (see _warmup_run).
 WARMUP_CHUNK_VARIATION = 1e-3
@@ -228,14 +235,22 @@ def _then(older: tuple, newer: tuple) -> tuple:
 
 
 def constant_run(decay: float, count: int) -> StepRun:
-    """``count`` steps at one decay, in O(log count) operations."""
-    import numpy as np
-
+    """``count`` steps at one decay, in O(log count) float operations: :func:`_constant_runs` for one run, in
+    plain floats (numpy's per-call cost would dominate a single run)."""
     if count <= 0:
         return StepRun()
-    with np.errstate(divide="ignore"):
-        log_d = np.log(np.array([decay], dtype=np.float64))
-    return _fold_runs(_constant_runs(log_d, np.array([count], dtype=np.int64)))
+    log_d = math.log(decay) if decay > 0 else -math.inf
+    gained = -math.expm1(log_d)
+    out: tuple = (0, 1.0, 0.0, 0.0, 0.0)
+    level: tuple = (1, decay, gained, 0.0, gained)
+    while True:
+        if count & 1:
+            out = _then(out, level)
+        count >>= 1
+        if not count:
+            return StepRun(*out)
+        doubled = _then(level, level)
+        level = (doubled[0], math.exp(doubled[0] * log_d), -math.expm1(doubled[0] * log_d), doubled[3], doubled[4])
 
 
 def _constant_runs(log_d: Any, count: Any) -> tuple:
@@ -294,6 +309,12 @@ def _warmup_run(schedule: DecaySchedule, first: int, count: int) -> StepRun:
     import numpy as np
 
     gamma, power = schedule.warmup_gamma, schedule.warmup_power
+    if count <= FEW_STEPS:  # in plain floats, timm's own operations
+        out = StepRun()
+        for t in range(first, first + count):
+            d = schedule.warmup_raw(t)
+            out = out.then(StepRun(1, d, 1.0 - d, 0.0, 1.0 - d))
+        return out
     if count <= EXACT_WARMUP_STEPS:
         k = schedule.update_after_step
         d = schedule.decays(first + k + 1, first + count + k, bias_corrected=True).numpy()

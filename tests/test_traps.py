@@ -6,7 +6,7 @@ name), Lightning's newer last.ckpt (kept), timm's recovery snapshots (left out, 
 from __future__ import annotations
 
 import json
-import os
+import re
 import shutil
 from pathlib import Path
 
@@ -232,3 +232,11 @@ def test_an_alias_at_the_step_of_a_periodic_checkpoint_with_other_bytes(tmp_path
     assert [s.step for s in found.sources] == [8, 16]
     assert f"{run / 'last.ckpt'}: an alias of {run / 'epoch=0-step=16.ckpt'} (the same step 16), not averaged a " \
            "second time" in found.skipped
+
+
+@pytest.mark.parametrize("command,prefix", [("train", "--ema-"), ("average", "--")])
+def test_help_states_the_warmup_formula(command: str, prefix: str) -> None:
+    text = " ".join(re.sub(r"-\n\s+", "-", cli(command, "--help").output).split())  # Click wraps at hyphens
+    assert f"max(min(1 - (1 + t/gamma)^-power, {prefix}decay), {prefix}min-decay)" in text
+    assert f"t = s - {prefix}update-after-step - 1" in text
+    assert "capped" not in text
