@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ckpt_ema.engine.distributed import World
-from ckpt_ema.engine.runner import bytes_read_by, check_device, fold_plans
+from ckpt_ema.engine.runner import bytes_read_by, check_device, run_plans
 from ckpt_ema.formats.checkpoint import load_state_dict
 from ckpt_ema.options import AverageOptions
 from ckpt_ema.output.atomic import check_not_an_input, check_output_path, output_files
@@ -122,7 +122,7 @@ def run(the_plan: Plan, output: str | Path | None = None, *, progress: bool = Fa
     started = time.perf_counter()
     metadata = output_metadata(the_plan)
     sink = SafetensorsOutput(out_path, metadata, the_plan.options.max_shard_size) if out_path else MemoryOutput()
-    written = fold_plans([the_plan], [sink], progress=progress, desc="averaging", world=world)
+    written = run_plans([the_plan], [sink], progress=progress, desc="averaging", world=world)
     state = sink.tensors if isinstance(sink, MemoryOutput) else None
     return AverageResult(state, the_plan, metadata, out_path, time.perf_counter() - started,
                          bytes_read_by([the_plan]), written[0], getattr(sink, "notes", []))

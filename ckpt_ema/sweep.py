@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ckpt_ema.engine.distributed import World
-from ckpt_ema.engine.runner import chunk_elems, fold_plans
+from ckpt_ema.engine.runner import chunk_elems, run_plans
 from ckpt_ema.errors import CkptEmaError, OptionError
 from ckpt_ema.options import AverageOptions
 from ckpt_ema.output.atomic import check_not_an_input, copy_atomically, output_files
@@ -173,7 +173,7 @@ def _sweep_into(candidates: list[Candidate], outdir: Path, *, score: Scoring | N
     per_pass = candidates_per_pass(plans[0].options, len(plans))
     for start in range(0, len(plans), per_pass):
         group = slice(start, start + per_pass)
-        fold_plans(plans[group], sinks[group], progress=progress, desc=f"sweeping {len(plans[group])} candidates",
+        run_plans(plans[group], sinks[group], progress=progress, desc=f"sweeping {len(plans[group])} candidates",
                    world=world)
     result = SweepResult(candidates, time.perf_counter() - started, -(-len(plans) // per_pass))
     result.notes += identical_candidates(candidates) + [note for sink in sinks for note in sink.notes]

@@ -52,28 +52,28 @@ def check_device(device: str) -> torch.device:
     return dev
 
 
-def fold_plans(plans: list[Plan], sinks: list[SafetensorsOutput | MemoryOutput], *, progress: bool, desc: str,
+def run_plans(plans: list[Plan], sinks: list[SafetensorsOutput | MemoryOutput], *, progress: bool, desc: str,
                world: World | None = None) -> list[list[Path]]:
     """Fold the checkpoints of ``plans`` (same checkpoints, different weights) into ``sinks`` in one read.
 
     Output files become visible only when every candidate is complete; returns the files each sink wrote. With a
-    ``world`` of several processes (and output files), this process folds its share: :func:`fold_plans_on_ranks`.
+    ``world`` of several processes (and output files), this process folds its share: :func:`run_plans_on_ranks`.
     """
     check_device(plans[0].options.device)
     if world is not None and world.is_distributed:
         if not all(isinstance(s, SafetensorsOutput) for s in sinks):
             raise CkptEmaError("several processes write their shares to files: give an output file")
-        return fold_plans_on_ranks(plans, sinks, world, progress=progress, desc=desc)  # type: ignore[arg-type]
+        return run_plans_on_ranks(plans, sinks, world, progress=progress, desc=desc)  # type: ignore[arg-type]
     files = [s for s in sinks if isinstance(s, SafetensorsOutput)]
     try:
-        _fold_into(plans, sinks, progress=progress, desc=desc)
+        _read_once_into(plans, sinks, progress=progress, desc=desc)
         return [s.commit() if isinstance(s, SafetensorsOutput) else [] for s in sinks]
     finally:
         for f in files:
             f.abort()  # removes whatever temporary files a failure left; nothing once committed
 
 
-def fold_plans_on_ranks(plans: list[Plan], sinks: list[SafetensorsOutput], world: World, *, progress: bool,
+def run_plans_on_ranks(plans: list[Plan], sinks: list[SafetensorsOutput], world: World, *, progress: bool,
                         desc: str) -> list[list[Path]]:
     """This rank's share of the fold under torchrun, and a commit all ranks agree to.
 
@@ -86,7 +86,7 @@ def fold_plans_on_ranks(plans: list[Plan], sinks: list[SafetensorsOutput], world
     device = world.device(plans[0].options.device)
 
     def fold_and_prepare() -> None:
-        _fold_into(plans, sinks, progress=progress and world.rank == 0, desc=desc, world=world, device=device)
+        _read_once_into(plans, sinks, progress=progress and world.rank == 0, desc=desc, world=world, device=device)
         for sink in sinks:
             sink.prepare()
 
@@ -115,7 +115,7 @@ def fold_plans_on_ranks(plans: list[Plan], sinks: list[SafetensorsOutput], world
                 sink.abort()
 
 
-def _fold_into(plans: list[Plan], sinks: list[SafetensorsOutput | MemoryOutput], *, progress: bool, desc: str,
+def _read_once_into(plans: list[Plan], sinks: list[SafetensorsOutput | MemoryOutput], *, progress: bool, desc: str,
                world: World | None = None, device: str | None = None) -> None:
     """One read of the checkpoints into the (opened, uncommitted) sinks; with a ``world``, only this rank's share."""
     opts = plans[0].options

@@ -48,9 +48,9 @@ WRITEBACK_EVERY_BYTES = 8 << 20
 class SafetensorsOutput:
     """A sink that streams tensors into ``path`` (or shards beside it) and makes them visible only on commit().
 
-    Pieces are written as they come, in the caller's thread: a writer thread overlapping writing with folding was
-    slower on 2 cores (it competes with the fold's threads), with or without a copy of each chunk. Instead the
-    file's blocks are reserved when it is opened and its writeback is started as it grows (:mod:`ckpt_ema.output.disk`).
+    Pieces are written as they come, in the caller's thread, so that writing never competes with the fold for the
+    cores; the file's blocks are reserved when it is opened and its writeback is started as it grows, so that the
+    disk works while the next chunks are folded (:mod:`ckpt_ema.output.disk`).
     abort() (called whether or not the run failed) removes every temporary file left uncommitted.
     """
 
