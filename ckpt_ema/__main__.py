@@ -10,6 +10,7 @@ def run() -> None:
     try:
         from ckpt_ema.cli import main
     except KeyboardInterrupt:
+        sys.stderr.write("ckpt-ema: error: interrupted\n")
         sys.exit(130)
     main()
 

@@ -221,8 +221,9 @@ def same_bytes(a: Path, b: Path) -> bool:
 
 
 def _drop_copies(sources: list[Source], skipped: list[str]) -> list[Source]:
-    """One checkpoint per content: of byte-identical copies (timm's aliases where hard links fail, ``latest.pt``,
-    a milestone copy), keep the periodic name; the others are named in ``skipped``."""
+    """One checkpoint per content: of byte-identical copies that are second names (:func:`_second_name`: timm's
+    aliases where hard links fail, ``latest.pt``, a milestone copy), keep the periodic name; the others are named
+    in ``skipped``."""
     families: dict[str, int] = {}
     for s in sources:
         families[family(s.path)] = families.get(family(s.path), 0) + 1
@@ -233,7 +234,7 @@ def _drop_copies(sources: list[Source], skipped: list[str]) -> list[Source]:
     for group in groups.values():
         while len(group) > 1:
             keep = next(s for s in group if s.path == preferred([t.path for t in group], families))
-            copies = [s for s in group if s is not keep and same_bytes(s.path, keep.path)]
+            copies = [s for s in group if s is not keep and _second_name(s, keep) and same_bytes(s.path, keep.path)]
             for copy in copies:
                 skipped.append(f"{copy.path}: an alias of {keep.path} (the same bytes), not averaged a second time"
                                if ALIAS_PATTERN.match(copy.path.name) else
@@ -241,6 +242,15 @@ def _drop_copies(sources: list[Source], skipped: list[str]) -> list[Source]:
             dropped += copies
             group = [s for s in group if s is not keep and s not in copies]
     return [s for s in sources if s not in dropped]
+
+
+def _second_name(copy: Source, keep: Source) -> bool:
+    """Whether a byte-identical ``copy`` is a second name of ``keep``, not the same weights saved again later: an
+    alias's name, another name family (timm's ``milestone-5`` beside ``checkpoint-4``), or the same step. Two
+    periodic checkpoints of one family at different steps stay two (weights that did not change are still two
+    samples of the run)."""
+    return (bool(ALIAS_PATTERN.match(copy.path.name)) or family(copy.path) != family(keep.path)
+            or copy.step is None or keep.step is None or copy.step == keep.step)
 
 
 def _resolve_trainer_files(sources: list[Source], skipped: list[str],

@@ -240,3 +240,14 @@ def test_help_states_the_warmup_formula(command: str, prefix: str) -> None:
     assert f"max(min(1 - (1 + t/gamma)^-power, {prefix}decay), {prefix}min-decay)" in text
     assert f"t = s - {prefix}update-after-step - 1" in text
     assert "capped" not in text
+
+
+def test_unchanged_weights_saved_at_two_steps_stay_two_checkpoints(tmp_path: Path) -> None:
+    """ckpt_10 and ckpt_20 with the same bytes (nothing trained in between) are two samples of the run, not
+    copies: only second names (another family, an alias, the same step) count once."""
+    run = tmp_path / "run"
+    run.mkdir()
+    for s, value in ((10, 1.0), (20, 1.0), (30, 2.0)):
+        save_file({"w": torch.full((4,), value)}, str(run / f"ckpt_{s}.safetensors"))
+    found = ckpt_ema.plan(run, decay=0.5).discovery
+    assert [s.step for s in found.sources] == [10, 20, 30] and found.skipped == []
