@@ -66,9 +66,10 @@ def schedule_shape_options(prefix: str = "") -> Any:
         click.option(f"--{prefix}update-after-step", type=int, default=d("update_after_step"), show_default=True,
                      help="Copy the model, without averaging, up to and including this step + 1."),
         click.option(f"--{prefix}warmup/--no-{prefix}warmup", default=d("warmup"), show_default=True,
-                     help=f"timm's use_warmup: the decay at step s is max(min(1 - (1 + t/gamma)^-power, --{prefix}decay), "
-                          f"--{prefix}min-decay) with t = s - --{prefix}update-after-step - 1 (gamma, power: "
-                          f"--{prefix}warmup-gamma, --{prefix}warmup-power); without it, --{prefix}decay."),
+                     help=f"timm's use_warmup: the decay at step s is max(min(1 - (1 + t/gamma)^-power, "
+                          f"--{prefix}decay), --{prefix}min-decay) with t = s - --{prefix}update-after-step - 1 "
+                          f"(gamma, power: --{prefix}warmup-gamma, --{prefix}warmup-power); without it, "
+                          f"--{prefix}decay."),
         click.option(f"--{prefix}warmup-gamma", type=float, default=d("warmup_gamma"), show_default=True,
                      help="gamma of the warmup formula."),
         click.option(f"--{prefix}warmup-power", type=float, default=d("warmup_power"), show_default="2/3",

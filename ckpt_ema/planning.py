@@ -83,8 +83,8 @@ class Plan:
         if self.options.bias_correction and schedule.warmup:
             change = "nothing" if schedule.min_decay == 0 else "little"
             return [f"--warmup and --bias-correction are two cures for the same start-up bias: with warmup the first "
-                    f"averaged step has decay --min-decay ({schedule.min_decay:g}), so the correction changes {change}; "
-                    "use one"]
+                    f"averaged step has decay --min-decay ({schedule.min_decay:g}), so the correction changes "
+                    f"{change}; use one"]
         return []
 
     def window_line(self) -> str:

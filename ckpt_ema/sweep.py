@@ -104,10 +104,12 @@ def plan_sweep(inputs: list[str | Path], options: AverageOptions | None = None, 
 def identical_candidates(candidates: list[Candidate]) -> list[str]:
     """A note for each candidate whose weights equal an earlier one's (to 1e-12): with warmup, decays that never
     bind within the run give the same average, so the sweep compares the same thing twice."""
+    def same(c: Candidate, d: Candidate) -> bool:
+        return max(abs(a - b) for a, b in zip(c.plan.weighting.weights, d.plan.weighting.weights)) <= 1e-12
+
     notes = []
     for i, c in enumerate(candidates):
-        twin = next((d for d in candidates[:i] if max(abs(a - b) for a, b in
-                                                     zip(c.plan.weighting.weights, d.plan.weighting.weights)) <= 1e-12), None)
+        twin = next((d for d in candidates[:i] if same(c, d)), None)
         if twin is not None:
             notes.append(f"{c.name} gives the same weights as {twin.name}: the same average")
     return notes

@@ -87,7 +87,8 @@ class Checkpoint:
             more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
             raise CkptEmaError(f"tensor {bad[0]!r}{more} does not start with the prefix {prefix!r} to strip", self.path)
         cut = len(prefix)
-        return replace(self, names=[n[cut:] for n in self.names], _tensors={n[cut:]: t for n, t in self._tensors.items()},
+        return replace(self, names=[n[cut:] for n in self.names],
+                       _tensors={n[cut:]: t for n, t in self._tensors.items()},
                        _safetensors={n[cut:]: h for n, h in self._safetensors.items()})
 
 
