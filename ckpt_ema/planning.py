@@ -14,7 +14,7 @@ from ckpt_ema.discover import Discovery, Source, discover
 from ckpt_ema.errors import CkptEmaError, OptionError
 from ckpt_ema.formats.hf import HF_INDEX_FILES, weight_files_of
 from ckpt_ema.options import AverageOptions
-from ckpt_ema.weighting import Weighting, ema_weighting, uniform_weighting
+from ckpt_ema.weighting import Weighting, ema_weighting, power_weighting, uniform_weighting
 
 
 # Warn when the first checkpoint carries more than this share of an EMA's weight. That share is what the EMA
@@ -51,25 +51,44 @@ class Plan:
         return files
 
     def table(self) -> str:
-        """One line per checkpoint (step, weight, path), the effective window and the warnings: what ``--dry-run``
-        prints."""
+        """One line per checkpoint (step, weight, path), the effective window and the unresolved share: what
+        ``--dry-run`` prints."""
         lines = [f"{'#':>4}  {'step':>10}  {'weight':>10}  checkpoint"]
         for i, (source, w) in enumerate(zip(self.sources, self.weighting.weights)):
             lines.append(f"{i:>4}  {source.step:>10}  {w:>10.3e}  {source.path}")
         lines.append(self.window_line())
-        lines += [f"warning: {w}" for w in self.warnings]
+        lines.append(self.resolution_line())
         return "\n".join(lines)
+
+    def resolution_line(self) -> str:
+        """How much of the per-step weights asked for the checkpoints' spacing cannot place (the unresolved share U
+        of :mod:`ckpt_ema.weighting`)."""
+        if self.options.last is not None:
+            return "a uniform mean of checkpoints: nothing between them is asked for (unresolved 0%)"
+        return (f"unresolved {percent(self.weighting.unresolved)}: the share of the per-step weights asked for that "
+                "lies in their shape between checkpoints, which the checkpoints cannot place")
+
+    def warnings(self) -> list[str]:
+        """The traps this plan falls into, one line each: checkpoints too far apart for the average asked for,
+        and a first checkpoint that holds a large share of the weight (:meth:`first_checkpoint_warnings`)."""
+        lines = self.first_checkpoint_warnings()
+        if self.weighting.too_sparse():
+            lines.insert(0, f"the checkpoints are too far apart for this average: "
+                            f"{percent(self.weighting.unresolved)} of its per-step weights are unresolved and the "
+                            f"newest {self.weighting.effective_window()} checkpoints carry 99% of it; save checkpoints "
+                            "more often or ask for a longer average")
+        return lines
 
     @property
     def first_share(self) -> float:
         """The share of the weight on the first checkpoint."""
         return self.weighting.weights[0]
 
-    @property
-    def warnings(self) -> list[str]:
-        """The traps this plan falls into: an EMA whose first checkpoint holds a large share of the weight
-        (FIRST_SHARE_WARNING), with the cures."""
-        if self.options.last is not None or len(self.sources) < 2 or self.first_share <= FIRST_SHARE_WARNING:
+    def first_checkpoint_warnings(self) -> list[str]:
+        """A line when timm's EMA (not a uniform mean, not the power EMA) puts more than FIRST_SHARE_WARNING of its
+        weight on the first checkpoint, naming it, its share and the cures."""
+        if (self.options.last is not None or self.options.sigma_rel is not None or len(self.sources) < 2
+                or self.first_share <= FIRST_SHARE_WARNING):
             return []
         first = self.sources[0]
         return [f"the first checkpoint, {first.path} (step {first.step}), holds {self.first_share:.0%} of the weight: "
@@ -87,6 +106,7 @@ class Plan:
                     f"{change}; use one"]
         return []
 
+
     def window_line(self) -> str:
         n = len(self.sources)
         k = self.weighting.effective_window()
@@ -94,6 +114,11 @@ class Plan:
         start = self.sources[n - k].step
         return (f"{n} checkpoints, steps {first}..{last}; the newest {k} carry 99% of the weight "
                 f"(steps {start}..{last}, a window of {last - start} steps)")
+
+
+def percent(share: float) -> str:
+    """A share as a short percentage: 0.0341 -> '3.4%'; rounding noise -> '0%'."""
+    return f"{100 * share:.2g}%" if share >= 5e-5 else "0%"
 
 
 def make_plan(inputs: list[str | Path], options: AverageOptions) -> Plan:
@@ -123,9 +148,11 @@ def within_window(found: Discovery, from_step: int | None, to_step: int | None) 
 
 
 def weighting_for(options: AverageOptions, steps: list[int]) -> Weighting:
-    """The weights ``options`` ask for: a uniform mean of the newest ``last``, or the EMA."""
+    """The weights ``options`` ask for: a uniform mean of the newest ``last``, a power EMA, or timm's EMA."""
     if options.last is not None:
         return uniform_weighting(steps, options.last)
+    if options.sigma_rel is not None:
+        return power_weighting(steps, options.sigma_rel, options.interpolate)
     weighting = ema_weighting(steps, options.schedule, options.bias_correction, options.interpolate)
     if not any(weighting.weights):
         raise OptionError("update_after_step", f"{options.schedule.update_after_step} is at or after every "
