@@ -650,9 +650,9 @@ def _rising_excess(a: torch.Tensor, b: torch.Tensor, mass: torch.Tensor, step_we
     return float(torch.where(rises, excess, torch.zeros_like(excess)).clamp(min=0).sum())
 
 
-# Up to this many steps before the decay settles, U's part there is summed step by step (fastest for the usual run);
+# Up to this many steps before the decay settles, U's part there is summed step by step (fastest for short runs);
 # beyond, interval by interval (:func:`_unsettled_excess`), whose cost does not grow with the steps.
-_WALK_STEPS = 1 << 22
+_WALK_STEPS = 1 << 18
 # A stretch of steps this short is compared with its interval's mean step by step.
 _EXCESS_STEPS = 4096
 
