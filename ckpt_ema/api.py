@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from typing_extensions import Unpack
 
     from ckpt_ema.options import OptionFields
-    from ckpt_ema.sweep import Scorer, Scoring, SweepResult
+    from ckpt_ema.sweeping import Scorer, Scoring, SweepResult
 
 Inputs = "list[str | Path] | str | Path"
 
@@ -135,10 +135,10 @@ def sweep(inputs: list[str | Path] | str | Path, outdir: str | Path, *, decays: 
           progress: bool = False, world: World | None = None, **fields: Unpack[OptionFields]) -> SweepResult:
     """Many averages from one read of the checkpoints: one candidate per decay, half-life, sigma_rel (power EMA) and
     K of ``lasts``, each written to ``OUTDIR/<candidate>.safetensors``. With ``score`` (a
-    :class:`~ckpt_ema.sweep.Scoring`, or a function from a weights file's path to named scores, ranked by the first,
+    :class:`~ckpt_ema.sweeping.Scoring`, or a function from a weights file's path to named scores, ranked by the first,
     higher being better), each candidate and the final model are scored and the best copied to
-    ``OUTDIR/best.safetensors`` if it beats the final model (see :func:`ckpt_ema.sweep.run_sweep`)."""
-    from ckpt_ema.sweep import Scoring, plan_sweep, run_sweep
+    ``OUTDIR/best.safetensors`` if it beats the final model (see :func:`ckpt_ema.sweeping.run_sweep`)."""
+    from ckpt_ema.sweeping import Scoring, plan_sweep, run_sweep
 
     candidates = plan_sweep(_input_list(inputs), resolve_options(options, dict(fields)), decays=list(decays),
                             half_lives=list(half_lives), lasts=list(lasts), sigma_rels=list(sigma_rels))

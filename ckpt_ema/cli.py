@@ -177,7 +177,7 @@ def sweep_command(inputs: tuple[str, ...], outdir: str, decays: tuple[float, ...
     """Many averages of checkpoints INPUTS from one read: every --decay, --half-life, --sigma-rel and --last at
     once; with --eval-cmd, the best of them, or the final model."""
     from ckpt_ema.scoring import command_scorer
-    from ckpt_ema.sweep import Scoring, plan_sweep, run_sweep, sweep_table, sweep_warnings
+    from ckpt_ema.sweeping import Scoring, plan_sweep, run_sweep, sweep_table, sweep_warnings
 
     folder = Path(outdir)
     world = world_from_env()

@@ -29,7 +29,7 @@ STDERR_LINES = 3  # how many of the command's last stderr lines a failure shows
 
 
 def command_scorer(command: str) -> Callable[[Path], dict[str, float]]:
-    """A scorer for :func:`ckpt_ema.sweep.run_sweep` that runs ``command`` (a shell command line with
+    """A scorer for :func:`ckpt_ema.sweeping.run_sweep` that runs ``command`` (a shell command line with
     ``{weights}``) on each weights file and reads its last line of standard output."""
     if PLACEHOLDER not in command:
         raise OptionError("eval_cmd", f"must contain {PLACEHOLDER}, where the weights file's path goes: {command!r}")

@@ -325,9 +325,9 @@ def test_the_api_takes_any_function_from_a_path_to_scores(run_folder, tmp_path: 
         seen.append(path.name)
         return {"closeness": -distance(path, target), "size": float(path.stat().st_size)}
 
-    from ckpt_ema.api import sweep  # ckpt_ema.sweep is the module once ckpt_ema.sweep.Scoring was imported
+    import ckpt_ema.sweeping  # noqa: F401 - the module is sweeping, so ckpt_ema.sweep stays the function
 
-    result = sweep(folder, tmp_path / "sweep", decays=[0.5, 0.9], lasts=[1, 2], sigma_rels=[0.05], score=closeness,
+    result = ckpt_ema.sweep(folder, tmp_path / "sweep", decays=[0.5, 0.9], lasts=[1, 2], sigma_rels=[0.05], score=closeness,
                    plot=False)
     assert seen == ["ema-0.5.safetensors", "ema-0.9.safetensors", "power-0.05.safetensors", "last-1.safetensors",
                     "last-2.safetensors", "final-model.safetensors"]
