@@ -22,7 +22,7 @@ from ckpt_ema.engine.distributed import World
 from ckpt_ema.engine.runner import bytes_read_by, check_device, run_plans
 from ckpt_ema.formats.checkpoint import load_state_dict
 from ckpt_ema.options import AverageOptions
-from ckpt_ema.output.atomic import check_output_path
+from ckpt_ema.output.atomic import check_not_an_input, check_output_path, output_files
 from ckpt_ema.output.metadata import output_metadata
 from ckpt_ema.output.sinks import MemoryOutput, SafetensorsOutput, index_path_of
 from ckpt_ema.planning import Plan, make_plan, percent
@@ -59,6 +59,7 @@ class AverageResult:
     seconds: float
     bytes_read: int = 0
     files: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # e.g. stale temporary files of killed runs, removed
     note: str | None = None  # with a state: what was appended, or why it averaged from the start
 
     @property
@@ -78,10 +79,12 @@ class AverageResult:
             shards = f" + {len(self.files) - 1} shards" if len(self.files) > 1 else ""
             where = f" -> {shown}{shards} ({human_bytes(size)})"
         sources = self.plan.sources
+        warned = (f"; warning: {self.plan.first_share:.0%} of the weight is on the first checkpoint"
+                  if self.plan.first_checkpoint_warnings() else "")
         return (f"averaged {len(sources)} checkpoints (steps {sources[0].step}..{sources[-1].step}, effective window "
                 f"{self.plan.weighting.effective_window()} checkpoints, unresolved {percent(self.plan.weighting.unresolved)})"
                 f"{where} in {self.seconds:.1f} s "
-                f"({human_bytes(self.bytes_read / max(self.seconds, 1e-9))}/s)")
+                f"({human_bytes(self.bytes_read / max(self.seconds, 1e-9))}/s){warned}")
 
 
 def human_bytes(n: float) -> str:
@@ -126,23 +129,15 @@ def average(inputs: list[str | Path] | str | Path, output: str | Path | None = N
     done = update(_input_list(inputs), [Target("average", resolve_options(options, dict(fields)), out)], folder,
                   progress=progress)
     return AverageResult(None, done.plans[0], {}, out, done.seconds, done.bytes_read,
-                         done.files[0] if done.files else output_files(out), done.message)
-
-
-def output_files(output: Path) -> list[Path]:
-    """The files of an existing output: the single file, or the shards and the index (last)."""
-    index = index_path_of(output)
-    if index.is_file():
-        from ckpt_ema.formats.hf import weight_files_of
-
-        return [*weight_files_of(index), index]
-    return [output]
+                         done.files[0] if done.files else output_files(out), note=done.message)
 
 
 def run(the_plan: Plan, output: str | Path | None = None, *, progress: bool = False,
         world: World | None = None) -> AverageResult:
     """Read the planned checkpoints once and write their average to ``output`` (or keep it in memory)."""
     out_path = check_output_path(output) if output is not None else None
+    if out_path is not None:
+        check_not_an_input(output_files(out_path), the_plan.input_files())
     check_device(the_plan.options.device)
     started = time.perf_counter()
     metadata = output_metadata(the_plan)
@@ -150,7 +145,7 @@ def run(the_plan: Plan, output: str | Path | None = None, *, progress: bool = Fa
     written = run_plans([the_plan], [sink], progress=progress, desc="averaging", world=world)
     state = sink.tensors if isinstance(sink, MemoryOutput) else None
     return AverageResult(state, the_plan, metadata, out_path, time.perf_counter() - started,
-                         bytes_read_by([the_plan]), written[0])
+                         bytes_read_by([the_plan]), written[0], getattr(sink, "notes", []))
 
 
 def sweep(inputs: list[str | Path] | str | Path, outdir: str | Path, *, decays: list[float] = (),

@@ -43,6 +43,7 @@ from ckpt_ema.follow.state import (
 )
 from ckpt_ema.formats.checkpoint import Checkpoint
 from ckpt_ema.options import AverageOptions
+from ckpt_ema.output.atomic import check_not_an_input, output_files
 from ckpt_ema.output.metadata import CARRIED_METADATA, output_metadata
 from ckpt_ema.output.sinks import SafetensorsOutput
 from ckpt_ema.planning import Plan, weighting_for, within_window
@@ -302,6 +303,7 @@ def _fold_and_commit(manifest: Manifest | None, found: Discovery, new: list[Sour
         totals.append(total)
     if not any(any(w > 0 for w in p.weighting.weights) for p in plans):
         raise NothingYet("no checkpoint carries any weight yet")
+    check_not_an_input([f for t in targets for f in output_files(t.output)], plans[0].input_files())
 
     state_read = [c for c in [*job.checkpoints, *job.initial] if isinstance(c, Checkpoint) and c.path.parent == folder.path]
     read = sum(s.nbytes for s in [*new, *reread]) + sum(c.path.stat().st_size for c in state_read)
@@ -428,7 +430,7 @@ def _run(job: _Job, theta: SafetensorsOutput | None, options: AverageOptions, re
         for start in range(0, len(job.lerps), per_pass):
             group = range(start, min(start + per_pass, len(job.lerps)))
             fold(job.checkpoints, [job.lerps[c] for c in group], [job.sinks[c] for c in group],  # type: ignore[misc]
-                 key=options.key, device=options.device, accum_dtype=accum,
+                 key=options.key, strip_prefix=options.strip_prefix, device=options.device, accum_dtype=accum,
                  chunk_elems=chunk_elems(options, len(group)), on_bytes=bar.update,
                  on_layout=opener(group, start == 0 and theta is not None), initial=[job.initial[c] for c in group],
                  newest_to=theta if start == 0 else None)
