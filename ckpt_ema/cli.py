@@ -314,7 +314,7 @@ def sweep_command(inputs: tuple[str, ...], outdir: str, decays: tuple[float, ...
             say(f"note: {note}", quiet)
     for picture in result.pictures:
         say(f"picture: {picture}", quiet)
-    for candidate in candidates:
+    for candidate in result.candidates:
         for line in candidate.plan.first_checkpoint_warnings():
             say(f"warning: {candidate.name}: {line}", quiet)
 

@@ -513,3 +513,19 @@ def test_a_power_ema_candidate_is_averaged_from_the_start_each_time(tmp_path):
     (run / "ckpt_0.pt").unlink()
     with pytest.raises(CkptEmaError, match="is a power EMA, which is averaged from the start each time.*ckpt_0.pt"):
         ckpt_ema.api.sweep(run, outdir, **kwargs)
+
+
+def test_an_update_naming_part_of_the_run_never_averages_that_part_alone(tmp_path):
+    """A watcher names only the new checkpoints; when the state cannot go on, the update asks for the whole run
+    instead of averaging the part it was given."""
+    from ckpt_ema.follow.update import FullInputsNeeded, Target, update
+
+    run, out = tmp_path / "run", tmp_path / "ema.safetensors"
+    write_run(run, STEPS[:5])
+    ckpt_ema.average(run, out, decay=0.9)
+    write_run(run, STEPS[5:6])
+    target = [Target("average", ckpt_ema.api.resolve_options(None, dict(decay=0.8)), out)]
+    with pytest.raises(FullInputsNeeded, match="--decay was 0.9, now 0.8"):
+        update([run / "ckpt_40.pt"], target, StateFolder(state_folder_of(out)), whole_run=False)
+    done = update([run], target, StateFolder(state_folder_of(out)))
+    assert done.message.startswith("averaged 6 checkpoints from the start")

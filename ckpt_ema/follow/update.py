@@ -56,6 +56,11 @@ OUTPUT_OPTIONS = ("out_dtype", "max_shard_size")
 RUN_OPTIONS = ("device", "max_memory")
 
 
+class FullInputsNeeded(CkptEmaError):
+    """The state cannot go on and ``inputs`` named only part of the run (a watcher names the new checkpoints): the
+    caller must name the whole run for an average from the start."""
+
+
 class NothingYet(CkptEmaError):
     """No checkpoint carries any weight yet (every step so far is before update_after_step, with bias
     correction): a watcher waits for more."""
@@ -91,10 +96,13 @@ class Update:
 
 
 def update(inputs: Sequence[str | Path], targets: Sequence[Target], folder: StateFolder, *, progress: bool = False,
-           desc: str = "averaging", on_discovery: Callable[[Discovery], None] | None = None) -> Update:
+           desc: str = "averaging", on_discovery: Callable[[Discovery], None] | None = None,
+           whole_run: bool = True) -> Update:
     """Bring ``targets`` (sharing every option but the decay or K) up to date with the checkpoints ``inputs`` name,
     from the state in ``folder`` where it can go on, from the start otherwise; see the module docstring.
-    ``on_discovery`` sees the checkpoints found (what was left out and why) before any is read."""
+    ``on_discovery`` sees the checkpoints found (what was left out and why) before any is read. ``whole_run``
+    False: ``inputs`` name only the new checkpoints (and those a uniform mean reads again); an average from the
+    start then raises :class:`FullInputsNeeded` rather than average a part of the run."""
     started = time.perf_counter()
     base = targets[0].options
     check_device(base.device)
@@ -109,6 +117,8 @@ def update(inputs: Sequence[str | Path], targets: Sequence[Target], folder: Stat
             if on_discovery is not None:
                 on_discovery(found)
             return _append(manifest, found, new, targets, folder, progress, desc, started, lister.listings)
+    if manifest is not None and not whole_run:
+        raise FullInputsNeeded(f"the state cannot go on ({reason})")
     if manifest is not None:
         gone = [r.path for r in manifest.inputs if not Path(r.path).exists()]
         if gone:

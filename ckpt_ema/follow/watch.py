@@ -28,7 +28,7 @@ from pathlib import Path
 from ckpt_ema.discover import expand_inputs
 from ckpt_ema.errors import CkptEmaError
 from ckpt_ema.follow.state import StateFolder, listing_of
-from ckpt_ema.follow.update import NothingYet, Target, Update, update
+from ckpt_ema.follow.update import FullInputsNeeded, NothingYet, Target, Update, update
 from ckpt_ema.formats.hf import weight_files_of
 from ckpt_ema.formats.safetensors import safetensors_is_complete
 from ckpt_ema.formats.torch_save import zip_is_complete
@@ -97,10 +97,17 @@ class Watcher:
             wanted = max((t.options.last or 0 for t in self.targets), default=0)
             if manifest is None and len(ready) < max(wanted, 1):
                 return False  # a uniform mean of the newest K waits for K checkpoints
-            # Every checkpoint listed is named, those folded before too: should the update have to start over (other
-            # options than the state's), it must see the whole run, or it would average a part of it.
+            # Only the new checkpoints are named (and the newest K a uniform mean reads again): a trainer keeping its
+            # last K deletes old ones all the time, and an update naming a file deleted meanwhile must start again.
+            # Should the update have to start over (other options than the state's), it is given the whole run.
+            few = (present[-wanted:] if wanted else []) + ready or present[-1:]
             try:
-                done = update(present + ready, self.targets, self.folder, progress=self.progress, desc="updating")
+                try:
+                    done = update(few, self.targets, self.folder, progress=self.progress, desc="updating",
+                                  whole_run=False)
+                except FullInputsNeeded:
+                    done = update(present + ready, self.targets, self.folder, progress=self.progress,
+                                  desc="updating")
                 break
             except NothingYet:
                 return False  # every step so far is before update_after_step
