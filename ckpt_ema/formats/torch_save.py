@@ -49,6 +49,8 @@ TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pth.tar")
 # Lightning's AttributeDict (a dict subclass with no state beyond its items) loads as a plain dict: torch's
 # weights-only unpickler only fills dict, OrderedDict and Counter, so a dict subclass stand-in could never load.
 SAFE_GLOBALS: list[Any] = [
+    bytes,  # protocol 2 pickles b"" as bytes() (other bytes through _codecs.encode, which torch allows)
+    frozenset,  # as protocol 4's FROZENSET opcode builds it
     argparse.Namespace,
     pathlib.PosixPath,
     pathlib.WindowsPath,
@@ -231,8 +233,8 @@ class _Storages:
         else:
             offset = self._locate(key, dtype, numel)
             untyped = self._map[offset : offset + nbytes]
-            if offset % dtype.itemsize:  # not as torch.save aligns it: a copy, never a misaligned view
-                untyped = torch.UntypedStorage(nbytes).copy_(untyped)
+            if offset % dtype.itemsize and nbytes:  # not aligned for its dtype (legacy files): a copy
+                untyped = torch.frombuffer(bytearray(nbytes), dtype=torch.uint8).untyped_storage().copy_(untyped)
         self._built[key] = torch.storage.TypedStorage(wrap_storage=untyped, dtype=dtype, _internal=True)
         return self._built[key]
 
@@ -344,6 +346,8 @@ def _check_tensor(name: str, t: torch.Tensor, path: Path) -> None:
         raise CkptEmaError(f"tensor {name!r} is not a dense CPU tensor ({t.layout}, {t.device})", path)
     if t.numel() == 0:
         return
+    if t.untyped_storage().resizable():  # every storage read here is fixed-size: a map, or a copy of a record
+        raise CkptEmaError(f"tensor {name!r} is not a view of the data stored for it", path)
     if t.storage_offset() < 0 or any(s < 0 for s in t.stride()):
         raise CkptEmaError(f"tensor {name!r} has a negative stride or offset", path)
     last = t.storage_offset() + sum((n - 1) * s for n, s in zip(t.shape, t.stride(), strict=True))

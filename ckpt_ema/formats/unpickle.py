@@ -57,6 +57,8 @@ PROTOCOL_2 = b"\x80\x02"
 REBUILDS_DENSE = tuple(getattr(torch._utils, name) for name in (
     "_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_tensor_v3", "_rebuild_parameter",
     "_rebuild_parameter_with_state") if hasattr(torch._utils, name))
+# Those that view a storage: (storage, storage_offset, size, stride, ...), and _rebuild_tensor_v3's dtype at 6.
+REBUILDS_FROM_STORAGE = REBUILDS_DENSE[:3]
 # Rebuilds of what cannot be averaged, each refused before it runs (a torch version may lack some).
 REBUILDS_REFUSED = {getattr(torch._utils, name): what for name, what in (
     ("_rebuild_sparse_tensor", "a sparse tensor"),
@@ -74,6 +76,7 @@ DATA_CALLABLES = (
     set,
     frozenset,
     complex,
+    bytes,
     bytearray,
     _codecs.encode,
     torch.Size,
@@ -202,6 +205,8 @@ class _Feed:
         if name in ("REDUCE", "NEWOBJ"):
             self._check_call(u.stack[-2], u.stack[-1])
             return raw
+        if name == "BUILD" and isinstance(u.stack[-2], torch.Tensor):  # set_() on a tensor: torch.save never does
+            raise PickleCorrupt("BUILD on a tensor")
         if name == "MEMOIZE":
             u.memo[len(u.memo)] = u.stack[-1]
         elif name in ("SHORT_BINBYTES", "BINBYTES", "BINBYTES8"):
@@ -235,10 +240,12 @@ class _Feed:
             self._check_call(args[0], args[2])
         elif func in DATA_CALLABLES:
             for arg in args:
-                if isinstance(arg, int) and func is bytearray:
-                    self._charge(arg)  # bytearray(n) allocates n bytes
+                if isinstance(arg, int) and func in (bytes, bytearray):
+                    self._charge(arg)  # bytes(n) allocates n bytes
                 elif isinstance(arg, str | bytes | bytearray | list | tuple | dict | set | frozenset):
                     self._charge(ELEMENT_COST * len(arg))
+        elif func in REBUILDS_FROM_STORAGE:
+            _check_fits_storage(func, args)
         elif func not in REBUILDS_DENSE and func not in self._allowed_types:
             raise PickleRefused(f"refusing to build {getattr(func, '__qualname__', type(func).__name__)} while "
                                 "loading: only tensors as torch.save writes them and plain data are loaded")
@@ -248,6 +255,28 @@ class _Feed:
         if self._charged > self._max_bytes:
             raise PickleRefused(f"the pickle needs more than {self._max_bytes} bytes of memory to load "
                                 "(the limit unpickling may take)")
+
+
+def _check_fits_storage(func: Any, args: tuple[Any, ...]) -> None:
+    """Refuse, before torch runs it, a rebuild whose tensor reaches past its storage: torch would grow the storage
+    to fit (a resizable one, such as a copy), reading memory that is not the file's, or allocate what the pickle
+    asks for."""
+    if len(args) < 4 or not isinstance(args[0], torch.storage.TypedStorage):
+        raise PickleCorrupt("a tensor rebuilt without a storage")
+    storage, offset, size, stride = args[:4]
+    dtype = args[6] if func is torch._utils._rebuild_tensor_v3 and len(args) > 6 else storage.dtype
+    if not (isinstance(dtype, torch.dtype) and _are_counts((offset,)) and isinstance(size, tuple)
+            and isinstance(stride, tuple) and len(size) == len(stride) and _are_counts(size) and _are_counts(stride)):
+        raise PickleCorrupt("a tensor with a bad offset, size or stride")
+    if all(size):
+        extent = offset + sum((n - 1) * s for n, s in zip(size, stride)) + 1
+        if extent * dtype.itemsize > storage._untyped_storage.nbytes():
+            raise PickleCorrupt(f"a tensor of size {list(size)} and stride {list(stride)} at offset {offset} reaches "
+                                f"past its storage of {storage._untyped_storage.nbytes()} bytes")
+
+
+def _are_counts(values: tuple[Any, ...]) -> bool:
+    return all(type(v) is int and v >= 0 for v in values)
 
 
 class _Source:

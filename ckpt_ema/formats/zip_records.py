@@ -112,9 +112,9 @@ def _end_of_directory(f: BinaryIO, file_size: int) -> tuple[int, int, int, int]:
     tail_size = min(file_size, _EOCD.size + _MAX_COMMENT)
     tail = _read_at(f, file_size - tail_size, tail_size)
     pos = tail.rfind(b"PK\x05\x06")
-    while pos >= 0 and pos + _EOCD.size + struct.unpack_from("<H", tail, pos + 20)[0] != tail_size:
+    while pos >= 0 and not _ends_at(tail, pos):
         pos = tail.rfind(b"PK\x05\x06", 0, pos)
-    if pos < 0 or pos + _EOCD.size > tail_size:
+    if pos < 0:
         raise ZipError("truncated (a zip archive without its end-of-directory record at its end)")
     _, disk, directory_disk, disk_entries, entries, size, offset, _ = _EOCD.unpack_from(tail, pos)
     eocd_offset = file_size - tail_size + pos
@@ -131,6 +131,11 @@ def _end_of_directory(f: BinaryIO, file_size: int) -> tuple[int, int, int, int]:
     if disk or directory_disk or disk_entries != entries:
         raise ZipError("a multi-part zip archive; ckpt-ema reads single files")
     return entries, offset, size, eocd_offset
+
+
+def _ends_at(tail: bytes, pos: int) -> bool:
+    """Whether an end-of-directory record at ``pos``, with its comment, ends exactly where ``tail`` does."""
+    return pos + _EOCD.size <= len(tail) and pos + _EOCD.size + struct.unpack_from("<H", tail, pos + 20)[0] == len(tail)
 
 
 def _central_entry(directory: bytes, pos: int) -> tuple[Record, int, int]:
