@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import argparse
 import copy
+import io
 import json
 import pickle
 import random
 import shutil
+import struct
 import warnings
+import zipfile
+import zlib
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -477,13 +481,35 @@ def _mutate_json(data: bytes, rng: random.Random) -> bytes:
     return text
 
 
+def _mutate_pickle(data: bytes, rng: random.Random) -> bytes:
+    """A torch.save archive whose pickle is mutated and whose CRC-32 is made to match again (as a crafted file's
+    would): the unpickler, not the checksum, has to deal with it."""
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        info = next(i for i in archive.infolist() if i.filename.endswith("/data.pkl"))
+    header = info.header_offset
+    start = header + 30 + int.from_bytes(data[header + 26 : header + 28], "little") + int.from_bytes(
+        data[header + 28 : header + 30], "little")
+    pickled = data[start : start + info.file_size]
+    mutated = rng.choice([_flip_bits, _set_integer, _copy_span])(pickled, rng)[: len(pickled)]
+    mutated += pickled[len(mutated) :]
+    out = bytearray(data[:start] + mutated + data[start + len(pickled) :])
+    entry = out.find(b"PK\x01\x02", start + len(pickled))
+    while out[entry + 46 : entry + 46 + len(info.filename)] != info.filename.encode():
+        entry = out.find(b"PK\x01\x02", entry + 1)
+    struct.pack_into("<I", out, entry + 16, zlib.crc32(mutated))  # the directory entry's CRC-32
+    return bytes(out)
+
+
 BYTE_MUTATIONS = {"flip_bits": _flip_bits, "set_integer": _set_integer, "truncate": _truncate, "insert": _insert,
                   "delete": _delete, "copy_span": _copy_span}
 
 
 def mutations_for(data: bytes) -> dict[str, Callable[[bytes, random.Random], bytes]]:
-    """The mutations that apply to a file: every byte mutation; the JSON one for JSON and safetensors headers."""
+    """The mutations that apply to a file: every byte mutation; the pickle one for zip archives; the JSON one for
+    JSON and safetensors headers."""
     kinds = dict(BYTE_MUTATIONS)
+    if data.startswith(b"PK"):
+        kinds["pickle"] = _mutate_pickle
     n = int.from_bytes(data[:8], "little") if len(data) >= 8 else 0
     if data.lstrip().startswith(b"{") or (8 + n <= len(data) and data[8:9] == b"{"):
         kinds["json"] = _mutate_json
