@@ -15,7 +15,8 @@ here nothing is used before it is checked:
 * every tensor of the state dict (:func:`state_dict_tensors`): a string name, valid UTF-8, and elements that all lie
   inside its storage.
 
-The tensors are views of one private (copy-on-write) map of the file at the checked offsets. Nothing here reads
+The tensors are views of one private (copy-on-write) map of the file (:mod:`ckpt_ema.formats.mapping`) at the
+checked offsets. Nothing here reads
 tensor data: the cost is O(pickle + directory), and the engine reads each byte once, from the page cache.
 
 Inside the loaded object the weights are a plain state dict or sit in one of the usual containers
@@ -35,6 +36,7 @@ from typing import Any, BinaryIO
 import torch
 
 from ckpt_ema.errors import CkptEmaError
+from ckpt_ema.formats.mapping import map_privately
 from ckpt_ema.formats.unpickle import PickleCorrupt, PickleRefused, unpickle
 from ckpt_ema.formats.zip_records import STORED, Record, ZipError, read_directory, read_small_record
 
@@ -126,7 +128,7 @@ def _load_zip(path: Path, f: BinaryIO, safe_globals: list[Any], max_bytes: int) 
     if order is not None and read_small_record(f, order, 16) != b"little":
         raise CkptEmaError("saved on a big-endian machine; ckpt-ema reads little-endian checkpoints", path)
     pickled = read_small_record(f, records[f"{prefix}/data.pkl"], max_bytes)
-    file_map = _map(path, os.fstat(f.fileno()).st_size)
+    file_map = map_privately(f, path, os.fstat(f.fileno()).st_size)
 
     def record_of(key: str, dtype: torch.dtype, numel: int) -> int:
         record = records.get(f"{prefix}/data/{key}")
@@ -199,7 +201,7 @@ def _load_legacy(path: Path, f: BinaryIO, safe_globals: list[Any], max_bytes: in
     if position != size:
         raise CkptEmaError(f"not a readable PyTorch checkpoint: {size - position} bytes after its last storage", path)
     f.seek(object_start)
-    storages = _Storages(lambda key, dtype, numel: offsets[key], _map(path, size), legacy=True)
+    storages = _Storages(lambda key, dtype, numel: offsets[key], map_privately(f, path, size), legacy=True)
     return unpickle(f, storages, safe_globals=safe_globals, max_bytes=max_bytes)
 
 
@@ -257,15 +259,6 @@ class _Storages:
 
 def _no_storage(pid: Any) -> Any:
     raise PickleCorrupt("a storage where torch.save writes none")
-
-
-def _map(path: Path, size: int) -> torch.UntypedStorage:
-    """The file's ``size`` bytes over a private (copy-on-write) map: tensors view it as writable memory, and the
-    file is never modified. torch's map closes the file once mapped (a run of many files holds no descriptors)."""
-    try:
-        return torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size)
-    except RuntimeError as exc:  # the file vanished or shrank since its directory was read
-        raise CkptEmaError(f"cannot map: {str(exc).strip().splitlines()[0]}", path) from None
 
 
 def _is_state_dict(obj: Any) -> bool:
