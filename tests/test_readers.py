@@ -430,3 +430,10 @@ def test_a_file_name_that_is_not_utf8_is_read(tmp_path: Path, fmt: str) -> None:
     else:
         save_file(fuzz_state(), str(path))
     assert_same_tensors(read_with_ckpt_ema(path), fuzz_state())
+
+
+def test_metadata_strings_that_are_not_utf8_are_left_out(tmp_path: Path) -> None:
+    """A pickle can hold lone surrogates; the output's header (JSON read by the safetensors package) cannot."""
+    path = torch_file(tmp_path, {"state_dict": fuzz_state(), "step": 4, "arch": "vit\udc80", "hp": {"lr\udc80": 1}})
+    metadata = open_checkpoint(path).metadata
+    assert metadata["step"] == 4 and "arch" not in metadata and "hp" not in metadata

@@ -299,19 +299,30 @@ def find_state_dict(obj: Any, path: Path, key: str | None = None) -> tuple[Mappi
 
 
 def plain_metadata(obj: Any) -> dict[str, Any]:
-    """Top-level values that are plain data (numbers, strings, small dicts of them), e.g. step, epoch, arch."""
+    """Top-level values that are plain data (numbers, strings, small dicts of them), e.g. step, epoch, arch.
+    Strings that are not valid UTF-8 (a pickle can hold lone surrogates) are left out: the output's header could
+    not hold them."""
     if not isinstance(obj, Mapping):
         return {}
     meta: dict[str, Any] = {}
     for k, v in obj.items():
         if isinstance(v, argparse.Namespace):
             v = vars(v)
-        if isinstance(v, bool | int | float | str):
+        if isinstance(v, bool | int | float | str) and _is_utf8(k, v):
             meta[str(k)] = v
-        elif isinstance(v, Mapping) and v and all(isinstance(x, bool | int | float | str | None) for x in v.values()):
+        elif (isinstance(v, Mapping) and v and all(isinstance(x, bool | int | float | str | None) for x in v.values())
+              and _is_utf8(k, *v.keys(), *v.values())):
             meta[str(k)] = {str(a): b for a, b in v.items()}
     return meta
 
+
+def _is_utf8(*values: Any) -> bool:
+    try:
+        for value in values:
+            str(value).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def state_dict_tensors(state: Mapping[Any, Any], path: Path) -> dict[str, torch.Tensor]:
@@ -325,10 +336,8 @@ def state_dict_tensors(state: Mapping[Any, Any], path: Path) -> dict[str, torch.
             continue
         if not isinstance(name, str):
             raise CkptEmaError(f"a tensor is named {name!r}, a {type(name).__name__}: state dict names are strings", path)
-        try:
-            name.encode("utf-8")
-        except UnicodeEncodeError:
-            raise CkptEmaError(f"the tensor name {name!r} is not valid UTF-8", path) from None
+        if not _is_utf8(name):
+            raise CkptEmaError(f"the tensor name {name!r} is not valid UTF-8", path)
         _check_tensor(name, value, path)
         tensors[name] = value
     return tensors
