@@ -5,13 +5,15 @@ altered the way a corrupt or crafted file would be."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import re
 import struct
 import tracemalloc
+import warnings
 import zipfile
-import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -181,7 +183,7 @@ def test_every_pickle_protocol_and_both_layouts_load_as_torch_loads_them(tmp_pat
     now mapped too. Each loads as torch.load (trusted here, on the test's own file) loads it."""
     obj = {"state_dict": fuzz_state(), "step": 7, "bytes": b"\x00\x01", "set": {1, 2}, "big": 10**30}
     path = torch_file(tmp_path, obj, pickle_protocol=protocol, _use_new_zipfile_serialization=zipped)
-    with pytest.warns(None) if False else _no_warnings():
+    with no_warnings():
         got = torch_load_safely(path)
     want = torch.load(path, weights_only=False)
     assert {k: v for k, v in got.items() if k != "state_dict"} == {k: v for k, v in want.items() if k != "state_dict"}
@@ -189,17 +191,13 @@ def test_every_pickle_protocol_and_both_layouts_load_as_torch_loads_them(tmp_pat
     assert_same_tensors(read_with_ckpt_ema(path), want["state_dict"])
 
 
-class _no_warnings:
-    def __enter__(self):  # noqa: ANN204
-        import warnings
-
-        self._catch = warnings.catch_warnings(record=True)
-        self._caught = self._catch.__enter__()
+@contextlib.contextmanager
+def no_warnings() -> Iterator[None]:
+    """Fail if anything inside warns (torch's words must never reach the user)."""
+    with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-
-    def __exit__(self, *exc):  # noqa: ANN002, ANN204
-        self._catch.__exit__(*exc)
-        assert not self._caught, [str(w.message) for w in self._caught]
+        yield
+    assert not caught, [str(w.message) for w in caught]
 
 
 @pytest.mark.parametrize("kind, fragment", [
@@ -209,8 +207,6 @@ class _no_warnings:
 ])
 def test_tensors_that_cannot_be_averaged_are_refused_in_one_line_without_torch_warnings(
         tmp_path: Path, kind: str, fragment: str, capfd: pytest.CaptureFixture) -> None:
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # making a quantized tensor warns; only the reading is under test
         weights = {
