@@ -22,7 +22,7 @@ from ckpt_ema.engine.distributed import World
 from ckpt_ema.engine.runner import bytes_read_by, check_device, run_plans
 from ckpt_ema.formats.checkpoint import load_state_dict
 from ckpt_ema.options import AverageOptions
-from ckpt_ema.output.atomic import check_output_path
+from ckpt_ema.output.atomic import check_not_an_input, check_output_path, output_files
 from ckpt_ema.output.metadata import output_metadata
 from ckpt_ema.output.sinks import MemoryOutput, SafetensorsOutput
 from ckpt_ema.planning import Plan, make_plan, percent
@@ -59,6 +59,7 @@ class AverageResult:
     seconds: float
     bytes_read: int = 0
     files: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # e.g. stale temporary files of killed runs, removed
 
     @property
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -77,10 +78,12 @@ class AverageResult:
             shards = f" + {len(self.files) - 1} shards" if len(self.files) > 1 else ""
             where = f" -> {shown}{shards} ({human_bytes(size)})"
         sources = self.plan.sources
+        warned = (f"; warning: {self.plan.first_share:.0%} of the weight is on the first checkpoint"
+                  if self.plan.first_checkpoint_warnings() else "")
         return (f"averaged {len(sources)} checkpoints (steps {sources[0].step}..{sources[-1].step}, effective window "
                 f"{self.plan.weighting.effective_window()} checkpoints, unresolved {percent(self.plan.weighting.unresolved)})"
                 f"{where} in {self.seconds:.1f} s "
-                f"({human_bytes(self.bytes_read / max(self.seconds, 1e-9))}/s)")
+                f"({human_bytes(self.bytes_read / max(self.seconds, 1e-9))}/s){warned}")
 
 
 def human_bytes(n: float) -> str:
@@ -114,6 +117,8 @@ def run(the_plan: Plan, output: str | Path | None = None, *, progress: bool = Fa
         world: World | None = None) -> AverageResult:
     """Read the planned checkpoints once and write their average to ``output`` (or keep it in memory)."""
     out_path = check_output_path(output) if output is not None else None
+    if out_path is not None:
+        check_not_an_input(output_files(out_path), the_plan.input_files())
     check_device(the_plan.options.device)
     started = time.perf_counter()
     metadata = output_metadata(the_plan)
@@ -121,7 +126,7 @@ def run(the_plan: Plan, output: str | Path | None = None, *, progress: bool = Fa
     written = run_plans([the_plan], [sink], progress=progress, desc="averaging", world=world)
     state = sink.tensors if isinstance(sink, MemoryOutput) else None
     return AverageResult(state, the_plan, metadata, out_path, time.perf_counter() - started,
-                         bytes_read_by([the_plan]), written[0])
+                         bytes_read_by([the_plan]), written[0], getattr(sink, "notes", []))
 
 
 def sweep(inputs: list[str | Path] | str | Path, outdir: str | Path, *, decays: list[float] = (),
