@@ -13,7 +13,7 @@ import pathlib
 import pickle
 import re
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,14 +61,15 @@ def is_torch_file(path: Path) -> bool:
 
 
 
-def torch_load_safely(path: Path) -> Any:
+def torch_load_safely(path: Path, extra_safe_globals: Sequence[Any] = ()) -> Any:
     """``torch.load`` with ``weights_only=True`` (never a fallback to full unpickling), mmap'd when possible.
 
     Raises CkptEmaError with one line saying why a file cannot be read: not a checkpoint, truncated, or a pickled
-    object that is not on the short list of harmless types (:data:`SAFE_GLOBALS`).
+    object that is not on the short list of harmless types (:data:`SAFE_GLOBALS`, plus ``extra_safe_globals``: a
+    format's own stand-ins, such as DeepSpeed's in :mod:`ckpt_ema.formats.deepspeed`).
     """
     _check_torch_file_magic(path)
-    with torch.serialization.safe_globals(SAFE_GLOBALS + _numpy_safe_globals()):
+    with torch.serialization.safe_globals(SAFE_GLOBALS + _numpy_safe_globals() + list(extra_safe_globals)):
         try:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
         except pickle.UnpicklingError as exc:
