@@ -13,9 +13,9 @@ training code, in any world size the run was saved with:
 * every item's byte range is checked against its file's size, optimizer items included (a truncated or missing
   ``.distcp`` is refused even when only optimizer bytes are gone); a chunk set that does not tile its tensor
   exactly once is refused;
-* each model item's ``torch.save`` header is read (``torch.load(map_location="meta")``, weights-only, no data
-  read) to find where its data lies; its shape and dtype must match the metadata and its strides stay inside its
-  data;
+* before a tensor is first read, each of its items' ``torch.save`` header is read (``torch.load(map_location=
+  "meta")``, weights-only, no data read) to find where its data lies; its shape and dtype must match the metadata
+  and its strides stay inside its data;
 * the tensor data is then read through a private memory map of the ``.distcp`` file: :meth:`DcpCheckpoint.piece`
   assembles a flat element range of a tensor from the parts of the chunks that hold it, a view of the map where
   one chunk holds the range contiguously. Nothing is read whole: memory stays within the engine's chunk, however
@@ -159,8 +159,6 @@ class DcpCheckpoint(PartedCheckpoint):
                 left_out.append(name)  # a pickled value (a module's extra state): not a tensor to average
                 continue
             shape, dtype, chunks = _tensor_chunks(fqn, entry, metadata.storage_data, folder)
-            for chunk in chunks:
-                _locate_data(folder / chunk.file, chunk, dtype)
             self.names.append(name)
             self._shape[name] = (shape, dtype)
             self._chunks[name] = chunks
@@ -172,12 +170,20 @@ class DcpCheckpoint(PartedCheckpoint):
         skipped = f"; left out, not tensors: {', '.join(left_out[:5])}" if left_out else ""
         self.weights_from = f"the DCP entry {taken}{skipped}"
         self._maps: dict[str, torch.UntypedStorage] = {}
+        self._located: set[str] = set()
 
     def piece(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Elements [start, stop) of the tensor in row-major order: a view of the mapped file when one chunk holds
-        them contiguously (and aligned), else a new tensor filled from the parts of the chunks that hold them."""
+        them contiguously (and aligned), else a new tensor filled from the parts of the chunks that hold them.
+
+        A tensor's items are located (their headers read and checked) when it is first read: a run's checkpoints
+        that no average uses cost only their metadata."""
         shape, dtype = self._shape[name]
         chunks = self._chunks[name]
+        if name not in self._located:
+            for chunk in chunks:
+                _locate_data(self.folder / chunk.file, chunk, dtype)
+            self._located.add(name)
         boxes = list(flat_boxes(shape, start, stop))
         if len(boxes) == 1:
             _, lo, hi = boxes[0]
@@ -313,7 +319,9 @@ def _tensor_chunks(fqn: str, entry: dcp_metadata.TensorStorageMetadata, storage:
 
 def _tiles(shape: tuple[int, ...], chunks: list[_Chunk]) -> bool:
     """Whether the chunks cover every element of ``shape`` exactly once: counted on the grid of their cut points."""
-    if not shape or math.prod(shape) == 0:
+    if math.prod(shape) == 0:  # nothing to read (sizes summed to 0 already)
+        return True
+    if not shape:
         return len(chunks) == 1
     cuts = [sorted({0, size} | {c.offsets[d] for c in chunks} | {c.offsets[d] + c.sizes[d] for c in chunks})
             for d, size in enumerate(shape)]
