@@ -32,6 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_average import MEMORY_SAMPLER  # scripts/ is on the path when this script runs
+
 SAVER = r"""
 import sys, os, json, torch, torch.distributed as dist, torch.distributed.checkpoint as dcp, torch.multiprocessing as mp
 
@@ -57,22 +59,7 @@ if __name__ == "__main__":
     mp.spawn(worker, args=(2, out, rows, cols, n_layers, n_ckpt, init), nprocs=2)
 """
 
-WORKER = r"""
-import json, sys, threading, time
-
-def rss_anon_kib():
-    for line in open("/proc/self/status"):
-        if line.startswith("RssAnon:"):
-            return int(line.split()[1])
-    return 0
-
-peak = [rss_anon_kib()]
-stop = threading.Event()
-def sample():
-    while not stop.is_set():
-        peak[0] = max(peak[0], rss_anon_kib())
-        time.sleep(0.002)
-
+WORKER = MEMORY_SAMPLER + r"""
 method, folders, out, max_memory, measure = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], int(sys.argv[4]), sys.argv[5] == "1"
 import torch
 import ckpt_ema
