@@ -321,6 +321,9 @@ def _stage_and_world(parts: list[dict], files: int, tag: Path) -> tuple[int, int
     world = max(count) if isinstance(count, list) and count else count
     if not isinstance(stage, int) or stage not in (1, 2, 3) or not _is_count(world):
         raise CkptEmaError(f"unknown ZeRO stage {stage!r} or partition count {count!r}", tag)
+    if isinstance(count, list) and len(set(count)) > 1:  # MoE: expert groups partitioned over fewer ranks
+        raise CkptEmaError(f"optimizer groups partitioned over different numbers of ranks ({count}): mixture-of-"
+                           "experts partitions are not read", tag)
     if world != files:
         raise CkptEmaError(f"the optimizer state was partitioned over {world} ranks, but {files} optimizer files "
                            "are here", tag)
