@@ -6,6 +6,9 @@ they never import one another.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -403,3 +406,12 @@ def assert_refused(args: list, *fragments: str, out: Path | str) -> str:
     assert "Traceback" not in res.output
     assert sorted(parent.iterdir()) == before
     return error
+
+
+def torchrun(*args: object) -> subprocess.CompletedProcess[str]:
+    """``torchrun --nproc-per-node 2 --standalone -m ckpt_ema ARGS`` with this interpreter, one thread per rank."""
+    repo = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(repo), TORCH_CPP_LOG_LEVEL="ERROR")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+               "-m", "ckpt_ema", *map(str, args)]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)

@@ -4,6 +4,7 @@ dcp_to_torch_save consolidates."""
 
 from __future__ import annotations
 
+import json
 import math
 import pickle
 import random
@@ -14,7 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import (DCP_STEPS, ShardedNet, assert_refused, dcp_model, make_dcp_runs, max_abs_diff, run_cli)
+from helpers import (DCP_STEPS, ShardedNet, assert_refused, dcp_model, make_dcp_runs, max_abs_diff, run_cli,
+                     torchrun)
 from safetensors.torch import load_file
 
 import ckpt_ema
@@ -213,3 +215,18 @@ def test_reading_needs_no_process_group(runs: tuple[Path, Path], tmp_path: Path)
     done = subprocess.run([sys.executable, "-c", code, str(runs[1])], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == str(len(ShardedNet().state_dict()))
+
+
+def test_under_torchrun_each_rank_folds_its_share_into_a_new_folder(runs: tuple[Path, Path], tmp_path: Path) -> None:
+    """Two processes read the same DCP run, each folding its share of the tensors, into a folder neither found:
+    bit for bit what one process writes."""
+    fsdp, _ = runs
+    done = torchrun("average", fsdp, "--decay", "0.7", "--max-shard-size", "2KB", "-o", f"{tmp_path / 'out'}/")
+    assert done.returncode == 0, done.stderr
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    got: dict[str, torch.Tensor] = {}
+    for shard in set(index["weight_map"].values()):
+        got.update(load_file(tmp_path / "out" / shard))
+    want = ckpt_ema.average(fsdp, None, decay=0.7).state_dict
+    assert sorted(got) == sorted(want)
+    assert all(torch.equal(got[n], want[n]) for n in want)

@@ -83,7 +83,7 @@ class FolderOutput(SafetensorsOutput):
     def open(self, shapes: Mapping[str, tuple[int, ...]], dtypes: Mapping[str, torch.dtype], **kwargs: object) -> None:
         if not self.folder.is_dir():
             try:
-                self.folder.mkdir()
+                self.folder.mkdir(exist_ok=True)  # under torchrun every rank may get here first
             except OSError as exc:
                 raise CkptEmaError(f"cannot create the output folder: {exc.strerror or exc}", self.folder) from None
             self._created_folder = True
