@@ -24,8 +24,8 @@ _EXPORTS = {
     "plan": "ckpt_ema.api",
     "run": "ckpt_ema.api",
     "sweep": "ckpt_ema.api",
-    "Scoring": "ckpt_ema.sweep",
-    "SweepResult": "ckpt_ema.sweep",
+    "Scoring": "ckpt_ema.sweeping",
+    "SweepResult": "ckpt_ema.sweeping",
     "World": "ckpt_ema.engine.distributed",
     "load_state_dict": "ckpt_ema.formats.checkpoint",
 }
@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from ckpt_ema.formats.checkpoint import load_state_dict
     from ckpt_ema.options import AverageOptions, parse_size
     from ckpt_ema.planning import Plan
-    from ckpt_ema.sweep import Scoring, SweepResult
+    from ckpt_ema.sweeping import Scoring, SweepResult
     from ckpt_ema.weighting import DecaySchedule
 
 

@@ -27,14 +27,14 @@ from ckpt_ema.output.atomic import check_output_path
 from ckpt_ema.output.folder import FolderOutput, check_folder_output, is_folder_output, model_files_of
 from ckpt_ema.output.metadata import output_metadata
 from ckpt_ema.output.sinks import MemoryOutput, SafetensorsOutput
-from ckpt_ema.planning import Plan, make_plan
+from ckpt_ema.planning import Plan, make_plan, percent
 
 if TYPE_CHECKING:
     import torch
     from typing_extensions import Unpack
 
     from ckpt_ema.options import OptionFields
-    from ckpt_ema.sweep import SweepResult, Scorer
+    from ckpt_ema.sweeping import Scorer, Scoring, SweepResult
 
 Inputs = "list[str | Path] | str | Path"
 
@@ -83,7 +83,8 @@ class AverageResult:
             where = f" -> {shown}{shards}{beside} ({human_bytes(size)})"
         sources = self.plan.sources
         return (f"averaged {len(sources)} checkpoints (steps {sources[0].step}..{sources[-1].step}, effective window "
-                f"{self.plan.weighting.effective_window()} checkpoints){where} in {self.seconds:.1f} s "
+                f"{self.plan.weighting.effective_window()} checkpoints, unresolved {percent(self.plan.weighting.unresolved)})"
+                f"{where} in {self.seconds:.1f} s "
                 f"({human_bytes(self.bytes_read / max(self.seconds, 1e-9))}/s)")
 
 
@@ -153,14 +154,17 @@ def check_not_an_input(path: Path, the_plan: Plan) -> None:
 
 
 def sweep(inputs: list[str | Path] | str | Path, outdir: str | Path, *, decays: list[float] = (),
-          half_lives: list[float] = (), lasts: list[int] = (), options: AverageOptions | None = None,
-          score: Scorer | None = None, plot: bool = True, progress: bool = False, world: World | None = None,
-          **fields: Unpack[OptionFields]) -> SweepResult:
-    """Many averages from one read of the checkpoints: one candidate per decay, half-life and K of ``lasts``,
-    each written to ``OUTDIR/<candidate>.safetensors``; with ``score``, each candidate and the final model are
-    scored and the best copied to ``OUTDIR/best.safetensors`` (see :func:`ckpt_ema.sweep.run_sweep`)."""
-    from ckpt_ema.sweep import plan_sweep, run_sweep
+          half_lives: list[float] = (), lasts: list[int] = (), sigma_rels: list[float] = (),
+          options: AverageOptions | None = None, score: Scoring | Scorer | None = None, plot: bool = True,
+          progress: bool = False, world: World | None = None, **fields: Unpack[OptionFields]) -> SweepResult:
+    """Many averages from one read of the checkpoints: one candidate per decay, half-life, sigma_rel (power EMA) and
+    K of ``lasts``, each written to ``OUTDIR/<candidate>.safetensors``. With ``score`` (a
+    :class:`~ckpt_ema.sweeping.Scoring`, or a function from a weights file's path to named scores, ranked by the first,
+    higher being better), each candidate and the final model are scored and the best copied to
+    ``OUTDIR/best.safetensors`` if it beats the final model (see :func:`ckpt_ema.sweeping.run_sweep`)."""
+    from ckpt_ema.sweeping import Scoring, plan_sweep, run_sweep
 
     candidates = plan_sweep(_input_list(inputs), resolve_options(options, dict(fields)), decays=list(decays),
-                            half_lives=list(half_lives), lasts=list(lasts))
-    return run_sweep(candidates, Path(outdir), score=score, plot=plot, progress=progress, world=world)
+                            half_lives=list(half_lives), lasts=list(lasts), sigma_rels=list(sigma_rels))
+    scoring = score if score is None or isinstance(score, Scoring) else Scoring(score)
+    return run_sweep(candidates, Path(outdir), score=scoring, plot=plot, progress=progress, world=world)

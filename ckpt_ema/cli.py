@@ -10,6 +10,7 @@ loaded only when called.
 from __future__ import annotations
 
 import importlib
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -104,10 +105,12 @@ def main() -> None:
 @click.option("--half-life", type=float, default=None,
               help="Instead of --decay: steps over which a weight halves (decay = 0.5^(1/STEPS)).")
 @click.option("--last", type=int, default=None, help="Instead of an EMA: the plain mean of the newest K checkpoints.")
+@click.option("--sigma-rel", type=float, default=None,
+              help="Instead of timm's EMA: EDM2's power-function EMA with this relative width (e.g. 0.05, 0.1).")
 @averaging_options()
 @click.option("--dry-run", is_flag=True, help="Print the checkpoints, steps and weights; read no tensor.")
 def average_command(inputs: tuple[str, ...], output: str | None, decay: float | None, half_life: float | None,
-                    last: int | None, dry_run: bool, quiet: bool, **params: Any) -> None:
+                    last: int | None, sigma_rel: float | None, dry_run: bool, quiet: bool, **params: Any) -> None:
     """Average checkpoints INPUTS (files, globs, folders) into one .safetensors file or a model folder.
 
     Checkpoints are taken in training-step order and folded into timm's EMA recurrence; with a checkpoint saved
@@ -119,11 +122,13 @@ def average_command(inputs: tuple[str, ...], output: str | None, decay: float | 
         raise click.UsageError("missing option '-o' / '--output' (or use --dry-run)")
     if output is not None:
         check_output(output)
-    options = options_from(params, decay=decay, half_life=half_life, last=last)
+    options = options_from(params, decay=decay, half_life=half_life, last=last, sigma_rel=sigma_rel)
     world = world_from_env()
     quiet = quiet or world.rank != 0
     the_plan = plan(list(inputs), options)
     _print_notes(the_plan.discovery, quiet)
+    for line in the_plan.warnings():
+        say(f"warning: {line}", quiet)
     if dry_run:
         if world.rank == 0:
             click.echo(the_plan.table())
@@ -138,38 +143,53 @@ def average_command(inputs: tuple[str, ...], output: str | None, decay: float | 
               help="Folder for one .safetensors per candidate, and the pictures (created if missing).")
 @click.option("--decay", "decays", cls=NumbersOption, type=float, multiple=True, help="EMA decays to try: 0.99 0.999 ...")
 @click.option("--half-life", "half_lives", cls=NumbersOption, type=float, multiple=True, help="EMA half-lives, in steps.")
+@click.option("--sigma-rel", "sigma_rels", cls=NumbersOption, type=float, multiple=True,
+              help="Power-function EMA (EDM2) widths to try: 0.05 0.1 ...")
 @click.option("--last", "lasts", cls=NumbersOption, type=int, multiple=True, help="Uniform means of the newest K: 5 10 ...")
 @averaging_options()
+@click.option("--eval-cmd", default=None, metavar="CMD",
+              help="Score every candidate and the final model with this shell command; {weights} is replaced by a "
+                   ".safetensors path; the last line it prints is the score (a number, or a JSON object of named "
+                   "numbers). The best average is copied to OUTDIR/best.safetensors if it beats the final model.")
+@click.option("--maximize/--minimize", default=True, show_default=True,
+              help="Whether a higher score (accuracy) or a lower one (loss) is better.")
 @click.option("--eval", "evaluate", is_flag=True,
-              help="CIFAR-10 demo runs: score every candidate on the run's validation images (train --val-split) and "
-                   "the test set; copy the best on validation to OUTDIR/best.safetensors.")
+              help="CIFAR-10 demo runs: --eval-cmd 'ckpt-ema eval --score val {weights}': choose on the validation "
+                   "images that train --val-split kept out; the test accuracy is shown beside.")
 @click.option("--data", default=None, help="CIFAR-10 folder for --eval [default: $CKPT_EMA_DATA or the cache].")
 @click.option("--test-subset", type=int, default=None, help="With --eval: score on the first M test images only.")
 @click.option("--plot/--no-plot", default=True, show_default=True,
-              help="Write weights.png (and accuracy.png with --eval) to OUTDIR; needs matplotlib.")
+              help="Write weights.png (and the scores' picture when scored) to OUTDIR; needs matplotlib.")
 def sweep_command(inputs: tuple[str, ...], outdir: str, decays: tuple[float, ...], half_lives: tuple[float, ...],
-                  lasts: tuple[int, ...], quiet: bool, evaluate: bool, data: str | None, test_subset: int | None,
-                  plot: bool, **params: Any) -> None:
-    """Many averages of checkpoints INPUTS from one read: every --decay, --half-life and --last at once."""
-    from ckpt_ema.sweep import Scoring, plan_sweep, run_sweep, sweep_table
+                  sigma_rels: tuple[float, ...], lasts: tuple[int, ...], quiet: bool, eval_cmd: str | None,
+                  maximize: bool, evaluate: bool, data: str | None, test_subset: int | None, plot: bool,
+                  **params: Any) -> None:
+    """Many averages of checkpoints INPUTS from one read: every --decay, --half-life, --sigma-rel and --last at
+    once; with --eval-cmd, the best of them, or the final model."""
+    from ckpt_ema.scoring import command_scorer
+    from ckpt_ema.sweeping import Scoring, plan_sweep, run_sweep, sweep_table, sweep_warnings
 
     folder = Path(outdir)
     world = world_from_env()
     quiet = quiet or world.rank != 0
     if not folder.parent.is_dir():
         raise CkptEmaError("the output folder's parent does not exist", folder)
-    if not (decays or half_lives or lasts):
-        raise click.UsageError("give at least one --decay, --half-life or --last to sweep")
+    if not (decays or half_lives or lasts or sigma_rels):
+        raise click.UsageError("give at least one --decay, --half-life, --sigma-rel or --last to sweep")
+    if evaluate and eval_cmd is not None:
+        raise click.UsageError("--eval is a shorthand for an --eval-cmd: give one of them")
     options = options_from(params)
-    candidates = plan_sweep(list(inputs), options, decays=list(decays), half_lives=list(half_lives), lasts=list(lasts))
-    _print_notes(candidates[0].plan.discovery, quiet)
     scoring = None
-    if evaluate:
-        from ckpt_ema.cifar.evaluate import sweep_scorer  # the demo's evaluation, loaded only when asked for
-
-        newest = candidates[0].plan.sources[-1].path
-        scoring = Scoring(sweep_scorer(data, options.device, test_subset, newest, options.key), "val_accuracy",
+    if evaluate:  # the demo's evaluation, as any user's: one command per weights file
+        scoring = Scoring(command_scorer(demo_eval_command(data, test_subset, options.device)), "val_accuracy",
                           label="validation")
+    elif eval_cmd is not None:
+        scoring = Scoring(command_scorer(eval_cmd), maximize=maximize)
+    candidates = plan_sweep(list(inputs), options, decays=list(decays), half_lives=list(half_lives),
+                            lasts=list(lasts), sigma_rels=list(sigma_rels))
+    _print_notes(candidates[0].plan.discovery, quiet)
+    for line in sweep_warnings(candidates):
+        say(f"warning: {line}", quiet)
     result = run_sweep(candidates, folder, score=scoring, plot=plot, progress=show_progress(quiet), world=world)
     if world.rank != 0:
         return
@@ -177,16 +197,24 @@ def sweep_command(inputs: tuple[str, ...], outdir: str, decays: tuple[float, ...
     say(f"read {len(candidates[0].plan.sources)} checkpoints {reads} for {len(candidates)} candidates in "
         f"{result.seconds:.1f} s; wrote {folder}/<candidate>.safetensors", quiet)
     click.echo(sweep_table(result, scoring))
-    if scoring is not None and result.scores and not any("val_accuracy" in s for s in result.scores.values()):
+    if evaluate and result.scores and not any("val_accuracy" in s for s in result.scores.values()):
         say("note: the run kept no validation images (train --val-split N), so no candidate is chosen: "
             "choosing on the test set would inflate the result", quiet)
     elif result.best is not None:
-        say(f"best on validation: {result.best} -> {result.best_output}", quiet)
+        say(f"best on {scoring.label or result.ranked_by}: {result.best} -> {result.best_output}", quiet)  # type: ignore[union-attr]
     for note in result.notes:
-        if "no val_accuracy score" not in note:
+        if not (evaluate and "no val_accuracy" in note):
             say(f"note: {note}", quiet)
     for picture in result.pictures:
         say(f"picture: {picture}", quiet)
+
+
+def demo_eval_command(data: str | None, test_subset: int | None, device: str) -> str:
+    """The command ``sweep --eval`` stands for: the CIFAR-10 demo's ``eval --score val``, run by this Python."""
+    words = [sys.executable, "-m", "ckpt_ema", "eval", "--score", "val", "--quiet", "--device", device]
+    words += ["--data", data] if data is not None else []
+    words += ["--test-subset", str(test_subset)] if test_subset is not None else []
+    return shlex.join(words) + " {weights}"
 
 
 def _print_notes(discovery: Any, quiet: bool) -> None:

@@ -111,18 +111,22 @@ def averaging_options() -> Any:
 
 def options_from(params: dict[str, Any], **weights: Any) -> AverageOptions:
     """The options object from Click's parsed ``params`` (consumed) and the weights (``decay=``, ``half_life=``,
-    ``last=``): built once, here, at the boundary."""
-    fields = {f.name for f in dataclasses.fields(AverageOptions)} - {"schedule", "last"}
+    ``last=``, ``sigma_rel=``): built once, here, at the boundary."""
+    fields = {f.name for f in dataclasses.fields(AverageOptions)} - {"schedule", "last", "sigma_rel"}
     rest = {name: params.pop(name) for name in list(params) if name in fields}
     shape = schedule_shape_from(params)
-    if weights.get("last") is not None:
+    for name, what in (("last", "a uniform mean"), ("sigma_rel", "a power-function EMA")):
+        if weights.get(name) is None:
+            continue
         ema_only = {"--decay": weights.get("decay") is not None, "--half-life": weights.get("half_life") is not None,
+                    "--last": name != "last" and weights.get("last") is not None,
+                    "--sigma-rel": name != "sigma_rel" and weights.get("sigma_rel") is not None,
                     "--warmup": shape["warmup"], "--bias-correction": rest["bias_correction"]}
         given = [flag for flag, on in ema_only.items() if on]
         if given:
-            raise OptionError("last", f"{weights['last']} is a uniform mean: {', '.join(given)} apply only to an EMA")
+            raise OptionError(name, f"{weights[name]} is {what}: {', '.join(given)} cannot go with it")
         rest["bias_correction"] = False
-        return AverageOptions(last=weights["last"], **rest)
+        return AverageOptions(**{name: weights[name]}, **rest)
     return AverageOptions.build(decay=weights.get("decay"), half_life=weights.get("half_life"), **shape, **rest)
 
 

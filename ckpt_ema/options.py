@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, TypedDict
 
 from ckpt_ema.errors import OptionError
-from ckpt_ema.weighting import INTERPOLATIONS, DecaySchedule
+from ckpt_ema.weighting import INTERPOLATIONS, DecaySchedule, gamma_of
 
 DTYPE_NAMES = ("float32", "float64", "float16", "bfloat16")
 ACCUM_DTYPE_NAMES = ("float32", "float64")
@@ -65,6 +65,7 @@ class OptionFields(TypedDict, total=False):
     bias_correction: bool
     interpolate: str
     last: int | None
+    sigma_rel: float | None
     from_step: int | None
     to_step: int | None
     per_checkpoint: bool
@@ -78,13 +79,15 @@ class OptionFields(TypedDict, total=False):
 
 @dataclass(frozen=True)
 class AverageOptions:
-    """Everything that decides an average: which weights (an EMA, or a uniform mean of the newest ``last``), over
-    which checkpoints, computed and written how. Validated when built; recorded in the output's metadata."""
+    """Everything that decides an average: which weights (timm's EMA, EDM2's power EMA of width ``sigma_rel``, or a
+    uniform mean of the newest ``last``), over which checkpoints, computed and written how. Validated when built;
+    recorded in the output's metadata."""
 
     schedule: DecaySchedule = field(default_factory=DecaySchedule)  # the EMA's per-step decay d(s)
     bias_correction: bool = False  # start from zero and divide by 1 - prod d(s), instead of copying the first
     interpolate: str = "linear"  # the weights between two checkpoints: "linear" or "step" (see ckpt_ema.weighting)
     last: int | None = None  # instead of an EMA: the plain mean of the newest ``last`` checkpoints
+    sigma_rel: float | None = None  # instead of timm's EMA: EDM2's power-function EMA of this relative width
     from_step: int | None = None  # only checkpoints with from_step <= step <= to_step
     to_step: int | None = None
     per_checkpoint: bool = False  # ignore steps: every checkpoint counts as one update
@@ -105,6 +108,14 @@ class AverageOptions:
         if self.last is not None and (self.schedule != DecaySchedule() or self.bias_correction):
             raise OptionError("last", f"{self.last} is a uniform mean: the EMA's decay schedule and bias correction "
                                       "do not apply to it")
+        if self.sigma_rel is not None:
+            gamma_of(self.sigma_rel)  # in (0, 1/sqrt(12)]
+            if self.last is not None:
+                raise OptionError("sigma_rel", f"{self.sigma_rel} asks for a power EMA, last {self.last} for a uniform "
+                                               "mean: give one of them")
+            if self.schedule != DecaySchedule() or self.bias_correction:
+                raise OptionError("sigma_rel", f"{self.sigma_rel} is a power-function EMA: timm's decay schedule and "
+                                               "bias correction do not apply to it")
         if self.accum_dtype not in ACCUM_DTYPE_NAMES:
             raise OptionError("accum_dtype", f"must be one of {', '.join(ACCUM_DTYPE_NAMES)}, got {self.accum_dtype!r}")
         if self.out_dtype is not None and self.out_dtype not in DTYPE_NAMES:
@@ -142,16 +153,18 @@ class AverageOptions:
 
     def replaced(self, **changes: Any) -> AverageOptions:
         """A copy with some fields changed, given flat as to :meth:`build` (``decay=0.99``, ``warmup=True``,
-        ``max_memory=...``). ``half_life`` replaces the decay; ``last=K`` asks for a uniform mean, which takes no
-        schedule: the schedule and bias correction are then reset rather than refused."""
-        if changes.get("last") is not None:
-            rest = {k: v for k, v in changes.items() if k != "last"}
-            return replace(self, schedule=DecaySchedule(), bias_correction=False, last=changes["last"]).replaced(**rest)
+        ``max_memory=...``). ``half_life`` replaces the decay; ``last=K`` (a uniform mean) and ``sigma_rel=S`` (a
+        power EMA) take no schedule: the schedule and bias correction are then reset rather than refused."""
+        for weights in ("last", "sigma_rel"):  # a uniform mean or a power EMA: no schedule, no other weights
+            if changes.get(weights) is not None:
+                rest = {k: v for k, v in changes.items() if k != weights}
+                chosen = {"last": None, "sigma_rel": None, weights: changes[weights]}
+                return replace(self, schedule=DecaySchedule(), bias_correction=False, **chosen).replaced(**rest)
         flat = self.flat()
         if changes.get("half_life") is not None:
             flat.pop("decay")
         if changes.get("decay") is not None or changes.get("half_life") is not None:
-            flat["last"] = None
+            flat["last"] = flat["sigma_rel"] = None
         flat.update(changes)
         return AverageOptions.build(**flat)
 

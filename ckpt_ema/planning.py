@@ -13,7 +13,7 @@ from pathlib import Path
 from ckpt_ema.discover import Discovery, Source, discover
 from ckpt_ema.errors import CkptEmaError, OptionError
 from ckpt_ema.options import AverageOptions
-from ckpt_ema.weighting import Weighting, ema_weighting, uniform_weighting
+from ckpt_ema.weighting import Weighting, ema_weighting, power_weighting, uniform_weighting
 
 
 @dataclass
@@ -29,12 +29,31 @@ class Plan:
         return self.discovery.sources
 
     def table(self) -> str:
-        """One line per checkpoint (step, weight, path) and the effective window: what ``--dry-run`` prints."""
+        """One line per checkpoint (step, weight, path), the effective window and the unresolved share: what
+        ``--dry-run`` prints."""
         lines = [f"{'#':>4}  {'step':>10}  {'weight':>10}  checkpoint"]
         for i, (source, w) in enumerate(zip(self.sources, self.weighting.weights)):
             lines.append(f"{i:>4}  {source.step:>10}  {w:>10.3e}  {source.path}")
         lines.append(self.window_line())
+        lines.append(self.resolution_line())
         return "\n".join(lines)
+
+    def resolution_line(self) -> str:
+        """How much of the per-step weights asked for the checkpoints' spacing cannot place (the unresolved share U
+        of :mod:`ckpt_ema.weighting`)."""
+        if self.options.last is not None:
+            return "a uniform mean of checkpoints: nothing between them is asked for (unresolved 0%)"
+        return (f"unresolved {percent(self.weighting.unresolved)}: the share of the per-step weights asked for that "
+                "lies in their shape between checkpoints, which the checkpoints cannot place")
+
+    def warnings(self) -> list[str]:
+        """One line when the checkpoints are too far apart for the average asked for."""
+        if not self.weighting.too_sparse():
+            return []
+        return [f"the checkpoints are too far apart for this average: {percent(self.weighting.unresolved)} of its "
+                f"per-step weights are unresolved and the newest {self.weighting.effective_window()} checkpoints carry "
+                "99% of it; save checkpoints more often or ask for a longer average"]
+
 
     def window_line(self) -> str:
         n = len(self.sources)
@@ -43,6 +62,11 @@ class Plan:
         start = self.sources[n - k].step
         return (f"{n} checkpoints, steps {first}..{last}; the newest {k} carry 99% of the weight "
                 f"(steps {start}..{last}, a window of {last - start} steps)")
+
+
+def percent(share: float) -> str:
+    """A share as a short percentage: 0.0341 -> '3.4%'; rounding noise -> '0%'."""
+    return f"{100 * share:.2g}%" if share >= 5e-5 else "0%"
 
 
 def make_plan(inputs: list[str | Path], options: AverageOptions) -> Plan:
@@ -72,9 +96,11 @@ def within_window(found: Discovery, from_step: int | None, to_step: int | None) 
 
 
 def weighting_for(options: AverageOptions, steps: list[int]) -> Weighting:
-    """The weights ``options`` ask for: a uniform mean of the newest ``last``, or the EMA."""
+    """The weights ``options`` ask for: a uniform mean of the newest ``last``, a power EMA, or timm's EMA."""
     if options.last is not None:
         return uniform_weighting(steps, options.last)
+    if options.sigma_rel is not None:
+        return power_weighting(steps, options.sigma_rel, options.interpolate)
     weighting = ema_weighting(steps, options.schedule, options.bias_correction, options.interpolate)
     if not any(weighting.weights):
         raise OptionError("update_after_step", f"{options.schedule.update_after_step} is at or after every "

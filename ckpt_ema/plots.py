@@ -1,8 +1,8 @@
 """Pictures of a sweep, where a person would rather look than read (matplotlib: ``pip install ckpt-ema[plot]``).
 
 * ``weights.png``: the weight each checkpoint gets under each candidate, against its step;
-* ``scores.png``: each score of the EMA candidates against their half-life (log scale), with the final model and
-  the uniform means as reference lines.
+* ``scores.png``: each score of the EMA and power-EMA candidates against their half-life at the newest checkpoint
+  (log scale), with the final model and the uniform means as reference lines.
 """
 
 from __future__ import annotations
@@ -55,32 +55,36 @@ def plot_weights(candidates: list[Any], path: Path) -> bool:
 
 
 def plot_scores(candidates: list[Any], scores: Mapping[str, Mapping[str, float]],
-                final: Mapping[str, float] | None, path: Path) -> bool:
-    """Each score against EMA half-life (log scale); uniform means and the final model as horizontal lines."""
+                final: Mapping[str, float] | None, path: Path, ranked_by: str | None = None) -> bool:
+    """Each score against half-life (log scale), a line per family; uniform means (on the ranking score) and the
+    final model as horizontal lines."""
     plt = matplotlib_or_none()
     if plt is None:
         return False
-    keys = sorted({k for s in scores.values() for k in s})
+    reported = list(dict.fromkeys(k for s in scores.values() for k in s))
+    keys = sorted(reported, key=lambda k: k != ranked_by)  # the ranking score first, then as the scorer reports
     percent = all(k.endswith("accuracy") for k in keys)
     scale = 100 if percent else 1
     fig, ax = plt.subplots(figsize=(8, 4.5))
     emas = sorted((c for c in candidates if c.half_life is not None and math.isfinite(c.half_life)),
                   key=lambda c: c.half_life)
-    styles = iter(["o-", "s--", "^-.", "v:"] * 4)
-    for key in keys:
-        points = [(c.half_life, scale * scores[c.name][key]) for c in emas if scores.get(c.name, {}).get(key) is not None]
-        if points:
-            ax.plot(*zip(*points), next(styles), label=f"EMA, {key}")
+    styles = iter(["o-", "s--", "^-.", "v:"] * 8)
+    for family in dict.fromkeys(c.family for c in emas):  # EMA, power EMA: one line per score each
+        for key in keys:
+            points = [(c.half_life, scale * scores[c.name][key]) for c in emas
+                      if c.family == family and scores.get(c.name, {}).get(key) is not None]
+            if points:
+                ax.plot(*zip(*points), next(styles), label=f"{family}, {key}")
     colors = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"][2:] * 4)
     for c in candidates:
-        if c.half_life is None and keys and scores.get(c.name, {}).get(keys[-1]) is not None:
-            ax.axhline(scale * scores[c.name][keys[-1]], linestyle=":", color=next(colors), label=f"{c.name}, {keys[-1]}")
+        if c.half_life is None and keys and scores.get(c.name, {}).get(keys[0]) is not None:
+            ax.axhline(scale * scores[c.name][keys[0]], linestyle=":", color=next(colors), label=f"{c.name}, {keys[0]}")
     for key in keys:
         if final and final.get(key) is not None:
             ax.axhline(scale * final[key], color="black", linewidth=1, linestyle=["-", "--", "-.", ":"][keys.index(key) % 4],
                        label=f"final model, {key}")
     ax.set_xscale("log")
-    ax.set_xlabel("EMA half-life (training steps, log scale)")
+    ax.set_xlabel("half-life at the newest checkpoint (training steps, log scale)")
     ax.set_ylabel("accuracy (%)" if percent else "score")
     ax.set_title("Post-hoc averages of the saved checkpoints")
     ax.grid(alpha=0.3, which="both")

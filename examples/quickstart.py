@@ -4,6 +4,10 @@
     ckpt-ema average out/demo --decay 0.98 -o out/demo-ema.safetensors
     python examples/quickstart.py score out/demo out/demo-ema.safetensors
 
+    # let ckpt-ema choose the average on held-out data, with this script as the user's own evaluation:
+    ckpt-ema sweep out/demo --decay 0.9 0.98 --sigma-rel 0.05 0.1 --last 10 \
+        --eval-cmd 'python examples/quickstart.py loss {weights}' --minimize -o out/demo-sweep
+
 The task is linear regression with label noise, trained with a constant, fairly large learning rate: the weights
 end up bouncing around the optimum instead of settling on it, which is exactly the situation in which an EMA of
 the weights beats the last iterate.
@@ -12,6 +16,7 @@ the weights beats the last iterate.
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import torch
@@ -52,13 +57,19 @@ def train(run: Path) -> None:
     print(f"trained {STEPS} steps of SGD (lr {LR}), saved {STEPS // SAVE_EVERY} checkpoints in {run}/")
 
 
-def test_loss(weights: Path) -> float:
+def test_loss(weights: Path, seed: int = 2) -> float:
+    """Mean squared error on 10,000 fresh examples: the test set (seed 2) or the validation set (seed 3)."""
     model = torch.nn.Linear(FEATURES, 1)
     state, _ = ckpt_ema.load_state_dict(weights)
     model.load_state_dict(state)
-    x, y = make_data(10_000, seed=2)
+    x, y = make_data(10_000, seed=seed)
     with torch.no_grad():
         return torch.nn.functional.mse_loss(model(x), y).item()
+
+
+def loss(weights: Path) -> None:
+    """One line for ``sweep --eval-cmd``: validation loss (chooses: the first entry) and test loss (shown)."""
+    print(json.dumps({"val_mse": test_loss(weights, seed=3), "test_mse": test_loss(weights, seed=2)}))
 
 
 def score(run: Path, ema: Path) -> None:
@@ -77,9 +88,12 @@ def main() -> None:
     scoring = sub.add_parser("score")
     scoring.add_argument("run", type=Path)
     scoring.add_argument("ema", type=Path)
+    sub.add_parser("loss").add_argument("weights", type=Path)
     args = parser.parse_args()
     if args.command == "train":
         train(args.run)
+    elif args.command == "loss":
+        loss(args.weights)
     else:
         score(args.run, args.ema)
 

@@ -415,3 +415,63 @@ def torchrun(*args: object) -> subprocess.CompletedProcess[str]:
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
                "-m", "ckpt_ema", *map(str, args)]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+
+
+# ------------------------------------------------------------------------------------------- power EMA, unresolved
+
+
+def edm2_gamma(sigma_rel: float) -> float:
+    """gamma as EDM2's phema.std_to_exp computes it: the largest real root of the cubic, by numpy."""
+    import numpy as np
+
+    t = sigma_rel**-2
+    return float(np.roots([1, 7, 16 - t, 12 - t]).real.max())
+
+
+def theta_held(checkpoints: dict[int, dict[str, torch.Tensor]], s: int) -> dict[str, torch.Tensor]:
+    """The weights at step s under ``step``: those of the first checkpoint at or after s."""
+    b = min(step for step in checkpoints if step >= s)
+    return {n: t.double() for n, t in checkpoints[b].items() if t.is_floating_point()}
+
+
+def power_reference(checkpoints: dict[int, dict[str, torch.Tensor]], sigma_rel: float,
+                    interpolate: str = "linear") -> dict[str, torch.Tensor]:
+    """EDM2's power-function EMA run at every step t = 1..last, beta(t) = (1 - 1/t)^(gamma+1), over the weights
+    guessed between saves, in float64."""
+    gamma = edm2_gamma(sigma_rel)
+    guess = theta_at if interpolate == "linear" else theta_held
+    v: dict[str, torch.Tensor] = {}
+    for t in range(1, max(checkpoints) + 1):
+        beta = (1 - 1 / t) ** (gamma + 1)
+        theta = guess(checkpoints, t)
+        v = theta if t == 1 else {n: beta * v[n] + (1 - beta) * theta[n] for n in v}
+    return v
+
+
+def power_weights(steps: list[int], sigma_rel: float, interpolate: str = "linear") -> list[float]:
+    onehots = {s: {"x": torch.eye(len(steps), dtype=torch.float64)[i]} for i, s in enumerate(steps)}
+    return power_reference(onehots, sigma_rel, interpolate)["x"].tolist()
+
+
+def per_step_profile(decays: list[float]) -> list[float]:
+    """What each step 1..T weighs in the recurrence v_s = d(s) v_{s-1} + (1 - d(s)) theta_s (index 0 is step 1),
+    divided by the total (bias correction: the accumulator starts at zero)."""
+    weights, after = [0.0] * len(decays), 1.0
+    for i in range(len(decays) - 1, -1, -1):
+        weights[i] = (1 - decays[i]) * after
+        after *= decays[i]
+    total = sum(weights)
+    return [w / total for w in weights] if total > 0 else weights
+
+
+def unresolved_reference(profile: list[float], steps: list[int]) -> float:
+    """Half the L1 distance between a per-step profile and the same profile flattened within each interval
+    (0, a_0], (a_0, a_1], ... of checkpoint steps, by a plain loop."""
+    distance, start = 0.0, 0
+    for end in steps:
+        inside = profile[start:end]
+        if inside:
+            mean = sum(inside) / len(inside)
+            distance += sum(abs(e - mean) for e in inside)
+        start = end
+    return distance / 2

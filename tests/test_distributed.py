@@ -20,7 +20,7 @@ from ckpt_ema.formats.checkpoint import open_checkpoint
 from ckpt_ema.engine.distributed import partition
 from ckpt_ema.output.atomic import check_output_path
 from ckpt_ema.engine.layout import Layout
-from ckpt_ema.sweep import plan_sweep, run_sweep
+from ckpt_ema.sweeping import plan_sweep, run_sweep
 
 pytestmark = pytest.mark.skipif(
     not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),

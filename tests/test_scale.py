@@ -195,7 +195,7 @@ def test_sharded_output_reads_back_with_safetensors_and_the_index(pt_run: Path, 
 
 
 def test_sweep_shards_every_candidate(pt_run: Path, tmp_path: Path) -> None:
-    from ckpt_ema.sweep import plan_sweep, run_sweep
+    from ckpt_ema.sweeping import plan_sweep, run_sweep
 
     candidates = plan_sweep([pt_run], decays=[DECAY], lasts=[2], max_shard_size="40000B", max_memory="256KB")
     run_sweep(candidates, tmp_path)

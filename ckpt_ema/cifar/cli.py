@@ -143,6 +143,9 @@ def train_command(output: str, ema_decay: float | None, quiet: bool, **options: 
 @click.option("--test-subset", type=int, default=None, help="Score on the first M test images only.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, mps.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of objects (file, accuracy, loss, ...).")
+@click.option("--score", "score_split", type=click.Choice(["val", "test"]), default=None,
+              help="End with one line for sweep --eval-cmd: a JSON object of accuracies, this split's first "
+                   "(val: the images train --val-split kept out).")
 @click.option("-q", "--quiet", is_flag=True, help="No notes on stderr.")
 def eval_command(
     weights: tuple[str, ...],
@@ -154,6 +157,7 @@ def eval_command(
     test_subset: int | None,
     device: str,
     as_json: bool,
+    score_split: str | None,
     quiet: bool,
 ) -> None:
     """Score WEIGHTS (anything average reads or writes) on the CIFAR-10 test set."""
@@ -172,6 +176,27 @@ def eval_command(
         if not quiet and not as_json and len(paths) > 1:
             click.echo(f"scored {path}", err=True)
     click.echo(json.dumps(results, indent=1) if as_json else format_table(results, per_class))
+    if score_split is not None:
+        click.echo(score_line(results, score_split, quiet))
+
+
+def score_line(results: list[dict[str, Any]], split: str, quiet: bool) -> str:
+    """The last line ``sweep --eval-cmd`` reads: ``{"val_accuracy": ..., "test_accuracy": ...}``, ``split`` first.
+
+    A run that kept no validation images has no ``val_accuracy``: a note says so, and a sweep then chooses nothing
+    rather than choose on the test set.
+    """
+    if len(results) != 1:
+        raise CkptEmaError(f"--score scores one weights file, got {len(results)}")
+    r = results[0]
+    scores = {"test_accuracy": r["accuracy"]}
+    if "val" in r:
+        scores["val_accuracy"] = r["val"]["accuracy"]
+    elif split == "val" and not quiet:
+        click.echo(f"note: {r['file']}: the run kept no validation images (train --val-split N): no val_accuracy",
+                   err=True)
+    first = f"{split}_accuracy"
+    return json.dumps({first: scores[first], **scores} if first in scores else scores)
 
 
 def format_table(results: list[dict[str, Any]], per_class: bool = False) -> str:

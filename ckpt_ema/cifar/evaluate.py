@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -260,20 +260,3 @@ def evaluate_file(
         result["val"] = score(model, val.to(device), device).as_dict()
     return result
 
-
-def sweep_scorer(data: str | Path | None, device: torch.device | str, test_subset: int | None,
-                 newest: Path, key: str | None) -> Callable[[Path], dict[str, float]]:
-    """A scorer for ``sweep``: the validation accuracy (on the images ``train --val-split`` kept out, recomputed
-    from the run's recorded hyperparameters; absent when the run kept none) and the test accuracy of one weights
-    file. ``key`` is where the weights are in the run's ``newest`` checkpoint (the final model)."""
-    eval_data = EvalData(data, test_subset, device)
-
-    def scores_of(path: Path) -> dict[str, float]:
-        model, _, metadata = load_model(path, None, key if path == newest else None, device)
-        out = {"test_accuracy": score(model, eval_data.test, device).accuracy}
-        _, val = run_splits(metadata, eval_data)
-        if val is not None:
-            out["val_accuracy"] = score(model, val.to(device), device).accuracy
-        return out
-
-    return scores_of

@@ -30,4 +30,5 @@ def output_metadata(plan: Plan) -> dict[str, str]:
          for s, w in zip(plan.sources, plan.weighting.weights)]
     )
     meta["ckpt_ema_effective_window"] = str(plan.weighting.effective_window())
+    meta["ckpt_ema_unresolved"] = f"{plan.weighting.unresolved:.6g}"
     return meta

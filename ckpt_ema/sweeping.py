@@ -1,5 +1,5 @@
-"""Many averages from one read of the checkpoints, and choosing among them: a sweep over EMA decays, half-lives and
-uniform means of the newest K.
+"""Many averages from one read of the checkpoints, and choosing among them: a sweep over EMA decays, half-lives,
+power-EMA widths (sigma_rel) and uniform means of the newest K.
 
 Choosing the EMA length today costs a training run per value. From saved checkpoints it costs one read: every
 candidate is a different set of weights over the same checkpoints (:mod:`ckpt_ema.weighting`), so the engine folds
@@ -7,12 +7,15 @@ each checkpoint chunk into all the candidates' accumulators at once (one ``torch
 per accumulator) and every checkpoint byte is read once, whatever the number of candidates. Memory is one
 accumulator chunk per candidate, not one model per candidate.
 
-With a :class:`Scoring` (the user's evaluation of one weights file), every candidate and the final model are scored
-and the best is chosen by one named score; the final model is a possible answer.
+With a :class:`Scoring` (the user's evaluation of one weights file, e.g. a command: :mod:`ckpt_ema.scoring`),
+every candidate and the final model are scored and the best is chosen by one named score. The final model is
+scored as the same kind of file as the candidates (its weights written by the same read, ``final-model.safetensors``,
+so one loader serves all), and it is a possible answer: an average is chosen only when it beats it.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -25,20 +28,22 @@ from ckpt_ema.errors import CkptEmaError, OptionError
 from ckpt_ema.options import AverageOptions
 from ckpt_ema.output.atomic import copy_atomically
 from ckpt_ema.output.metadata import output_metadata
-from ckpt_ema.output.sinks import SafetensorsOutput
-from ckpt_ema.planning import Plan, discover_window, weighting_for
+from ckpt_ema.output.sinks import SafetensorsOutput, index_path_of
+from ckpt_ema.planning import Plan, discover_window, percent, weighting_for
+from ckpt_ema.weighting import gamma_of, uniform_weighting
 
 # A scoring function: the path of a weights file -> named scores (e.g. {"val_accuracy": 0.63, "test_accuracy": ...}).
 Scorer = Callable[[Path], Mapping[str, float]]
+FINAL_MODEL = "final-model"  # the file stem of the final model's weights, written beside the candidates to be scored
 
 
 @dataclass(frozen=True)
 class Scoring:
-    """How to score and choose: ``score`` each weights file, rank by the score called ``key`` (``label`` names it
-    for people: "validation")."""
+    """How to score and choose: ``score`` each weights file, rank by the score called ``key`` (None: the first
+    score the scorer reports; ``label`` names it for people: "validation")."""
 
     score: Scorer
-    key: str
+    key: str | None = None
     maximize: bool = True
     label: str | None = None
 
@@ -60,37 +65,54 @@ class Candidate:
         opts = self.plan.options
         if opts.last is not None:
             return None
+        if opts.sigma_rel is not None:  # beta(T) = (1 - 1/T)^(gamma+1)
+            final = self.plan.sources[-1].step
+            exponent = gamma_of(opts.sigma_rel) + 1
+            return math.inf if final <= 1 else math.log(0.5) / (exponent * math.log1p(-1 / final))
         return opts.schedule.half_life_at(self.plan.sources[-1].step)
+
+    @property
+    def family(self) -> str:
+        """What kind of average: "EMA", "power EMA" or "uniform mean" (the pictures draw one line per family)."""
+        opts = self.plan.options
+        return "uniform mean" if opts.last is not None else "power EMA" if opts.sigma_rel is not None else "EMA"
 
     def describe(self) -> str:
         opts = self.plan.options
         if opts.last is not None:
             return f"uniform mean of the newest {opts.last}"
+        if opts.sigma_rel is not None:
+            return f"power EMA sigma_rel {opts.sigma_rel:g} (gamma {gamma_of(opts.sigma_rel):.4g}, {opts.interpolate})"
         return f"EMA decay {opts.schedule.decay:.6g} ({opts.interpolate})"
 
 
 def candidate_name(options: AverageOptions, half_life: float | None = None) -> str:
     if options.last is not None:
         return f"last-{options.last}"
+    if options.sigma_rel is not None:
+        return f"power-{options.sigma_rel:g}"
     if half_life is not None:
         return f"ema-halflife-{half_life:g}"
     return f"ema-{options.schedule.decay:.6g}"
 
 
 def plan_sweep(inputs: list[str | Path], options: AverageOptions | None = None, *, decays: list[float] = (),
-               half_lives: list[float] = (), lasts: list[int] = (), **fields: Any) -> list[Candidate]:
-    """One candidate per decay, half-life and K; the checkpoints are discovered once and shared by all.
+               half_lives: list[float] = (), lasts: list[int] = (), sigma_rels: list[float] = (),
+               **fields: Any) -> list[Candidate]:
+    """One candidate per decay, half-life, sigma_rel and K; the checkpoints are discovered once and shared by all.
 
     ``options`` (and ``fields``, as for :meth:`AverageOptions.build`) give what every candidate shares; a uniform
     mean takes none of the EMA's.
     """
     base = AverageOptions.build(**fields) if options is None else options.replaced(**fields)
-    if not (decays or half_lives or lasts):
-        raise OptionError("decays", "are empty, as are half_lives and lasts: give at least one candidate to sweep")
+    if not (decays or half_lives or lasts or sigma_rels):
+        raise OptionError("decays", "are empty, as are half_lives, sigma_rels and lasts: give at least one candidate "
+                                    "to sweep")
     found = discover_window(inputs, base)  # once, for every candidate
     steps = [s.step for s in found.sources]
     variants = [(base.replaced(decay=d), None) for d in decays]
     variants += [(base.replaced(half_life=h), h) for h in half_lives]
+    variants += [(base.replaced(sigma_rel=r), None) for r in sigma_rels]
     variants += [(base.replaced(last=k), None) for k in lasts]
     candidates = [Candidate(candidate_name(opts, h), Plan(found, weighting_for(opts, steps), opts))  # type: ignore[arg-type]
                   for opts, h in variants]
@@ -110,6 +132,8 @@ class SweepResult:
     passes: int = 1  # more than one when the memory budget does not hold every candidate's chunk at once
     scores: dict[str, Mapping[str, float]] = field(default_factory=dict)  # by candidate name
     final_scores: Mapping[str, float] | None = None  # the newest checkpoint's
+    final_output: Path | None = None  # its weights as scored, when scored
+    ranked_by: str | None = None  # the score that chooses
     best: str | None = None  # the chosen candidate's name; None: nothing chosen (see notes)
     best_output: Path | None = None
     pictures: list[Path] = field(default_factory=list)
@@ -140,17 +164,23 @@ def run_sweep(candidates: list[Candidate], outdir: Path, *, score: Scoring | Non
         raise CkptEmaError("the output folder's parent does not exist", outdir)
     outdir.mkdir(exist_ok=True)
     started = time.perf_counter()
+    written = list(candidates)
+    if score is not None:  # the final model, written by the same read, to be scored as the same kind of file
+        newest = candidates[0].plan
+        only_newest = uniform_weighting([s.step for s in newest.sources], 1)
+        written.append(Candidate(FINAL_MODEL, Plan(newest.discovery, only_newest, newest.options.replaced(last=1))))
     sinks = []
-    for c in candidates:
+    for c in written:
         c.output = outdir / f"{c.name}.safetensors"
         sinks.append(SafetensorsOutput(c.output, output_metadata(c.plan), c.plan.options.max_shard_size))
-    plans = [c.plan for c in candidates]
+    plans = [c.plan for c in written]
     per_pass = candidates_per_pass(plans[0].options, len(plans))
     for start in range(0, len(plans), per_pass):
         group = slice(start, start + per_pass)
         run_plans(plans[group], sinks[group], progress=progress, desc=f"sweeping {len(plans[group])} candidates",
                    world=world)
-    result = SweepResult(candidates, time.perf_counter() - started, -(-len(plans) // per_pass))
+    result = SweepResult(candidates, time.perf_counter() - started, -(-len(plans) // per_pass),
+                         final_output=written[-1].output if score is not None else None)
     if world is not None and world.rank != 0:
         return result  # under torchrun: scores, the choice and pictures come from rank 0
     if score is not None:
@@ -161,25 +191,44 @@ def run_sweep(candidates: list[Candidate], outdir: Path, *, score: Scoring | Non
 
 
 def choose(result: SweepResult, scoring: Scoring, outdir: Path) -> None:
-    """Score every candidate and the final model; copy the best candidate to ``OUTDIR/best.safetensors``, unless
-    the final model scores best (then nothing is copied) or no candidate has the ranking score."""
-    newest = result.candidates[0].plan.sources[-1].path
-    result.scores = {c.name: scoring.score(c.output) for c in result.candidates if c.output is not None}
-    result.final_scores = scoring.score(newest)
-    ranked = {name: s[scoring.key] for name, s in result.scores.items() if s.get(scoring.key) is not None}
-    if len(ranked) < len(result.scores):
-        result.notes.append(f"no {scoring.key} score for every candidate: no candidate is chosen")
+    """Score every candidate and the final model; copy the best candidate to ``OUTDIR/best.safetensors`` when it
+    beats the final model. When the final model is at least as good, or some candidate lacks the ranking score,
+    nothing is copied, and a ``best.safetensors`` of an earlier sweep is removed: it cannot pass for this one's
+    choice."""
+    best_path = outdir / "best.safetensors"
+    result.scores = {c.name: scoring.score(written_file(c.output)) for c in result.candidates if c.output is not None}
+    assert result.final_output is not None
+    result.final_scores = scoring.score(written_file(result.final_output))
+    key = result.ranked_by = scoring.key or next(iter(next(iter(result.scores.values()), {})), None)
+    ranked = {name: s[key] for name, s in result.scores.items() if key is not None and s.get(key) is not None}
+    if key is None or len(ranked) < len(result.scores):
+        best_path.unlink(missing_ok=True)
+        result.notes.append(f"no {key or 'score'} for every candidate: no candidate is chosen")
         return
     pick = max if scoring.maximize else min
     best = pick(ranked, key=lambda n: ranked[n])
-    final = (result.final_scores or {}).get(scoring.key)
-    if final is not None and pick(final, ranked[best]) == final and final != ranked[best]:
-        result.notes.append(f"the final model is best on {scoring.key} ({final:.6g} against {ranked[best]:.6g} for "
-                            f"{best}): no average is copied")
+    final = (result.final_scores or {}).get(key)
+    if final is not None and pick(final, ranked[best]) == final:
+        stale = " (the best.safetensors of an earlier sweep is removed)" if best_path.exists() else ""
+        best_path.unlink(missing_ok=True)
+        result.notes.append(f"the final model is best on {scoring.label or key} ({final:.6g}; the best average, "
+                            f"{best}, has {ranked[best]:.6g}): no average is copied{stale}")
         return
     result.best = best
-    result.best_output = outdir / "best.safetensors"
-    copy_atomically(next(c.output for c in result.candidates if c.name == best), result.best_output)
+    chosen = written_file(next(c.output for c in result.candidates if c.output is not None and c.name == best))
+    if chosen.name.endswith(".index.json"):  # shards are not copied: the choice is named
+        best_path.unlink(missing_ok=True)
+        result.best_output = chosen
+        result.notes.append(f"{best} is sharded: it stays {chosen} (no best.safetensors copy)")
+        return
+    result.best_output = best_path
+    copy_atomically(chosen, best_path)
+
+
+def written_file(output: Path) -> Path:
+    """The file that holds an output: itself, or the index json of its shards (a large output, or any under
+    torchrun), which is what a scorer is then given."""
+    return output if output.exists() or not index_path_of(output).exists() else index_path_of(output)
 
 
 def draw(result: SweepResult, outdir: Path, scoring: Scoring | None) -> None:
@@ -196,29 +245,42 @@ def draw(result: SweepResult, outdir: Path, scoring: Scoring | None) -> None:
         return
     keys = {k for s in result.scores.values() for k in s}
     picture = outdir / ("accuracy.png" if all(k.endswith("accuracy") for k in keys) else "scores.png")
-    if plot_scores(result.candidates, result.scores, result.final_scores, picture):
+    if plot_scores(result.candidates, result.scores, result.final_scores, picture, result.ranked_by):
         result.pictures.append(picture)
 
 
 def sweep_table(result: SweepResult, scoring: Scoring | None = None) -> str:
-    """One row per candidate: name, half-life, effective window, its scores (when scored; the ranking score first,
-    shown even where missing), what it is; the final model as a last row when scored; the chosen candidate marked."""
-    choose_by = scoring.key if scoring else None
-    keys = {k for s in result.scores.values() for k in s} | ({choose_by} if result.scores and choose_by else set())
-    columns = sorted(keys, key=lambda k: (k != choose_by, k))
-    header = f"{'candidate':<16} {'half-life':>10} {'window':>7}  " + "".join(f"{_short(k):>10} " for k in columns)
-    lines = [header + " what"]
+    """One row per candidate: name, half-life, effective window, unresolved share, its scores (when scored; the
+    ranking score first, shown even where missing, the others in the order the scorer reports them), what it is;
+    the final model as a last row when scored; the chosen candidate marked."""
+    reported = list(dict.fromkeys(k for s in [*result.scores.values(), result.final_scores or {}] for k in s))
+    choose_by = result.ranked_by
+    columns = ([choose_by] if result.scores and choose_by else []) + [k for k in reported if k != choose_by]
+    width = max(16, *(len(c.name) + 1 for c in result.candidates))
+    header = f"{'candidate':<{width}} {'half-life':>10} {'window':>7} {'unresolved':>10}  "
+    lines = [header + "".join(f"{_short(k):>10} " for k in columns) + " what"]
     for c in result.candidates:
         hl = c.half_life
-        row = f"{c.name:<16} {('-' if hl is None else f'{hl:.4g}'):>10} {c.plan.weighting.effective_window():>7}  "
+        row = (f"{c.name:<{width}} {('-' if hl is None else f'{hl:.4g}'):>10} {c.plan.weighting.effective_window():>7} "
+               f"{percent(c.plan.weighting.unresolved):>10}  ")
         row += "".join(f"{_value(k, result.scores.get(c.name, {}).get(k)):>10} " for k in columns)
-        mark = f"   <- best on {scoring.label or scoring.key}" if scoring and c.name == result.best else ""
+        mark = f"   <- best on {scoring.label or choose_by}" if scoring and c.name == result.best else ""
         lines.append(row + " " + c.describe() + mark)
     if result.final_scores is not None:
-        row = f"{'final model':<16} {'':>10} {'':>7}  "
+        row = f"{'final model':<{width}} {'':>10} {'':>7} {'':>10}  "
         row += "".join(f"{_value(k, result.final_scores.get(k)):>10} " for k in columns)
         lines.append(row + " " + str(result.candidates[0].plan.sources[-1].path))
     return "\n".join(lines)
+
+
+def sweep_warnings(candidates: list[Candidate]) -> list[str]:
+    """One line naming the candidates whose checkpoints are too far apart for what they ask (see
+    :meth:`ckpt_ema.weighting.Weighting.too_sparse`)."""
+    poor = [c for c in candidates if c.plan.weighting.too_sparse()]
+    if not poor:
+        return []
+    named = ", ".join(f"{c.name} ({percent(c.plan.weighting.unresolved)} unresolved)" for c in poor)
+    return [f"the checkpoints are too far apart for {named}: those averages are mostly the newest checkpoint or two"]
 
 
 def _short(key: str) -> str:
