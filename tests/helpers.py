@@ -401,7 +401,7 @@ def assert_refused(args: list, *fragments: str, out: Path | str) -> str:
     res = run_cli("average", *args, "-o", out)
     assert res.exit_code == 2, (res.exit_code, res.output, res.exception)
     *notes, error = res.stderr.splitlines()
-    assert error.startswith("ckpt-ema: error: ") and all(n.startswith(("note: ", "skipped ")) for n in notes), res.stderr
+    assert error.startswith("ckpt-ema: error: ") and all(n.startswith(("note: ", "warning: ", "skipped ")) for n in notes), res.stderr
     assert all(f in error for f in fragments), (fragments, error)
     assert "Traceback" not in res.output
     assert sorted(parent.iterdir()) == before

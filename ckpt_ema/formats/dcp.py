@@ -351,7 +351,7 @@ def _locate_data(path: Path, chunk: _Chunk, dtype: torch.dtype) -> None:
             header = torch.load(view, map_location="meta", weights_only=True)
             offset, size = (reader.get_record_offset(records[0]), reader.get_record_size(records[0])) if records else (0, 0)
     except Exception as exc:  # noqa: BLE001 - torch's zip reader and the unpickler fail in many ways on bad bytes
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = str(exc).strip().splitlines()[0].split(". ")[0] if str(exc).strip() else type(exc).__name__
         raise CkptEmaError(f"{where} is not a readable tensor (truncated or corrupt?): {first}", path) from None
     if not isinstance(header, torch.Tensor) or len(records) != 1 or not little:
         raise CkptEmaError(f"{where} is not one little-endian tensor", path)
