@@ -125,3 +125,8 @@ def test_a_trainer_checkpoint_folder_reads_the_tag_its_latest_names(tmp_path: Pa
     refs = [reference(2, tag) for tag in TAGS]
     for name, t in got.items():
         assert max_abs_diff(t, (refs[0][name].double() + refs[1][name].double()) / 2) < 1e-6, name
+
+
+def test_key_is_refused_for_deepspeed(tmp_path: Path) -> None:
+    assert_refused([DEEPSPEED_FIXTURES / "zero1", "--key", "module"], "--key module does not apply",
+                   out=tmp_path / "ema.safetensors")

@@ -207,6 +207,9 @@ def open_checkpoint(path: Path, key: str | None = None, files: list[Path] | None
     if kind == "deepspeed":
         from ckpt_ema.formats.deepspeed import DeepSpeedCheckpoint
 
+        if key is not None:
+            raise CkptEmaError(f"--key {key} does not apply to a DeepSpeed checkpoint: its weights are the model's "
+                               "parameters and buffers, taken from the partitions", path)
         ckpt: Checkpoint = DeepSpeedCheckpoint(path)
         ckpt.metadata = with_trainer_state(path, ckpt.metadata)
         return ckpt
