@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import zipfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,9 +29,10 @@ from typing import Any
 import torch
 
 from ckpt_ema.errors import CkptEmaError
-from ckpt_ema.formats.hf import INDEX_SUFFIXES, weight_files_of, with_trainer_state
+from ckpt_ema.formats.hf import INDEX_SUFFIXES, index_of, read_index, weight_files_of, with_trainer_state
 from ckpt_ema.formats.safetensors import SafetensorsFile
-from ckpt_ema.formats.torch_save import find_state_dict, is_torch_file, plain_metadata, torch_load_safely
+from ckpt_ema.formats.torch_save import (find_state_dict, is_torch_file, plain_metadata, state_dict_tensors,
+                                         torch_load_safely)
 
 # Top-level metadata keys that hold the training step, in order of preference.
 STEP_KEYS = ("global_step", "step", "num_updates", "iteration")
@@ -48,15 +48,14 @@ def is_weight_file(path: Path) -> bool:
 class Checkpoint:
     """The weights of one checkpoint, as a lazily read mapping of name to tensor, plus its metadata.
 
-    Every tensor is a view of the mapped file (``torch.load(mmap=True)`` or :class:`SafetensorsFile`): its bytes
-    are read from the page cache when used, and never all at once. ``metadata`` holds the plain values saved
-    beside the weights (step, epoch, arch, ...).
+    Every tensor is a view of a mapped file at a checked offset (:func:`torch_load_safely` or
+    :class:`SafetensorsFile`): its bytes are read from the page cache when used, and never all at once.
+    ``metadata`` holds the plain values saved beside the weights (step, epoch, arch, ...).
     """
 
     path: Path
     names: list[str]
     metadata: dict[str, Any] = field(default_factory=dict)
-    mapped: bool = True  # every tensor a view of a mapped file (False: an old-style .pt, loaded into memory)
     # Where the weights were taken from, when the format leaves a choice (a DCP entry, DeepSpeed's fp32 masters):
     # said to the user once per run.
     weights_from: str | None = None
@@ -161,18 +160,17 @@ def strip_wrapper_prefixes(names: list[str]) -> dict[str, str]:
 
 
 
-def _read_weight_file(file: Path, key: str | None) -> tuple[dict[str, Any], dict[str, Any], bool]:
-    """One weight file's tensors by stored name (tensors, or the safetensors handle that maps them), its plain
-    metadata, and whether its tensors are views of the mapped file (False: an old-style .pt, loaded whole)."""
+def _read_weight_file(file: Path, key: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One weight file's tensors by stored name (checked tensors, or the safetensors handle that maps them) and
+    its plain metadata."""
     if not file.is_file():
         raise CkptEmaError("shard listed in the index is missing", file)
     if file.name.endswith(SAFETENSORS_SUFFIX):
         handle = SafetensorsFile(file)
-        return dict.fromkeys(handle.entries, handle), {k: _parse_json_value(v) for k, v in handle.metadata.items()}, True
+        return dict.fromkeys(handle.entries, handle), {k: _parse_json_value(v) for k, v in handle.metadata.items()}
     obj = torch_load_safely(file)
     state, _ = find_state_dict(obj, file, key)
-    tensors = {name: value for name, value in state.items() if isinstance(value, torch.Tensor)}
-    return tensors, plain_metadata(obj), zipfile.is_zipfile(file)  # zip files are what torch_load_safely mmaps
+    return state_dict_tensors(state, file), plain_metadata(obj)
 
 
 def folder_format(folder: Path) -> str | None:
@@ -198,7 +196,8 @@ def is_trainer_folder(folder: Path) -> bool:
 
 def open_checkpoint(path: Path, key: str | None = None, files: list[Path] | None = None) -> Checkpoint:
     """Open the checkpoint at ``path`` (made of ``files``, default: :func:`weight_files_of`) for reading: names,
-    metadata, lazily readable tensors."""
+    metadata, lazily readable tensors. A sharded set is read through its index's weight map: every tensor from
+    the shard the map names, each exactly once (:func:`_check_against_index`)."""
     kind = folder_format(path) if files is None and path.is_dir() else None
     if kind == "dcp":
         from ckpt_ema.formats.dcp import DcpCheckpoint
@@ -215,16 +214,20 @@ def open_checkpoint(path: Path, key: str | None = None, files: list[Path] | None
         return ckpt
     stored: dict[str, tuple[Path, Any]] = {}  # stored name -> (file, tensor or safetensors handle)
     metadata: dict[str, Any] = {}
-    mapped = True
+    index = index_of(path) if files is None else None
     for file in weight_files_of(path) if files is None else files:
-        tensors, meta, file_mapped = _read_weight_file(file, key)
-        stored.update({name: (file, value) for name, value in tensors.items()})
+        tensors, meta = _read_weight_file(file, key)
+        for name, value in tensors.items():
+            if name in stored:
+                raise CkptEmaError(f"tensor {name!r} is in two shards, {stored[name][0].name} and {file.name}", path)
+            stored[name] = (file, value)
         metadata.update(meta)
-        mapped = mapped and file_mapped
+    if index is not None:
+        _check_against_index(index, read_index(index), stored)
     if not stored:
         raise CkptEmaError("no tensors in this checkpoint", path)
     plain = strip_wrapper_prefixes(list(stored))
-    ckpt = Checkpoint(path=path, names=[], metadata=with_trainer_state(path, metadata), mapped=mapped)
+    ckpt = Checkpoint(path=path, names=[], metadata=with_trainer_state(path, metadata))
     for name, (file, value) in stored.items():
         new = plain[name]
         if new in ckpt._tensors or new in ckpt._safetensors:
@@ -237,20 +240,34 @@ def open_checkpoint(path: Path, key: str | None = None, files: list[Path] | None
     return ckpt
 
 
+def _check_against_index(index: Path, weight_map: dict[str, Path], stored: dict[str, tuple[Path, Any]]) -> None:
+    """Every tensor the index lists was read from the shard it names, and no shard holds a tensor the index puts
+    elsewhere or does not list."""
+    for name, shard in weight_map.items():
+        if name not in stored:
+            raise CkptEmaError(f"the index puts tensor {name!r} in {shard.name}, which does not hold it", index)
+    for name, (file, _) in stored.items():
+        if name not in weight_map:
+            raise CkptEmaError(f"shard {file.name} holds tensor {name!r}, which the index does not list", index)
+        if file != weight_map[name]:
+            raise CkptEmaError(f"tensor {name!r} is in shard {file.name}, but the index puts it in "
+                               f"{weight_map[name].name}", index)
+
+
 def probe(path: Path, key: str | None = None) -> tuple[dict[str, Any], Checkpoint | None]:
     """The plain metadata of a checkpoint, without reading tensor data; and, for a checkpoint of one weight file
     (a file, or a Hugging Face folder) whose tensors are views of the mapped file, the opened checkpoint itself,
     for the engine to reuse (a .pt file's pickle is then parsed once per run, not once to find its step and again
-    to read it). A sharded checkpoint is probed through its first file only and not kept open (the engine may not
-    need it); neither is an old-style (non-zip) .pt file, which is loaded into memory rather than mapped."""
+    to read it). A checkpoint of several shards is probed through its first file only and not kept open (the
+    engine may not need it). DCP and DeepSpeed checkpoints are opened whole (metadata only until a tensor is read)."""
     if path.is_dir() and folder_format(path) in ("dcp", "deepspeed"):
         ckpt = open_checkpoint(path, key)  # its metadata is read with the checkpoint; it stays open for the engine
         return ckpt.metadata, ckpt
     files = weight_files_of(path)
     if len(files) == 1:
-        ckpt = open_checkpoint(path, key, files)
-        return ckpt.metadata, (ckpt if ckpt.mapped else None)
-    _, meta, _ = _read_weight_file(files[0], key)  # the metadata of a sharded set is the same in every shard
+        ckpt = open_checkpoint(path, key)
+        return ckpt.metadata, ckpt
+    _, meta = _read_weight_file(files[0], key)  # the metadata of a sharded set is the same in every shard
     return with_trainer_state(path, meta), None
 
 
