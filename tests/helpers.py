@@ -6,7 +6,10 @@ they never import one another.
 from __future__ import annotations
 
 import argparse
+import atexit
+import contextlib
 import copy
+import importlib.util
 import io
 import json
 import os
@@ -16,6 +19,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import tempfile
 import warnings
 import zipfile
 import zlib
@@ -631,6 +635,60 @@ FUZZ_FORMATS: dict[str, FuzzFormat] = {f.name: f for f in [
     FuzzFormat("torch_legacy", _torch_maker(_use_new_zipfile_serialization=False), lambda p: [p], (reference_torch,)),
     FuzzFormat("hf_sharded", make_hf_sharded, _hf_files, (reference_hf_sharded,)),
 ]}
+
+
+_DCP_WRITTEN: list[Path] = []  # the DCP run written once per process (spawning two ranks takes seconds)
+
+
+def _make_dcp(folder: Path) -> Path:
+    """A DCP checkpoint written by dcp.save under gloo with two ranks (FSDP2): a copy of one written once."""
+    if not _DCP_WRITTEN:
+        workdir = Path(tempfile.mkdtemp(prefix="ckpt_ema_fuzz_dcp_"))
+        atexit.register(shutil.rmtree, workdir, True)
+        _DCP_WRITTEN.append(make_dcp_runs(workdir)[0] / "step-2")
+    shutil.copytree(_DCP_WRITTEN[0], folder / "step-2")
+    return folder / "step-2"
+
+
+def reference_dcp(folder: Path) -> dict[str, torch.Tensor] | None:
+    """PyTorch's own DCP reader (dcp_to_torch_save, no process group): the ``model`` entry's tensors."""
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return {k: v for k, v in dcp_model(folder).items() if isinstance(v, torch.Tensor)}
+    except (Exception, CheckpointException):  # noqa: BLE001 - any refusal of the reference counts as a refusal
+        return None
+
+
+def _deepspeed_maker(stage: int) -> Callable[[Path], Path]:
+    def make(folder: Path) -> Path:
+        shutil.copytree(DEEPSPEED_FIXTURES / f"zero{stage}" / "global_step4", folder / "global_step4")
+        return folder / "global_step4"
+    return make
+
+
+def reference_zero_to_fp32(tag: Path) -> dict[str, torch.Tensor] | None:
+    """DeepSpeed's own zero_to_fp32 consolidation (it unpickles fully: these are the harness's own mutants)."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    try:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            state = get_fp32_state_dict_from_zero_checkpoint(str(tag.parent), tag=tag.name)
+            return {k: v.contiguous() for k, v in state.items()}
+    except Exception:  # noqa: BLE001 - any refusal of the reference counts as a refusal
+        return None
+
+
+FUZZ_FORMATS["dcp"] = FuzzFormat("dcp", _make_dcp, lambda p: sorted(p.iterdir()), (reference_dcp,))
+if importlib.util.find_spec("deepspeed") is not None:  # its zero_to_fp32 is the reference
+    for _stage in (2, 3):
+        FUZZ_FORMATS[f"deepspeed_zero{_stage}"] = FuzzFormat(f"deepspeed_zero{_stage}", _deepspeed_maker(_stage),
+                                                              lambda p: sorted(p.iterdir()), (reference_zero_to_fp32,))
 
 
 # The mutations: each returns the new bytes of one file, drawn with ``rng``. Most aim at the bytes that decide

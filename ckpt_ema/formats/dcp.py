@@ -105,7 +105,10 @@ def read_metadata(folder: Path) -> dcp_metadata.Metadata:
     except OSError as exc:
         raise CkptEmaError(f"cannot read the DCP metadata: {exc.strerror or exc}", path) from None
     except pickle.UnpicklingError as exc:
-        raise CkptEmaError(str(exc).splitlines()[0] if str(exc) else "not a DCP metadata file", path) from None
+        message = str(exc).splitlines()[0] if str(exc) else "invalid pickle data"
+        if not message.startswith("refusing to load"):
+            message = f"not a readable DCP metadata file (corrupt pickle: {message})"
+        raise CkptEmaError(message, path) from None
     except Exception as exc:  # noqa: BLE001 - a corrupt pickle breaks the unpickler in many ways; all mean the same
         raise CkptEmaError(f"not a readable DCP metadata file (truncated or corrupt?): {type(exc).__name__}",
                            path) from None
