@@ -164,7 +164,7 @@ def mutate_metadata(folder: Path, change) -> None:  # noqa: ANN001 - a function 
         pickle.dump(md, f)
 
 
-@pytest.mark.parametrize("what", ["chunk outside", "chunks overlap", "dtype", "path escapes"])
+@pytest.mark.parametrize("what", ["chunk outside", "chunks overlap", "dtype", "path escapes", "planner map"])
 def test_inconsistent_metadata_refused(runs: tuple[Path, Path], tmp_path: Path, what: str) -> None:
     run = copy_run(runs[0], tmp_path)
 
@@ -179,12 +179,15 @@ def test_inconsistent_metadata_refused(runs: tuple[Path, Path], tmp_path: Path, 
             md.storage_data[type(next(iter(md.storage_data)))("model.emb.weight", [18, 0])] = info
         elif what == "dtype":
             entry.properties.dtype = torch.float16
+        elif what == "planner map":
+            md.planner_data["model.l1.weight"] = ("model", "l9.weight")
         else:
             next(iter(md.storage_data.values())).relative_path = "../elsewhere.distcp"
 
     mutate_metadata(run / "step-4", change)
     fragment = {"chunk outside": "outside its shape", "chunks overlap": "exactly once",
-                "dtype": "the metadata says torch.float16", "path escapes": "not a file of this folder"}[what]
+                "dtype": "the metadata says torch.float16", "path escapes": "not a file of this folder",
+                "planner map": "not the path its name joins"}[what]
     assert_refused([run], fragment, out=tmp_path / "ema.safetensors")
 
 

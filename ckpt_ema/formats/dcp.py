@@ -141,7 +141,7 @@ class DcpCheckpoint(PartedCheckpoint):
             raise CkptEmaError(f"no DCP metadata ({METADATA_FILE}) in this folder", path)
         metadata = read_metadata(folder)
         sizes = check_storage(folder, metadata)
-        paths = entry_paths(metadata)
+        paths = entry_paths(metadata, folder)
         if key is None and folder.name == ACCELERATE_MODEL_FOLDER:
             key = "model"
         taken, model = choose_model(metadata, paths, key, folder)
@@ -253,17 +253,22 @@ def check_storage(folder: Path, metadata: dcp_metadata.Metadata) -> dict[str, in
     return sizes
 
 
-def entry_paths(metadata: dcp_metadata.Metadata) -> dict[str, tuple[str, ...]]:
+def entry_paths(metadata: dcp_metadata.Metadata, folder: Path) -> dict[str, tuple[str, ...]]:
     """Each flat key's path in the nested state dict that was saved (``"model.l1.weight"`` -> ``("model",
-    "l1.weight")``), from the planner's flattening map; a key without one is a top-level entry."""
+    "l1.weight")``), from the planner's flattening map; a key without one is a top-level entry. DCP builds each
+    flat key by joining its path with dots: a map that says otherwise is refused."""
     mapping = metadata.planner_data if isinstance(metadata.planner_data, dict) else {}
     paths: dict[str, tuple[str, ...]] = {}
     for fqn in metadata.state_dict_metadata:
         path = mapping.get(fqn)
-        if isinstance(path, tuple | list) and path and all(isinstance(p, str | int) for p in path):
-            paths[fqn] = tuple(str(p) for p in path)
-        else:
+        if path is None:
             paths[fqn] = (str(fqn),)
+            continue
+        if not (isinstance(path, tuple | list) and path and all(isinstance(p, str | int) for p in path)
+                and ".".join(map(str, path)) == fqn):
+            raise CkptEmaError(f"the DCP metadata maps {fqn!r} to {path!r}, not the path its name joins",
+                               folder / METADATA_FILE)
+        paths[fqn] = tuple(str(p) for p in path)
     return paths
 
 
