@@ -228,9 +228,11 @@ class DcpCheckpoint(PartedCheckpoint):
 
 def check_storage(folder: Path, metadata: dcp_metadata.Metadata) -> dict[str, int]:
     """Check every item's storage record (model or not): a plain file of this folder that exists and is long
-    enough for its byte range, with no stream transform. Returns each file's size."""
+    enough for its byte range, with no stream transform; and that each file ends where its last item does.
+    Returns each file's size."""
     where = folder / METADATA_FILE
     sizes: dict[str, int] = {}
+    ends: dict[str, int] = {}  # where each file's last item ends
     for index, info in metadata.storage_data.items():
         if not isinstance(index, dcp_metadata.MetadataIndex) or not isinstance(info, dcp_filesystem._StorageInfo):
             raise CkptEmaError("a storage record that is not DCP's file-system record", where)
@@ -250,6 +252,10 @@ def check_storage(folder: Path, metadata: dcp_metadata.Metadata) -> dict[str, in
         if info.offset + info.length > sizes[name]:
             raise CkptEmaError(f"truncated: {sizes[name]} bytes, but the DCP metadata stores {index.fqn!r} up to byte "
                                f"{info.offset + info.length}", folder / name)
+        ends[name] = max(ends.get(name, 0), info.offset + info.length)
+    for name, end in ends.items():  # DCP writes a file's items back to back: nothing follows the last
+        if sizes[name] != end:
+            raise CkptEmaError(f"{sizes[name] - end} bytes after the last item the DCP metadata records", folder / name)
     return sizes
 
 

@@ -126,9 +126,12 @@ class DeepSpeedCheckpoint(PartedCheckpoint):
             raise CkptEmaError(f"a model- or pipeline-parallel DeepSpeed checkpoint ({parallel[0]}): only data-parallel "
                                "ZeRO checkpoints are read", tag)
         zero3 = _by_rank(files, ZERO3_MODEL_STATES, tag, "model states")
-        states = load_deepspeed_file(zero3[0] if zero3 else files[MODEL_STATES])
         model_file = zero3[0] if zero3 else files[MODEL_STATES]
+        states = load_deepspeed_file(model_file)
         module, groups, buffer_names, shared = _model_states(states, model_file)
+        for other in zero3[1:]:  # every rank's model states: a partial checkpoint is refused, not half read
+            if _model_states(load_deepspeed_file(other), other)[1] != groups:
+                raise CkptEmaError(f"its param_shapes differ from {model_file.name}'s", other)
         meta = {"global_step": states["global_steps"]} if _is_count(states.get("global_steps")) else {}
         super().__init__(path=path, names=[], metadata=meta)
         self.tag = tag
@@ -165,7 +168,8 @@ class DeepSpeedCheckpoint(PartedCheckpoint):
                           for n in self._segments for s in self._segments[n])
         missing = [n for n in module if n not in self._segments]
         if missing:
-            self.weights_from += f"; in the module but in no partition, left out: {', '.join(missing[:5])}"
+            raise CkptEmaError(f"the module holds {', '.join(missing[:3])}, which neither param_shapes, buffer_names, "
+                               "shared_params nor the frozen parameters account for", model_file)
 
     def piece(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Elements [start, stop) of the flat parameter: a view of one partition, or a copy joining the few it
@@ -299,10 +303,9 @@ def _model_states(states: Any, path: Path) -> tuple[Mapping, list[list[tuple[str
     names = [n for g in groups for n, _ in g]
     if len(set(names)) != len(names):
         raise CkptEmaError("a parameter appears twice in param_shapes", path)
-    buffers = states.get("buffer_names") or []
-    shared = states.get("shared_params") or {}
+    buffers, shared = states.get("buffer_names"), states.get("shared_params")
     if not isinstance(buffers, list) or not isinstance(shared, Mapping):
-        raise CkptEmaError("buffer_names or shared_params of an unexpected type", path)
+        raise CkptEmaError("no buffer_names list or shared_params mapping in the model states", path)
     return states["module"], groups, [str(b) for b in buffers], {str(k): str(v) for k, v in shared.items()}
 
 
