@@ -23,7 +23,7 @@ from ckpt_ema.engine.runner import bytes_read_by, check_device, run_plans
 from ckpt_ema.formats.checkpoint import load_state_dict
 from ckpt_ema.options import AverageOptions
 from ckpt_ema.errors import CkptEmaError
-from ckpt_ema.output.atomic import check_output_path
+from ckpt_ema.output.atomic import check_not_an_input, check_output_path, output_files
 from ckpt_ema.output.folder import FolderOutput, check_folder_output, is_folder_output, model_files_of
 from ckpt_ema.output.metadata import output_metadata
 from ckpt_ema.output.sinks import MemoryOutput, SafetensorsOutput
@@ -61,6 +61,7 @@ class AverageResult:
     seconds: float
     bytes_read: int = 0
     files: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # e.g. stale temporary files of killed runs, removed
 
     @property
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -82,10 +83,12 @@ class AverageResult:
             beside = f" + {', '.join(others)}" if others else ""
             where = f" -> {shown}{shards}{beside} ({human_bytes(size)})"
         sources = self.plan.sources
+        warned = (f"; warning: {self.plan.first_share:.0%} of the weight is on the first checkpoint"
+                  if self.plan.first_checkpoint_warnings() else "")
         return (f"averaged {len(sources)} checkpoints (steps {sources[0].step}..{sources[-1].step}, effective window "
                 f"{self.plan.weighting.effective_window()} checkpoints, unresolved {percent(self.plan.weighting.unresolved)})"
                 f"{where} in {self.seconds:.1f} s "
-                f"({human_bytes(self.bytes_read / max(self.seconds, 1e-9))}/s)")
+                f"({human_bytes(self.bytes_read / max(self.seconds, 1e-9))}/s){warned}")
 
 
 def human_bytes(n: float) -> str:
@@ -136,21 +139,24 @@ def run(the_plan: Plan, output: str | Path | None = None, *, progress: bool = Fa
                                 the_plan.options.max_shard_size)
         else:
             sink = SafetensorsOutput(out_path, metadata, the_plan.options.max_shard_size)
-        check_not_an_input(sink.path, the_plan)
+        replaced = output_files(sink.path)
+        if isinstance(sink, FolderOutput):
+            replaced += [sink.folder / f.name for f in sink.model_files]
+        check_not_an_input(replaced, the_plan.input_files())
+        check_not_inside_an_input(sink.path, the_plan)
     written = run_plans([the_plan], [sink], progress=progress, desc="averaging", world=world)
     state = sink.tensors if isinstance(sink, MemoryOutput) else None
     return AverageResult(state, the_plan, metadata, getattr(sink, "path", None), time.perf_counter() - started,
-                         bytes_read_by([the_plan]), written[0])
+                         bytes_read_by([the_plan]), written[0], getattr(sink, "notes", []))
 
 
-def check_not_an_input(path: Path, the_plan: Plan) -> None:
-    """Refuse an output that would replace an input: one of its files, or a file inside a checkpoint folder."""
+def check_not_inside_an_input(path: Path, the_plan: Plan) -> None:
+    """Refuse an output written into an input checkpoint's folder (a DCP or DeepSpeed folder, a checkpoint-N/):
+    it would change what that checkpoint is."""
     target = path.resolve()
     for source in the_plan.sources:
-        where = source.path.resolve()
-        if target == where or (source.path.is_dir() and where in target.parents):
-            raise CkptEmaError("the output would be written over (or into) the input checkpoint "
-                               f"{source.path}", path)
+        if source.path.is_dir() and source.path.resolve() in target.parents:
+            raise CkptEmaError(f"the output would be written into the input checkpoint {source.path}", path)
 
 
 def sweep(inputs: list[str | Path] | str | Path, outdir: str | Path, *, decays: list[float] = (),

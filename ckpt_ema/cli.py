@@ -20,6 +20,7 @@ import click
 from ckpt_ema import __version__
 from ckpt_ema.cli_options import NumbersOption, averaging_options, options_from
 from ckpt_ema.errors import CkptEmaError, OptionError
+from ckpt_ema.interrupts import Interrupted, signal_name, signals_as_interrupts
 
 # Click >= 8.2 raises this for a group called without a command; older Clicks print the help themselves.
 NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
@@ -54,7 +55,8 @@ class CkptEmaGroup(click.Group):
     def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
              standalone_mode: bool = True, **extra: Any) -> Any:
         try:
-            rv = super().main(args, prog_name or "ckpt-ema", complete_var, standalone_mode=False, **extra)
+            with signals_as_interrupts():
+                rv = super().main(args, prog_name or "ckpt-ema", complete_var, standalone_mode=False, **extra)
         except OptionError as exc:
             fail(exc.as_flag())
         except CkptEmaError as exc:
@@ -64,7 +66,10 @@ class CkptEmaGroup(click.Group):
             sys.exit(0)
         except click.ClickException as exc:
             fail(exc.format_message(), exc.exit_code)
-        except (click.exceptions.Abort, KeyboardInterrupt):
+        except (click.exceptions.Abort, KeyboardInterrupt) as exc:
+            stop = exc.__cause__ if isinstance(exc, click.exceptions.Abort) else exc  # Click wraps Ctrl-C in Abort
+            if isinstance(stop, Interrupted):
+                fail(f"interrupted ({signal_name(stop.signum)})", stop.exit_code)
             fail("interrupted", 130)
         if not standalone_mode:
             return rv
@@ -127,13 +132,19 @@ def average_command(inputs: tuple[str, ...], output: str | None, decay: float | 
     quiet = quiet or world.rank != 0
     the_plan = plan(list(inputs), options)
     _print_notes(the_plan.discovery, quiet)
-    for line in the_plan.warnings():
-        say(f"warning: {line}", quiet)
+    for note in the_plan.notes:
+        say(f"note: {note}", quiet)
     if dry_run:
+        for line in the_plan.warnings():
+            say(f"warning: {line}", quiet)
         if world.rank == 0:
             click.echo(the_plan.table())
         return
     result = run(the_plan, output, progress=show_progress(quiet), world=world)
+    for note in result.notes:
+        say(f"note: {note}", quiet)
+    for line in the_plan.warnings():  # after the run: a failing run's error stays its one line
+        say(f"warning: {line}", quiet)
     say(result.summary(), quiet)
 
 
@@ -188,6 +199,8 @@ def sweep_command(inputs: tuple[str, ...], outdir: str, decays: tuple[float, ...
     candidates = plan_sweep(list(inputs), options, decays=list(decays), half_lives=list(half_lives),
                             lasts=list(lasts), sigma_rels=list(sigma_rels))
     _print_notes(candidates[0].plan.discovery, quiet)
+    for note in candidates[0].plan.notes:
+        say(f"note: {note}", quiet)
     for line in sweep_warnings(candidates):
         say(f"warning: {line}", quiet)
     result = run_sweep(candidates, folder, score=scoring, plot=plot, progress=show_progress(quiet), world=world)
@@ -207,6 +220,9 @@ def sweep_command(inputs: tuple[str, ...], outdir: str, decays: tuple[float, ...
             say(f"note: {note}", quiet)
     for picture in result.pictures:
         say(f"picture: {picture}", quiet)
+    for candidate in candidates:
+        for line in candidate.plan.first_checkpoint_warnings():
+            say(f"warning: {candidate.name}: {line}", quiet)
 
 
 def demo_eval_command(data: str | None, test_subset: int | None, device: str) -> str:

@@ -66,7 +66,10 @@ def schedule_shape_options(prefix: str = "") -> Any:
         click.option(f"--{prefix}update-after-step", type=int, default=d("update_after_step"), show_default=True,
                      help="Copy the model, without averaging, up to and including this step + 1."),
         click.option(f"--{prefix}warmup/--no-{prefix}warmup", default=d("warmup"), show_default=True,
-                     help="timm's use_warmup: decay(t) = min(1 - (1 + t/gamma)^-power, decay), t = step - k - 1."),
+                     help=f"timm's use_warmup: the decay at step s is max(min(1 - (1 + t/gamma)^-power, "
+                          f"--{prefix}decay), --{prefix}min-decay) with t = s - --{prefix}update-after-step - 1 "
+                          f"(gamma, power: --{prefix}warmup-gamma, --{prefix}warmup-power); without it, "
+                          f"--{prefix}decay."),
         click.option(f"--{prefix}warmup-gamma", type=float, default=d("warmup_gamma"), show_default=True,
                      help="gamma of the warmup formula."),
         click.option(f"--{prefix}warmup-power", type=float, default=d("warmup_power"), show_default="2/3",
@@ -94,6 +97,9 @@ def averaging_options() -> Any:
         click.option("--per-checkpoint", is_flag=True, default=d("per_checkpoint"),
                      help="Ignore steps: every checkpoint counts as one update."),
         click.option("--key", default=d("key"), help="Where the weights are inside each checkpoint (e.g. state_dict_ema)."),
+        click.option("--strip-prefix", default=d("strip_prefix"), metavar="PREFIX",
+                     help="Cut PREFIX from every tensor name (a wrapper's, e.g. Lightning's 'model.'), so that the "
+                          "average loads into the bare model; a tensor without it is an error."),
         click.option("--device", default=d("device"), show_default=True, help="Where to accumulate: cpu, cuda, mps."),
         click.option("--accum-dtype", type=click.Choice(ACCUM_DTYPE_NAMES), default=d("accum_dtype"), show_default=True,
                      help="Precision of the running average."),

@@ -6,8 +6,14 @@ that is there, else its newest checkpoint is lost and the run is refused). What 
 write beside their periodic checkpoints is left out, and every file left out for a reason that is not obvious is
 reported in :attr:`Discovery.skipped`:
 
-* aliases of a periodic checkpoint (timm's ``last.pth.tar``/``model_best.pth.tar``, Lightning's ``last.ckpt``),
-  which would otherwise be averaged a second time;
+* second names of one checkpoint: the same file reached twice (a symlink, a hard link such as timm's
+  ``milestone-N``, overlapping globs) and byte-identical copies; the name kept is the periodic one, the name that
+  most inputs share once their numbers are left out (``step_30.pt`` over a ``best.pt`` link to it);
+* aliases (timm's ``last.pth.tar``/``model_best.pth.tar``, Lightning's ``last.ckpt``, ``best.*``, ``latest.*``)
+  of a periodic checkpoint: the same bytes or the same step. An alias newer than every periodic checkpoint
+  (Lightning's ``last.ckpt`` saved at the end of training) is no alias: it is kept, at its own step, with a note;
+* timm's ``recovery-E-B.pth.tar`` snapshots, taken inside epoch E (between ``checkpoint-(E-1)`` and
+  ``checkpoint-E``) at a step no name or metadata gives, and the partial files of a killed save (``tmp.pth.tar``);
 * training state that is not weights (``optimizer.pt``, ``scheduler.pt``, ``rng_state.pth``, ``training_args.bin``).
 
 The step of each checkpoint comes from its metadata (:data:`ckpt_ema.formats.checkpoint.STEP_KEYS`, or Hugging Face's
@@ -16,7 +22,9 @@ The step of each checkpoint comes from its metadata (:data:`ckpt_ema.formats.che
 
 from __future__ import annotations
 
+import filecmp
 import glob
+import hashlib
 import os
 import re
 from dataclasses import dataclass, field
@@ -31,8 +39,10 @@ from ckpt_ema.formats.torch_save import TORCH_SUFFIXES
 from ckpt_ema.errors import CkptEmaError
 
 # Copies of a periodic checkpoint under a fixed name (Lightning adds -vN when the name is taken).
-ALIAS_PATTERN = re.compile(r"^(last|model_best|best)(-v\d+)?\.(pth\.tar|ckpt|pt|pth|safetensors)$")
-ALIAS_WRITERS = {"last": "the newest checkpoint", "model_best": "the best checkpoint", "best": "the best checkpoint"}
+ALIAS_PATTERN = re.compile(r"^(last|latest|model_best|best)(-v\d+)?\.(pth\.tar|ckpt|pt|pth|safetensors)$")
+# timm's CheckpointSaver: recovery-<epoch>-<batch>.pth.tar inside an epoch; tmp files of a save that never finished.
+RECOVERY_PATTERN = re.compile(r"^recovery-(\d+)-(\d+)\.pth\.tar$")
+TIMM_PARTIAL_PATTERN = re.compile(r"^(tmp|recovery_tmp)\.pth\.tar$")
 
 # Files that a Hugging Face Trainer (and others) save next to the weights; they are training state, not weights.
 NOT_WEIGHTS_PATTERN = re.compile(
@@ -116,6 +126,8 @@ def _expand(inputs: list[str | Path]) -> tuple[list[Path], list[str]]:
             elif match.is_dir() or is_weight_file(match):
                 if NOT_WEIGHTS_PATTERN.match(match.name):
                     skipped.append(f"{match}: training state, not weights")
+                elif TIMM_PARTIAL_PATTERN.match(match.name):
+                    skipped.append(f"{match}: {PARTIAL_SAVE}")
                 else:
                     found.append(match)
             elif not glob.has_magic(text):
@@ -123,6 +135,9 @@ def _expand(inputs: list[str | Path]) -> tuple[list[Path], list[str]]:
                     "not a checkpoint file (expected .pt, .pth, .bin, .ckpt, .pth.tar, .safetensors or a folder)", match
                 )
     return found, skipped
+
+
+PARTIAL_SAVE = "the partial file of a timm save that never finished, not a checkpoint"
 
 
 def _scan_folder(folder: Path) -> tuple[list[Path], list[str]]:
@@ -138,6 +153,8 @@ def _scan_folder(folder: Path) -> tuple[list[Path], list[str]]:
         elif is_weight_file(entry):
             if NOT_WEIGHTS_PATTERN.match(entry.name):
                 skipped.append(f"{entry}: training state, not weights")
+            elif TIMM_PARTIAL_PATTERN.match(entry.name):
+                skipped.append(f"{entry}: {PARTIAL_SAVE}")
             elif hf_run and entry.name in HF_WEIGHT_FILES:
                 skipped.append(f"{entry}: the final model saved beside the checkpoint-N folders, not averaged again")
             elif SHARD_PATTERN.search(entry.name):
@@ -149,27 +166,141 @@ def _scan_folder(folder: Path) -> tuple[list[Path], list[str]]:
     return found, skipped
 
 
-def _drop_aliases_and_duplicates(paths: list[Path], drop_aliases: bool = True) -> tuple[list[Path], list[str]]:
-    """Leave out second names for the same file and trainer aliases, when periodic checkpoints are present."""
-    kept: list[Path] = []
+def family(path: Path) -> str:
+    """A name with its numbers left out: ``step_#.pt``. Periodic checkpoints share one family."""
+    return re.sub(r"\d+", "#", path.name)
+
+
+def preferred(paths: list[Path], families: dict[str, int]) -> Path:
+    """Of several names of one checkpoint, the periodic one: not an alias's name, then the family most inputs
+    belong to (timm's ``checkpoint-4`` over ``milestone-5``, ``step_30.pt`` over a ``best.pt`` link), then the
+    first given."""
+    return min(paths, key=lambda p: (bool(ALIAS_PATTERN.match(p.name)), -families[family(p)], paths.index(p)))
+
+
+def _drop_second_names(paths: list[Path]) -> tuple[list[Path], list[str]]:
+    """One name per file: a path given twice, a symlink and a hard link count once, under the periodic name."""
+    groups: dict[object, list[Path]] = {}
     skipped: list[str] = []
-    seen: dict[object, Path] = {}
     for path in paths:
-        real = _identity(path)
-        if real in seen:
-            if seen[real] != path:
-                skipped.append(f"{path}: the same file as {seen[real]}")
-            continue
-        seen[real] = path
-        kept.append(path)
-    periodic = [p for p in kept if not ALIAS_PATTERN.match(p.name)]
-    if not periodic or not drop_aliases:
-        return kept, skipped  # only aliases given: they are what the user wants averaged
-    for path in kept:
-        match = ALIAS_PATTERN.match(path.name)
-        if match:
-            skipped.append(f"{path}: an alias of {ALIAS_WRITERS[match.group(1)]}, not averaged a second time")
-    return periodic, skipped
+        names = groups.setdefault(_identity(path), [])
+        if path in names:
+            skipped.append(f"{path}: given twice, counted once")
+        else:
+            names.append(path)
+    families: dict[str, int] = {}
+    for path in paths:
+        families[family(path)] = families.get(family(path), 0) + 1
+    kept = []
+    for names in groups.values():
+        keep = preferred(names, families)
+        kept.append(keep)
+        skipped += [f"{p}: the same file as {keep}" for p in names if p != keep]
+    order = {p: i for i, p in enumerate(paths)}
+    return sorted(kept, key=order.__getitem__), skipped
+
+
+# Bytes read from each end of a file to tell copies apart before comparing them whole.
+FINGERPRINT_BYTES = 1 << 16
+
+
+def fingerprint(path: Path) -> tuple:
+    """Size and the bytes at both ends of every file of a checkpoint: equal for copies, and different for two
+    different checkpoints unless they differ only in the middle (then a whole comparison tells)."""
+    parts: list[object] = []
+    for file in weight_files_of(path):
+        try:
+            size = file.stat().st_size
+            with open(file, "rb") as f:
+                head = f.read(FINGERPRINT_BYTES)
+                f.seek(max(size - FINGERPRINT_BYTES, len(head)))
+                parts += [size, hashlib.sha1(head + f.read()).digest()]
+        except OSError:
+            parts.append(file)  # unreadable: reading it later says why
+    return tuple(parts)
+
+
+def same_bytes(a: Path, b: Path) -> bool:
+    """Whether two checkpoints (files or folders) are byte for byte the same."""
+    files_a, files_b = weight_files_of(a), weight_files_of(b)
+    try:
+        return len(files_a) == len(files_b) and all(filecmp.cmp(fa, fb, shallow=False)
+                                                    for fa, fb in zip(files_a, files_b))
+    except OSError:
+        return False
+
+
+def _drop_copies(sources: list[Source], skipped: list[str]) -> list[Source]:
+    """One checkpoint per content: of byte-identical copies that are second names (:func:`_second_name`: timm's
+    aliases where hard links fail, ``latest.pt``, a milestone copy), keep the periodic name; the others are named
+    in ``skipped``."""
+    families: dict[str, int] = {}
+    for s in sources:
+        families[family(s.path)] = families.get(family(s.path), 0) + 1
+    groups: dict[tuple, list[Source]] = {}
+    for s in sources:
+        groups.setdefault(fingerprint(s.path), []).append(s)
+    dropped: list[Source] = []
+    for group in groups.values():
+        while len(group) > 1:
+            keep = next(s for s in group if s.path == preferred([t.path for t in group], families))
+            copies = [s for s in group if s is not keep and _second_name(s, keep) and same_bytes(s.path, keep.path)]
+            for copy in copies:
+                skipped.append(f"{copy.path}: an alias of {keep.path} (the same bytes), not averaged a second time"
+                               if ALIAS_PATTERN.match(copy.path.name) else
+                               f"{copy.path}: the same bytes as {keep.path}, counted once")
+            dropped += copies
+            group = [s for s in group if s is not keep and s not in copies]
+    return [s for s in sources if s not in dropped]
+
+
+def _second_name(copy: Source, keep: Source) -> bool:
+    """Whether a byte-identical ``copy`` is a second name of ``keep``, not the same weights saved again later: an
+    alias's name, another name family (timm's ``milestone-5`` beside ``checkpoint-4``), or the same step. Two
+    periodic checkpoints of one family at different steps stay two (weights that did not change are still two
+    samples of the run)."""
+    return (bool(ALIAS_PATTERN.match(copy.path.name)) or family(copy.path) != family(keep.path)
+            or copy.step is None or keep.step is None or copy.step == keep.step)
+
+
+def _resolve_trainer_files(sources: list[Source], skipped: list[str],
+                           notes: list[str]) -> tuple[list[Source], list[str], list[str]]:
+    """Recovery snapshots, copies and aliases among ``sources`` (steps known from metadata and names): see the
+    module docstring."""
+    recovery = [s for s in sources if RECOVERY_PATTERN.match(s.path.name)]
+    if recovery and len(recovery) < len(sources):
+        for s in recovery:
+            epoch = int(RECOVERY_PATTERN.match(s.path.name)[1])  # type: ignore[index]
+            skipped.append(f"{s.path}: a timm recovery snapshot, taken inside epoch {epoch} (after checkpoint-"
+                           f"{epoch - 1}) at a step no name or metadata gives: not averaged (pass recovery files "
+                           "alone to average them, in their order)")
+        sources = [s for s in sources if s not in recovery]
+    elif recovery:
+        for s in recovery:  # recovery files alone: one update each, in (epoch, batch) order
+            s.step, s.step_from = None, "name"
+    sources = _drop_copies(sources, skipped)
+
+    periodic = [s for s in sources if not ALIAS_PATTERN.match(s.path.name)]
+    if not periodic:
+        return sources, skipped, notes  # only aliases given: they are what the user wants averaged
+    newest = max((s.step for s in periodic if s.step is not None), default=None)
+    kept = list(periodic)
+    for alias in (s for s in sources if ALIAS_PATTERN.match(s.path.name)):
+        same_step = next((p for p in periodic if alias.step is not None and p.step == alias.step), None)
+        if same_step is not None:
+            skipped.append(f"{alias.path}: an alias of {same_step.path} (the same step {alias.step}), not averaged a "
+                           "second time")
+        elif alias.step is not None and newest is not None and alias.step > newest:
+            kept.append(alias)
+            notes.append(f"{alias.path} is newer than every periodic checkpoint (step {alias.step}, the newest "
+                         f"periodic one {newest}): averaged as its own step")
+        elif alias.step is not None:
+            kept.append(alias)
+            notes.append(f"{alias.path} has a step no periodic checkpoint has ({alias.step}): averaged at that step")
+        else:
+            skipped.append(f"{alias.path}: an alias of a periodic checkpoint without a step of its own, not "
+                           "averaged a second time")
+    return sorted(kept, key=sources.index), skipped, notes
 
 
 def _identity(path: Path) -> object:
@@ -185,12 +316,12 @@ def _file_size(path: Path) -> int:
     return sum(f.stat().st_size for f in weight_files_of(path) if f.is_file())
 
 
-def expand_inputs(inputs: list[str | Path], drop_aliases: bool = True) -> tuple[list[Path], list[str]]:
-    """The checkpoint files and folders that ``inputs`` name, second names (and aliases) left out; and what was."""
+def expand_inputs(inputs: list[str | Path]) -> tuple[list[Path], list[str]]:
+    """The checkpoint files and folders that ``inputs`` name, second names of one file left out; and what was."""
     if not inputs:
         raise CkptEmaError("no checkpoints given")
     paths, skipped = _expand(list(inputs))
-    paths, more_skipped = _drop_aliases_and_duplicates(paths, drop_aliases)
+    paths, more_skipped = _drop_second_names(paths)
     if not paths:
         raise CkptEmaError(f"no checkpoint found in {', '.join(str(i) for i in inputs)}")
     return paths, skipped + more_skipped
@@ -221,16 +352,19 @@ def discover(inputs: list[str | Path], key: str | None = None, per_checkpoint: b
         if found is not None:
             from_trainer = (path / "trainer_state.json").is_file() and found[1] == "global_step"
             step, step_from = found[0], ("trainer_state.json" if from_trainer else f"metadata:{found[1]}")
+        elif ALIAS_PATTERN.match(path.name):
+            step, step_from = None, "name"  # last-v1.ckpt: the 1 is no step
         else:
             step, step_from = step_from_name(path), "name"
         nbytes = opened.nbytes if opened is not None and opened.nbytes is not None else _file_size(path)
         sources.append(Source(path=path, step=step, step_from=step_from, nbytes=nbytes, metadata=meta,
                               opened=opened))
     sources, skipped = _drop_own_outputs(sources, skipped)
-
     # Where the weights were taken from, when the format left a choice: said once per distinct answer.
     notes = [f"weights: {text}" for text in dict.fromkeys(
         s.opened.weights_from for s in sources if s.opened is not None and s.opened.weights_from)]
+    sources, skipped, notes = _resolve_trainer_files(sources, skipped, notes)
+
     unknown = [s for s in sources if s.step is None]
     if per_checkpoint or unknown:
         if unknown and not per_checkpoint:
@@ -247,5 +381,6 @@ def discover(inputs: list[str | Path], key: str | None = None, per_checkpoint: b
     sources.sort(key=lambda s: (s.step, natural_key(str(s.path))))
     for before, after in zip(sources, sources[1:]):
         if before.step == after.step:
-            raise CkptEmaError(f"two checkpoints have step {after.step}: {before.path} and {after.path}", after.path)
+            raise CkptEmaError(f"two different checkpoints have step {after.step}: {before.path} and {after.path} (if "
+                               "one is a copy of the other, leave it out; --per-checkpoint ignores steps)", after.path)
     return Discovery(sources, skipped, notes)

@@ -70,6 +70,7 @@ class OptionFields(TypedDict, total=False):
     to_step: int | None
     per_checkpoint: bool
     key: str | None
+    strip_prefix: str | None
     device: str
     accum_dtype: str
     out_dtype: str | None
@@ -92,6 +93,7 @@ class AverageOptions:
     to_step: int | None = None
     per_checkpoint: bool = False  # ignore steps: every checkpoint counts as one update
     key: str | None = None  # where the weights are in each checkpoint (dotted path); None: found automatically
+    strip_prefix: str | None = None  # cut from every tensor name (a wrapper's "model."); a name without it is an error
     device: str = "cpu"  # where to accumulate
     accum_dtype: str = "float32"  # precision of the running average
     out_dtype: str | None = None  # dtype of every float output tensor; None: each tensor's input dtype
@@ -126,6 +128,8 @@ class AverageOptions:
                 raise OptionError(name, f"must be a positive number of bytes (see parse_size), got {value!r}")
         if self.from_step is not None and self.to_step is not None and self.from_step > self.to_step:
             raise OptionError("from_step", f"{self.from_step} is after to_step {self.to_step}")
+        if self.strip_prefix is not None and not (isinstance(self.strip_prefix, str) and self.strip_prefix):
+            raise OptionError("strip_prefix", f"must be a non-empty string, got {self.strip_prefix!r}")
 
     @classmethod
     def build(cls, *, decay: float | None = None, half_life: float | None = None, min_decay: float = 0.0,

@@ -26,7 +26,7 @@ from ckpt_ema.engine.distributed import World
 from ckpt_ema.engine.runner import chunk_elems, run_plans
 from ckpt_ema.errors import CkptEmaError, OptionError
 from ckpt_ema.options import AverageOptions
-from ckpt_ema.output.atomic import copy_atomically
+from ckpt_ema.output.atomic import check_not_an_input, copy_atomically, output_files
 from ckpt_ema.output.metadata import output_metadata
 from ckpt_ema.output.sinks import SafetensorsOutput, index_path_of
 from ckpt_ema.planning import Plan, discover_window, percent, weighting_for
@@ -123,6 +123,20 @@ def plan_sweep(inputs: list[str | Path], options: AverageOptions | None = None, 
     return candidates
 
 
+def identical_candidates(candidates: list[Candidate]) -> list[str]:
+    """A note for each candidate whose weights equal an earlier one's (to 1e-12): with warmup, decays that never
+    bind within the run give the same average, so the sweep compares the same thing twice."""
+    def same(c: Candidate, d: Candidate) -> bool:
+        return max(abs(a - b) for a, b in zip(c.plan.weighting.weights, d.plan.weighting.weights)) <= 1e-12
+
+    notes = []
+    for i, c in enumerate(candidates):
+        twin = next((d for d in candidates[:i] if same(c, d)), None)
+        if twin is not None:
+            notes.append(f"{c.name} gives the same weights as {twin.name}: the same average")
+    return notes
+
+
 @dataclass
 class SweepResult:
     """What a sweep wrote and, when scored, how each candidate and the final model did and which is best."""
@@ -162,7 +176,20 @@ def run_sweep(candidates: list[Candidate], outdir: Path, *, score: Scoring | Non
     """
     if not outdir.parent.is_dir():
         raise CkptEmaError("the output folder's parent does not exist", outdir)
+    outputs = [outdir / f"{c.name}.safetensors" for c in candidates] + [outdir / "best.safetensors"]
+    check_not_an_input([f for o in outputs for f in output_files(o)], candidates[0].plan.input_files())
+    created = not outdir.exists()
     outdir.mkdir(exist_ok=True)
+    try:
+        return _sweep_into(candidates, outdir, score=score, plot=plot, progress=progress, world=world)
+    except BaseException:
+        if created and not any(outdir.iterdir()):
+            outdir.rmdir()  # a failed sweep leaves no empty folder behind
+        raise
+
+
+def _sweep_into(candidates: list[Candidate], outdir: Path, *, score: Scoring | None, plot: bool, progress: bool,
+                world: World | None) -> SweepResult:
     started = time.perf_counter()
     written = list(candidates)
     if score is not None:  # the final model, written by the same read, to be scored as the same kind of file
@@ -181,6 +208,7 @@ def run_sweep(candidates: list[Candidate], outdir: Path, *, score: Scoring | Non
                    world=world)
     result = SweepResult(candidates, time.perf_counter() - started, -(-len(plans) // per_pass),
                          final_output=written[-1].output if score is not None else None)
+    result.notes += identical_candidates(candidates) + [note for sink in sinks for note in sink.notes]
     if world is not None and world.rank != 0:
         return result  # under torchrun: scores, the choice and pictures come from rank 0
     if score is not None:

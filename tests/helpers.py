@@ -202,6 +202,17 @@ def corrected_decay(ema, s: int) -> float:  # noqa: ANN001 - a timm ModelEmaV3
     return max(min(0.0, ema.decay), ema.min_decay) if ema.use_warmup else ema.decay
 
 
+def interval_reference(ema, a: int, b: int, bias_correction: bool = False) -> tuple[float, float, float]:  # noqa: ANN001
+    """(F, A, B) of the steps s = a+1..b by timm's recurrence run literally, one step at a time, on the
+    coefficients of v_a, theta_a and theta_b (theta(s) on the line between them): the per-step brute force."""
+    survive, older, newer = 1.0, 0.0, 0.0
+    for s in range(a + 1, b + 1):
+        d = corrected_decay(ema, s) if bias_correction else ema.get_decay(s)
+        lam = (s - a) / (b - a)
+        survive, older, newer = d * survive, d * older + (1 - d) * (1 - lam), d * newer + (1 - d) * lam
+    return survive, older, newer
+
+
 def linear_reference(checkpoints: dict[int, dict[str, torch.Tensor]], *, bias_correction: bool = False,
                      **schedule: float) -> dict[str, torch.Tensor]:
     """timm's EMA run at every step s = 1..last over weights moving linearly between saves, in float64.
@@ -433,6 +444,69 @@ def torchrun(*args: object) -> subprocess.CompletedProcess[str]:
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
                "-m", "ckpt_ema", *map(str, args)]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+
+
+# ------------------------------------------------------------------------------------------- real trainers' folders
+
+LIGHTNING_SCRIPT = """
+import sys, torch, lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+class Tiny(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Linear(4, 2)
+    def training_step(self, batch, i):
+        x, y = batch
+        return torch.nn.functional.mse_loss(self.net(x), y)
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+folder = sys.argv[1]
+callbacks = [ModelCheckpoint(dirpath=folder, every_n_train_steps=8, save_top_k=-1),
+             ModelCheckpoint(dirpath=folder, save_top_k=0, save_last=True)]
+torch.manual_seed(0)
+data = torch.utils.data.TensorDataset(torch.randn(60, 4), torch.randn(60, 2))
+trainer = L.Trainer(max_epochs=1, callbacks=callbacks, logger=False, enable_progress_bar=False,
+                    enable_model_summary=False, accelerator="cpu", devices=1)
+trainer.fit(Tiny(), torch.utils.data.DataLoader(data, batch_size=1))
+"""
+
+
+def lightning_run(folder: Path) -> Path:
+    """A real Lightning run of 60 steps: a ModelCheckpoint every 8 steps (epoch=0-step=8.ckpt .. step=56), and a
+    second ModelCheckpoint whose save_last writes last.ckpt at the end of training (step 60, newer than every
+    periodic checkpoint). Made in a subprocess, so that this process never imports lightning."""
+    subprocess.run([sys.executable, "-c", LIGHTNING_SCRIPT, str(folder)], check=True, capture_output=True,
+                   env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    return folder
+
+
+def timm_run(folder: Path, *, epochs: int = 5, recovery_epoch: int | None = 4) -> dict[int, dict[str, torch.Tensor]]:
+    """A real timm CheckpointSaver run: checkpoint-E.pth.tar for E = 0..epochs-1 (ranked by a metric), last and
+    model_best as timm links them, recovery-E-B.pth.tar saved inside ``recovery_epoch`` at batches 1 and 2, and a
+    milestone. Returns the weights of each epoch's checkpoint."""
+    from timm.utils import CheckpointSaver
+
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    saver = CheckpointSaver(model, opt, args=argparse.Namespace(model="linear"), checkpoint_dir=str(folder),
+                            recovery_dir=str(folder), max_history=10)
+    metric = [0.1, 0.5, 0.3, 0.6, 0.4, 0.2, 0.7]
+    states = {}
+    for epoch in range(epochs):
+        for batch in range(4):
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(torch.randn_like(p) * 0.1)
+            if epoch == recovery_epoch and batch in (1, 2):
+                saver.save_recovery(epoch, batch_idx=batch)
+        saver.save_checkpoint(epoch, metric=metric[epoch])
+        states[epoch] = {k: v.clone() for k, v in model.state_dict().items()}
+    saver.save_milestone(epochs)
+    return states
 
 
 # ------------------------------------------------------------------------------------------- power EMA, unresolved

@@ -513,11 +513,11 @@ def test_duplicate_steps_are_an_error(tmp_path: Path) -> None:
     for run in ("a", "b"):
         (tmp_path / run).mkdir()
         torch.save(weights(ord(run)), tmp_path / run / "ckpt_5.pt")
-    with pytest.raises(CkptEmaError, match="two checkpoints have step 5"):
+    with pytest.raises(CkptEmaError, match="two different checkpoints have step 5"):
         plan_held([tmp_path / "a", tmp_path / "b"])
     res = CliRunner().invoke(main, ["average", str(tmp_path / "a"), str(tmp_path / "b"), "--dry-run"])
     assert res.exit_code == 2
-    assert "two checkpoints have step 5" in res.stderr and "ckpt_5.pt" in res.stderr
+    assert "two different checkpoints have step 5" in res.stderr and "ckpt_5.pt" in res.stderr
 
 
 def test_unknown_steps_fall_back_to_one_update_per_checkpoint(tmp_path: Path) -> None:

@@ -82,6 +82,7 @@ def test_train_writes_checkpoints_with_steps_and_metadata(net_run: Path) -> None
         assert ckpt["hparams"]["train_images"] == TRAIN_IMAGES and ckpt["hparams"]["total_steps"] == TOTAL_STEPS
     info = json.loads((net_run / "run.json").read_text())
     assert len(info["val_indices"]) == VAL_IMAGES == len(set(info["val_indices"]))
+    assert info["data"]["train_images"] == TRAIN_IMAGES - VAL_IMAGES and info["data"]["images"] == TRAIN_IMAGES
     assert info["ema"]["decay"] == 0.99 and info["ema"]["warmup"] is True
     ema = torch.load(net_run / "online_ema" / "ema.pt", weights_only=True)
     assert ema["step"] == TOTAL_STEPS and ema["arch"] == "net"

@@ -112,10 +112,10 @@ def train_command(output: str, ema_decay: float | None, quiet: bool, **options: 
 
     try:
         result = train(TrainConfig(output=Path(output), ema=ema, quiet=quiet, **options))
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM/SIGHUP (ckpt_ema.interrupts)
         click.echo(f"ckpt-ema: interrupted; the checkpoints saved so far stay in {output}: continue with --resume",
                    err=True)
-        raise SystemExit(130) from None
+        raise SystemExit(getattr(exc, "exit_code", 130)) from None
     if not quiet:
         click.echo(result.summary(), err=True)
 
@@ -168,7 +168,7 @@ def eval_command(
     if bn_batches < 0:
         raise CkptEmaError(f"--bn-recalibrate must be >= 0 batches, got {bn_batches}")
     dev = check_device(device)
-    paths, _ = expand_inputs(list(weights), drop_aliases=False)  # folders and globs, as average reads them
+    paths, _ = expand_inputs(list(weights))  # folders and globs, as average reads them
     eval_data = EvalData(data, test_subset, dev)
     results = []
     for path in paths:

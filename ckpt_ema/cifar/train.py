@@ -374,7 +374,8 @@ def run_info_of(config: TrainConfig, hparams: dict[str, Any], n_train: int, val_
             "dir": str(resolve_data_dir(config.data)),
             "train_subset": config.train_subset,
             "test_subset": config.test_subset,
-            "train_images": n_train,
+            "images": n_train,  # loaded, before the validation split
+            "train_images": n_train - len(val_indices),  # trained on
             "val_split": config.val_split,
         },
         "val_indices": val_indices,

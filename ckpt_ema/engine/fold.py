@@ -41,15 +41,17 @@ class Sink(Protocol):
     def write(self, name: str, piece: torch.Tensor) -> None: ...
 
 
-def open_run(checkpoints: Sequence[Path | Checkpoint], needed: Sequence[int], key: str | None
-             ) -> tuple[dict[int, FlatViews], Layout]:
-    """Open the checkpoints at the ``needed`` indices (those not already open) and check that they hold the same
-    tensors (headers only)."""
+def open_run(checkpoints: Sequence[Path | Checkpoint], needed: Sequence[int], key: str | None,
+             strip_prefix: str | None = None) -> tuple[dict[int, FlatViews], Layout]:
+    """Open the checkpoints at the ``needed`` indices (those not already open), ``strip_prefix`` cut from their
+    tensor names, and check that they hold the same tensors (headers only)."""
     opened: dict[int, FlatViews] = {}
     layout: Layout | None = None
     for i in needed:
         given = checkpoints[i]
         ckpt = given if isinstance(given, Checkpoint) else open_checkpoint(given, key)
+        if strip_prefix:
+            ckpt = ckpt.without_prefix(strip_prefix)
         this = Layout.of(ckpt)
         if layout is None:
             layout = this
@@ -66,6 +68,7 @@ def fold(
     sinks: Sequence[Sink],
     *,
     key: str | None = None,
+    strip_prefix: str | None = None,
     device: str = "cpu",
     accum_dtype: torch.dtype = torch.float32,
     chunk_elems: int = DEFAULT_CHUNK_ELEMS,
@@ -88,7 +91,7 @@ def fold(
     used = [i for i in range(len(checkpoints)) if any(c[i] > 0 for c in lerps)]
     if not used:
         raise CkptEmaError("no checkpoint carries any weight")
-    opened, layout = open_run(checkpoints, checkpoints_read(lerps), key)
+    opened, layout = open_run(checkpoints, checkpoints_read(lerps), key, strip_prefix)
     names = None if select is None else select(layout)
     if on_layout is not None:
         on_layout(layout, len(used))

@@ -146,6 +146,7 @@ def _read_once_into(plans: list[Plan], sinks: list[SafetensorsOutput | MemoryOut
             [p.weighting.lerps for p in plans],
             sinks,
             key=opts.key,
+            strip_prefix=opts.strip_prefix,
             device=opts.device if device is None else device,
             accum_dtype=DTYPES[opts.accum_dtype],
             chunk_elems=chunk_elems(opts, candidates=len(plans)),

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +93,18 @@ class Checkpoint:
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name in self.names:
             yield name, self.tensor(name)
+
+    def without_prefix(self, prefix: str) -> Checkpoint:
+        """The same checkpoint with ``prefix`` cut from every tensor name (``--strip-prefix``: a wrapper's
+        ``model.``); a tensor without it, or named just the prefix, is an error naming it."""
+        bad = [n for n in self.names if not n.startswith(prefix) or n == prefix]
+        if bad:
+            more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+            raise CkptEmaError(f"tensor {bad[0]!r}{more} does not start with the prefix {prefix!r} to strip", self.path)
+        cut = len(prefix)
+        return replace(self, names=[n[cut:] for n in self.names],
+                       _tensors={n[cut:]: t for n, t in self._tensors.items()},
+                       _safetensors={n[cut:]: h for n, h in self._safetensors.items()})
 
 
 class PartedCheckpoint(Checkpoint):

@@ -11,17 +11,15 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import tempfile
 from collections.abc import Mapping, Sequence
-from glob import escape as glob_escape
 from pathlib import Path
 from typing import BinaryIO
 
 import torch
 
 from ckpt_ema.output import disk
-from ckpt_ema.output.atomic import close_on_disk
+from ckpt_ema.output.atomic import (SHARD_NAME, close_on_disk, create_temporary, index_path_of,
+                                   output_files, remove_stale_temporaries)
 from ckpt_ema.errors import CkptEmaError
 from ckpt_ema.output.writer import StreamingWriter
 
@@ -45,8 +43,6 @@ def shard_plan(
 # Ask the kernel to start writing the output to disk every this many bytes (see _start_writeback).
 WRITEBACK_EVERY_BYTES = 8 << 20
 
-# What follows NAME in the file name of a shard: NAME-00001-of-00003.safetensors.
-SHARD_NAME = re.compile(r"-\d{5}-of-\d{5}\.safetensors")
 
 
 class SafetensorsOutput:
@@ -72,6 +68,7 @@ class SafetensorsOutput:
         self._writes_index = True
         self._index_tmp: Path | None = None
         self._writeback_from: dict[BinaryIO, int] = {}  # per file: where the bytes not yet sent to disk begin
+        self.notes: list[str] = []  # stale temporary files of killed runs, removed or left alone
 
     def open(self, shapes: Mapping[str, tuple[int, ...]], dtypes: Mapping[str, torch.dtype], *,
              partition: Sequence[Sequence[str]] | None = None, rank: int = 0) -> None:
@@ -121,9 +118,10 @@ class SafetensorsOutput:
         return [s for p in per_rank for s in p], range(first, first + len(per_rank[rank]))
 
     def _temporary(self, final: Path) -> tuple[BinaryIO, Path]:
-        fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-        self._temporaries.append(Path(name))
-        return os.fdopen(fd, "wb"), Path(name)
+        self.notes += remove_stale_temporaries(final)
+        fd, tmp = create_temporary(final)
+        self._temporaries.append(tmp)
+        return os.fdopen(fd, "wb"), tmp
 
     def write(self, name: str, piece: torch.Tensor) -> None:
         """Append the next piece of tensor ``name`` to its file."""
@@ -188,13 +186,9 @@ class SafetensorsOutput:
     def remove_stale(self) -> None:
         """After the commit point: remove what is left of an earlier output in the other layout (or shard count)."""
         ours = set(self.written)
-        stem = self.path.name[: -len(".safetensors")]
-        leftovers = [p for p in self.path.parent.glob(f"{glob_escape(stem)}-*-of-*.safetensors")
-                     if SHARD_NAME.fullmatch(p.name[len(stem):]) and p not in ours]
-        if self.index_path is not None and self.path not in ours:
-            leftovers.append(self.path)  # an earlier single-file output beside the new index
-        for path in leftovers:
-            path.unlink(missing_ok=True)
+        for path in output_files(self.path):  # an earlier single file beside a new index, shards of another count
+            if path not in ours:
+                path.unlink(missing_ok=True)
 
     def publish_shards(self) -> None:
         """Rename this process's prepared files to their final names (no index points at them yet)."""
@@ -242,8 +236,3 @@ class MemoryOutput:
         at = self._filled[name]
         self._flat[name][at : at + piece.numel()].copy_(piece.reshape(-1))
         self._filled[name] = at + piece.numel()
-
-
-def index_path_of(path: Path) -> Path:
-    """``NAME.safetensors.index.json`` beside ``NAME.safetensors``: where a sharded output's index goes."""
-    return path.with_name(path.name + ".index.json")

@@ -20,11 +20,14 @@ from ckpt_ema.formats.safetensors import CODE_OF_DTYPE
 def header_bytes(
     shapes: Mapping[str, tuple[int, ...]], dtypes: Mapping[str, torch.dtype], metadata: Mapping[str, str]
 ) -> tuple[bytes, dict[str, tuple[int, int]]]:
-    """The 8-byte length and JSON header for tensors stored in the given order; and each tensor's byte range."""
+    """The 8-byte length and JSON header for tensors stored in the given order; and each tensor's byte range.
+
+    A name the format cannot hold is refused (:func:`check_tensor_name`) rather than written into the header."""
     entries: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
     ranges: dict[str, tuple[int, int]] = {}
     offset = 0
     for name, shape in shapes.items():
+        check_tensor_name(name)
         numel = 1
         for d in shape:
             numel *= d
@@ -37,6 +40,19 @@ def header_bytes(
     text = json.dumps(entries, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as the safetensors package writes it
     return struct.pack("<Q", len(text)) + text, ranges
+
+
+def check_tensor_name(name: str) -> None:
+    """A tensor name safetensors can store: valid UTF-8 (a name unpickled from bytes may hold lone surrogates,
+    which JSON would escape into a header other readers reject) and not ``__metadata__``, the header's key for
+    the file's metadata (the tensor would replace it, or be read as metadata)."""
+    if name == "__metadata__":
+        raise CkptEmaError("a tensor is named '__metadata__', the key safetensors reserves for the file's metadata: "
+                           "it cannot be written (rename it in the checkpoints, or choose other weights with --key)")
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise CkptEmaError(f"tensor name {name!r} is not valid UTF-8, which safetensors requires") from None
 
 
 class StreamingWriter:
