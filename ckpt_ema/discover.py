@@ -31,10 +31,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ckpt_ema.formats.checkpoint import (SAFETENSORS_SUFFIX, Checkpoint, folder_format, is_weight_file, probe,
-                                         step_from_metadata)
+from ckpt_ema.formats.checkpoint import (SAFETENSORS_SUFFIX, Checkpoint, checkpoint_files, folder_format,
+                                         is_weight_file, probe, step_from_metadata)
 from ckpt_ema.formats.deepspeed import latest_tag
-from ckpt_ema.formats.hf import HF_WEIGHT_FILES, is_hf_checkpoint_folder, weight_files_of
+from ckpt_ema.formats.hf import HF_WEIGHT_FILES, is_hf_checkpoint_folder
 from ckpt_ema.formats.torch_save import TORCH_SUFFIXES
 from ckpt_ema.errors import CkptEmaError
 
@@ -208,7 +208,7 @@ def fingerprint(path: Path) -> tuple:
     """Size and the bytes at both ends of every file of a checkpoint: equal for copies, and different for two
     different checkpoints unless they differ only in the middle (then a whole comparison tells)."""
     parts: list[object] = []
-    for file in weight_files_of(path):
+    for file in checkpoint_files(path):
         try:
             size = file.stat().st_size
             with open(file, "rb") as f:
@@ -222,7 +222,7 @@ def fingerprint(path: Path) -> tuple:
 
 def same_bytes(a: Path, b: Path) -> bool:
     """Whether two checkpoints (files or folders) are byte for byte the same."""
-    files_a, files_b = weight_files_of(a), weight_files_of(b)
+    files_a, files_b = checkpoint_files(a), checkpoint_files(b)
     try:
         return len(files_a) == len(files_b) and all(filecmp.cmp(fa, fb, shallow=False)
                                                     for fa, fb in zip(files_a, files_b))
@@ -313,7 +313,7 @@ def _identity(path: Path) -> object:
 
 
 def _file_size(path: Path) -> int:
-    return sum(f.stat().st_size for f in weight_files_of(path) if f.is_file())
+    return sum(f.stat().st_size for f in checkpoint_files(path) if f.is_file())
 
 
 def expand_inputs(inputs: list[str | Path]) -> tuple[list[Path], list[str]]:

@@ -95,7 +95,9 @@ def test_folder_over_an_input_checkpoint_is_refused(llama_run: Path) -> None:
     target = llama_run / "checkpoint-6"
     before = {p.name: p.stat().st_mtime_ns for p in target.iterdir()}
     res = run_cli("average", llama_run, "--last", "2", "-o", f"{target}/")
-    assert res.exit_code == 2 and "over (or into) the input checkpoint" in res.stderr
+    assert res.exit_code == 2 and "the output is one of the inputs" in res.stderr
+    res = run_cli("average", llama_run, "--last", "2", "-o", f"{target / 'avg'}/")
+    assert res.exit_code == 2 and "written into the input checkpoint" in res.stderr
     assert {p.name: p.stat().st_mtime_ns for p in target.iterdir()} == before
 
 

@@ -201,6 +201,14 @@ def folder_format(folder: Path) -> str | None:
     return None
 
 
+def checkpoint_files(path: Path) -> list[Path]:
+    """Every file the checkpoint at ``path`` consists of: each file of a DCP or DeepSpeed folder, else its weight
+    files (:func:`ckpt_ema.formats.hf.weight_files_of`)."""
+    if path.is_dir() and folder_format(path) in ("dcp", "deepspeed"):
+        return sorted(p for p in path.rglob("*") if p.is_file())
+    return weight_files_of(path)
+
+
 def is_trainer_folder(folder: Path) -> bool:
     """A Hugging Face Trainer's checkpoint folder (``checkpoint-N/``, or one with its ``trainer_state.json``)."""
     return folder.name.startswith("checkpoint-") or (folder / "trainer_state.json").is_file()
