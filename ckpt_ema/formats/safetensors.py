@@ -29,6 +29,7 @@ import torch
 
 from ckpt_ema.errors import CkptEmaError
 from ckpt_ema.formats import strict_json
+from ckpt_ema.formats.mapping import map_privately
 
 DTYPE_CODES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -62,16 +63,22 @@ class SafetensorsFile:
             with open(path, "rb") as f:
                 size = os.fstat(f.fileno()).st_size
                 header_len, header = _read_header(f, size)
+                try:
+                    self.metadata, self.entries = _parse_header(header, size - 8 - header_len)
+                except _Refused as exc:
+                    raise _Refused(f"bad header: {exc}") from None
+                self._data_start = 8 + header_len
+                self._bytes = self._map(f, size)
         except OSError as exc:
             raise CkptEmaError(f"cannot read: {exc.strerror or exc}", path) from None
         except _Refused as exc:
             raise CkptEmaError(str(exc), path) from None
-        try:
-            self.metadata, self.entries = _parse_header(header, size - 8 - header_len)
-        except _Refused as exc:
-            raise CkptEmaError(f"bad header: {exc}", path) from None
-        self._data_start = 8 + header_len
-        self._bytes = _map_privately(path, size) if size > self._data_start else None
+
+    def _map(self, f: Any, size: int) -> torch.Tensor | None:
+        """The file's bytes as a uint8 tensor over a private map; None when it holds no tensor bytes."""
+        if size == self._data_start:
+            return None
+        return torch.empty(0, dtype=torch.uint8).set_(map_privately(f, self.path, size))
 
     def tensor(self, name: str) -> torch.Tensor:
         """A view of tensor ``name`` on the mapped file (a copy only when its bytes are not aligned for its dtype)."""
@@ -175,14 +182,3 @@ def _check_utf8(text: str, what: str) -> None:
         text.encode("utf-8")
     except UnicodeEncodeError:
         raise _Refused(f"{what} is not valid UTF-8: {text!r}") from None
-
-
-def _map_privately(path: Path, size: int) -> torch.Tensor:
-    """The file's ``size`` bytes as a uint8 tensor over a private (copy-on-write) map: tensors view it as writable
-    memory, and the file is never modified. torch's map closes the file once mapped, where Python's mmap would hold
-    a descriptor for as long as the map lives: a run of a thousand checkpoints (or shards) would hit `ulimit -n`."""
-    try:
-        storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size)
-    except RuntimeError as exc:  # the file vanished or shrank since its header was read
-        raise CkptEmaError(f"cannot map: {str(exc).strip().splitlines()[0]}", path) from None
-    return torch.empty(0, dtype=torch.uint8).set_(storage)

@@ -15,7 +15,8 @@ here nothing is used before it is checked:
 * every tensor of the state dict (:func:`state_dict_tensors`): a string name, valid UTF-8, and elements that all lie
   inside its storage.
 
-The tensors are views of one private (copy-on-write) map of the file at the checked offsets. Nothing here reads
+The tensors are views of one private (copy-on-write) map of the file (:mod:`ckpt_ema.formats.mapping`) at the
+checked offsets. Nothing here reads
 tensor data: the cost is O(pickle + directory), and the engine reads each byte once, from the page cache.
 
 Inside the loaded object the weights are a plain state dict or sit in one of the usual containers
@@ -35,6 +36,7 @@ from typing import Any, BinaryIO
 import torch
 
 from ckpt_ema.errors import CkptEmaError
+from ckpt_ema.formats.mapping import map_privately
 from ckpt_ema.formats.unpickle import PickleCorrupt, PickleRefused, unpickle
 from ckpt_ema.formats.zip_records import STORED, Record, ZipError, read_directory, read_small_record
 
@@ -127,7 +129,7 @@ def _load_zip(path: Path, f: BinaryIO, safe_globals: list[Any], max_bytes: int) 
     if order is not None and read_small_record(f, order, 16) != b"little":
         raise CkptEmaError("saved on a big-endian machine; ckpt-ema reads little-endian checkpoints", path)
     pickled = read_small_record(f, records[f"{prefix}/data.pkl"], max_bytes)
-    file_map = _map(path, os.fstat(f.fileno()).st_size)
+    file_map = map_privately(f, path, os.fstat(f.fileno()).st_size)
 
     def record_of(key: str, dtype: torch.dtype, numel: int) -> int:
         record = records.get(f"{prefix}/data/{key}")
@@ -200,7 +202,7 @@ def _load_legacy(path: Path, f: BinaryIO, safe_globals: list[Any], max_bytes: in
     if position != size:
         raise CkptEmaError(f"not a readable PyTorch checkpoint: {size - position} bytes after its last storage", path)
     f.seek(object_start)
-    storages = _Storages(lambda key, dtype, numel: offsets[key], _map(path, size), legacy=True)
+    storages = _Storages(lambda key, dtype, numel: offsets[key], map_privately(f, path, size), legacy=True)
     return unpickle(f, storages, safe_globals=safe_globals, max_bytes=max_bytes)
 
 
@@ -260,15 +262,6 @@ def _no_storage(pid: Any) -> Any:
     raise PickleCorrupt("a storage where torch.save writes none")
 
 
-def _map(path: Path, size: int) -> torch.UntypedStorage:
-    """The file's ``size`` bytes over a private (copy-on-write) map: tensors view it as writable memory, and the
-    file is never modified. torch's map closes the file once mapped (a run of many files holds no descriptors)."""
-    try:
-        return torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size)
-    except RuntimeError as exc:  # the file vanished or shrank since its directory was read
-        raise CkptEmaError(f"cannot map: {str(exc).strip().splitlines()[0]}", path) from None
-
-
 def _is_state_dict(obj: Any) -> bool:
     return isinstance(obj, Mapping) and len(obj) > 0 and all(isinstance(v, torch.Tensor) for v in obj.values())
 
@@ -307,19 +300,30 @@ def find_state_dict(obj: Any, path: Path, key: str | None = None) -> tuple[Mappi
 
 
 def plain_metadata(obj: Any) -> dict[str, Any]:
-    """Top-level values that are plain data (numbers, strings, small dicts of them), e.g. step, epoch, arch."""
+    """Top-level values that are plain data (numbers, strings, small dicts of them), e.g. step, epoch, arch.
+    Strings that are not valid UTF-8 (a pickle can hold lone surrogates) are left out: the output's header could
+    not hold them."""
     if not isinstance(obj, Mapping):
         return {}
     meta: dict[str, Any] = {}
     for k, v in obj.items():
         if isinstance(v, argparse.Namespace):
             v = vars(v)
-        if isinstance(v, bool | int | float | str):
+        if isinstance(v, bool | int | float | str) and _is_utf8(k, v):
             meta[str(k)] = v
-        elif isinstance(v, Mapping) and v and all(isinstance(x, bool | int | float | str | None) for x in v.values()):
+        elif (isinstance(v, Mapping) and v and all(isinstance(x, bool | int | float | str | None) for x in v.values())
+              and _is_utf8(k, *v.keys(), *v.values())):
             meta[str(k)] = {str(a): b for a, b in v.items()}
     return meta
 
+
+def _is_utf8(*values: Any) -> bool:
+    try:
+        for value in values:
+            str(value).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def state_dict_tensors(state: Mapping[Any, Any], path: Path) -> dict[str, torch.Tensor]:
@@ -333,10 +337,8 @@ def state_dict_tensors(state: Mapping[Any, Any], path: Path) -> dict[str, torch.
             continue
         if not isinstance(name, str):
             raise CkptEmaError(f"a tensor is named {name!r}, a {type(name).__name__}: state dict names are strings", path)
-        try:
-            name.encode("utf-8")
-        except UnicodeEncodeError:
-            raise CkptEmaError(f"the tensor name {name!r} is not valid UTF-8", path) from None
+        if not _is_utf8(name):
+            raise CkptEmaError(f"the tensor name {name!r} is not valid UTF-8", path)
         _check_tensor(name, value, path)
         tensors[name] = value
     return tensors

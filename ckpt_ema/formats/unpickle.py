@@ -47,6 +47,11 @@ OPCODE_COSTS = {"EMPTY_SET": 256, "FROZENSET": 256, "EMPTY_DICT": 128, "EMPTY_LI
 # What one element of an iterable argument may cost a call that copies it into a new container (set("text")).
 ELEMENT_COST = 128
 
+# The opcodes the feed rewrites, performs itself or checks before torch's unpickler runs them.
+ACTED_ON = frozenset({"PROTO", "FRAME", "SHORT_BINUNICODE", "BINUNICODE8", "STACK_GLOBAL", "REDUCE", "NEWOBJ", "BUILD",
+                      "MEMOIZE", "SHORT_BINBYTES", "BINBYTES", "BINBYTES8", "BYTEARRAY8", "POP", "POP_MARK",
+                      "ADDITEMS", "FROZENSET"})
+
 # The longest line an opcode may hold (GLOBAL's module and name; protocol 0's numbers).
 LINE_LIMIT = 4096
 
@@ -180,8 +185,12 @@ class _Feed:
                 return b""  # past STOP: torch never reads on
             except ValueError as exc:  # a truncated argument, an unknown opcode
                 raise PickleCorrupt(f"{_first_line(exc)}") from None
-            self._charge(OPCODE_COSTS.get(opcode.name, OPCODE_COST))
-            translated = self._translate(opcode.name, arg, self._source.take())
+            name = opcode.name
+            self._charge(OPCODE_COSTS.get(name, OPCODE_COST))
+            raw = self._source.take()
+            if name not in ACTED_ON:  # most opcodes: torch's unpickler runs them as they are
+                return raw
+            translated = self._translate(name, arg, raw)
             if translated is not None:
                 return translated
 

@@ -91,6 +91,8 @@ def read_small_record(f: BinaryIO, record: Record, limit: int) -> bytes:
     """
     if record.size > limit:
         raise ZipError(f"record {record.name!r} holds {record.size} bytes, more than the {limit} ckpt-ema reads")
+    if record.stored_size > record.size + record.size // 1000 + 1024:  # deflate never grows data more than this
+        raise ZipError(f"record {record.name!r} takes {record.stored_size} bytes to store {record.size}")
     data = _read_at(f, record.offset, record.stored_size)
     if record.method == DEFLATED:
         inflater = zlib.decompressobj(-15)
