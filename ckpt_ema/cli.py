@@ -102,7 +102,9 @@ def main() -> None:
 
 @main.command("average")
 @click.argument("inputs", nargs=-1, required=True)
-@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Where to write the average (.safetensors).")
+@click.option("-o", "--output", type=click.Path(),
+              help="Where to write the average: a .safetensors file, or a model folder (DIR/: the weights plus the "
+                   "newest checkpoint's config, tokenizer and adapter files, for from_pretrained).")
 @click.option("--decay", type=float, default=None,
               help="EMA decay per training step, as passed to timm's ModelEmaV3.  [default: 0.999]")
 @click.option("--half-life", type=float, default=None,
@@ -114,18 +116,17 @@ def main() -> None:
 @click.option("--dry-run", is_flag=True, help="Print the checkpoints, steps and weights; read no tensor.")
 def average_command(inputs: tuple[str, ...], output: str | None, decay: float | None, half_life: float | None,
                     last: int | None, sigma_rel: float | None, dry_run: bool, quiet: bool, **params: Any) -> None:
-    """Average checkpoints INPUTS (files, globs, folders) into one .safetensors file.
+    """Average checkpoints INPUTS (files, globs, folders) into one .safetensors file or a model folder.
 
     Checkpoints are taken in training-step order and folded into timm's EMA recurrence; with a checkpoint saved
     every step the result equals timm's ModelEmaV3 run online.
     """
-    from ckpt_ema.api import plan, run
-    from ckpt_ema.output.atomic import check_output_path
+    from ckpt_ema.api import check_output, plan, run
 
     if output is None and not dry_run:
         raise click.UsageError("missing option '-o' / '--output' (or use --dry-run)")
     if output is not None:
-        check_output_path(output)
+        check_output(output)
     options = options_from(params, decay=decay, half_life=half_life, last=last, sigma_rel=sigma_rel)
     world = world_from_env()
     quiet = quiet or world.rank != 0

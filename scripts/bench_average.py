@@ -45,7 +45,9 @@ from pathlib import Path
 
 import torch
 
-WORKER = r"""
+# The start of every timed worker: peak RssAnon (memory the process owns, not the page cache it maps), sampled by
+# a thread that ``sample`` runs and ``stop`` ends. scripts/bench_dcp.py starts its workers with it too.
+MEMORY_SAMPLER = r"""
 import json, sys, threading, time
 from pathlib import Path
 
@@ -61,7 +63,9 @@ def sample():
     while not stop.is_set():
         peak[0] = max(peak[0], rss_anon_kib())
         time.sleep(0.002)
+"""
 
+WORKER = MEMORY_SAMPLER + r"""
 method, files, out, options = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], json.loads(sys.argv[4])
 measure_memory = options.pop("measure_memory", True)
 import torch

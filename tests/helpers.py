@@ -6,7 +6,10 @@ they never import one another.
 from __future__ import annotations
 
 import argparse
+import atexit
+import contextlib
 import copy
+import importlib.util
 import io
 import json
 import os
@@ -16,6 +19,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import tempfile
 import warnings
 import zipfile
 import zlib
@@ -260,6 +264,186 @@ def write_run(folder: Path, steps: list[int], dtype: torch.dtype = torch.float32
 
 def max_abs_diff(got: torch.Tensor, want: torch.Tensor) -> float:
     return (got.double() - want.double()).abs().max().item()
+
+
+# ------------------------------------------------------------------------------------------- large-run formats
+# Checkpoints written by the real libraries: torch.distributed.checkpoint under gloo with two processes, PEFT and
+# transformers on a tiny Llama built from its config (no download). DeepSpeed's are kept in tests/fixtures/deepspeed
+# (written by scripts/make_deepspeed_fixtures.py with DeepSpeed itself).
+
+DEEPSPEED_FIXTURES = Path(__file__).resolve().parent / "fixtures" / "deepspeed"
+DCP_WORLD = 2
+DCP_STEPS = (2, 4, 6)
+
+
+class ShardedNet(nn.Module):
+    """Embedding, Linear, BatchNorm (float and int64 buffers), a bias-free Linear and a bare 5x7 parameter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(37, 16)
+        self.l1 = nn.Linear(16, 24)
+        self.bn = nn.BatchNorm1d(24)
+        self.l2 = nn.Linear(24, 8, bias=False)
+        self.l2t = nn.Parameter(torch.randn(5, 7))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.l2(self.bn(self.l1(self.emb(x).mean(1)))).sum(1) + self.l2t.sum()
+
+
+def _dcp_worker(rank: int, out: str, init: str) -> None:
+    """One of DCP_WORLD processes: an FSDP2 run (fully_shard, AdamW) saving {model, optim, train_state} at
+    DCP_STEPS into out/fsdp/step-N; then a tensor-parallel model (dimension-0 and uneven dimension-1 shards) saved
+    torchtitan's way, the model's tensors at the top level, into out/tp/step-N."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=DCP_WORLD, init_method=f"file://{init}")
+    try:
+        torch.manual_seed(0)
+        model = ShardedNet()
+        fully_shard(model.l1)
+        fully_shard(model)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        g = torch.Generator().manual_seed(rank)
+        for step in range(1, max(DCP_STEPS) + 1):
+            model(torch.randint(0, 37, (4, 3), generator=g)).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+            if step in DCP_STEPS:
+                msd, osd = get_state_dict(model, opt)
+                dcp.save({"model": msd, "optim": osd, "train_state": {"step": step}},
+                         checkpoint_id=f"{out}/fsdp/step-{step}")
+        mesh = init_device_mesh("cpu", (DCP_WORLD,))
+        for step in (1, 2):
+            torch.manual_seed(step)
+            tp = ShardedNet()
+            parallelize_module(tp, mesh, {"l1": ColwiseParallel(), "l2": RowwiseParallel()})
+            state = tp.state_dict()
+            state["l2t"] = distribute_tensor(tp.l2t.detach(), mesh, [Shard(1)])  # 7 columns: 4 and 3
+            dcp.save({**state, "train_state": {"step": step * 100}, "dataloader": {"position": step}},
+                     checkpoint_id=f"{out}/tp/step-{step * 100}")
+    finally:
+        dist.destroy_process_group()
+
+
+def make_dcp_runs(folder: Path) -> tuple[Path, Path]:
+    """Write the DCP runs of :func:`_dcp_worker` with DCP_WORLD processes; returns (fsdp run, tp run)."""
+    import torch.multiprocessing as mp
+
+    folder.mkdir(parents=True, exist_ok=True)
+    mp.spawn(_dcp_worker, args=(str(folder), str(folder / "init")), nprocs=DCP_WORLD)
+    (folder / "init").unlink(missing_ok=True)
+    return folder / "fsdp", folder / "tp"
+
+
+def dcp_model(folder: Path, key: str | None = "model") -> dict[str, torch.Tensor]:
+    """The model of a DCP checkpoint as PyTorch consolidates it: dcp_to_torch_save, then the ``key`` entry (None:
+    the top-level tensors)."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = folder.parent / f"{folder.name}.consolidated.pt"
+    dcp_to_torch_save(folder, out)
+    state = torch.load(out, weights_only=False)
+    out.unlink()
+    if key is None:
+        return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    return state[key]
+
+
+def tiny_llama_config(tie: bool = True):  # noqa: ANN201 - a transformers LlamaConfig
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                       num_key_value_heads=1, max_position_embeddings=32, tie_word_embeddings=tie)
+
+
+def tiny_tokenizer():  # noqa: ANN201 - a transformers PreTrainedTokenizerFast
+    """A word-level tokenizer of 64 tokens, built locally."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, "[PAD]": 1} | {f"w{i}": i for i in range(2, 64)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]")
+
+
+def _trainer_files(folder: Path, step: int) -> None:
+    """What a Hugging Face Trainer saves beside the weights, which an output folder must never copy."""
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    torch.save({"state": {}, "param_groups": []}, folder / "optimizer.pt")
+    torch.save({"python": step}, folder / "rng_state.pth")
+
+
+def make_llama_run(folder: Path, steps: tuple[int, ...] = (2, 4, 6), *, adapter: bool = False) -> Path:
+    """A Hugging Face Trainer-style run of a tiny Llama (tied embeddings) trained with AdamW: checkpoint-N folders
+    saved with save_pretrained, with the tokenizer and the trainer's files; with ``adapter``, a LoRA fine-tune
+    (PEFT) whose folders hold only the adapter. Also saves the base model in ``folder/base``."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config())
+    model.save_pretrained(folder / "base")
+    if adapter:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                 init_lora_weights=False))
+    tokenizer = tiny_tokenizer()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    run = folder / "run"
+    for step in range(1, max(steps) + 1):
+        x = torch.randint(2, 64, (2, 8))
+        model(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if step in steps:
+            out = run / f"checkpoint-{step}"
+            model.save_pretrained(out)
+            tokenizer.save_pretrained(out)
+            _trainer_files(out, step)
+    return run
+
+
+def run_cli(*args: str | Path):  # noqa: ANN201 - a click Result
+    """``ckpt-ema ARGS`` in this process, stdout and stderr apart."""
+    from click.testing import CliRunner
+
+    from ckpt_ema.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def assert_refused(args: list, *fragments: str, out: Path | str) -> str:
+    """``ckpt-ema average ARGS -o OUT`` (a file, or a folder when OUT ends in /) fails as a user error: exit 2, one
+    line ``ckpt-ema: error: ...`` holding every fragment (after the notes on the inputs, when the error shows while
+    reading tensors), no traceback, and nothing new beside OUT."""
+    parent = Path(str(out).rstrip("/")).parent
+    before = sorted(parent.iterdir())
+    res = run_cli("average", *args, "-o", out)
+    assert res.exit_code == 2, (res.exit_code, res.output, res.exception)
+    *notes, error = res.stderr.splitlines()
+    assert error.startswith("ckpt-ema: error: ") and all(n.startswith(("note: ", "warning: ", "skipped ")) for n in notes), res.stderr
+    assert all(f in error for f in fragments), (fragments, error)
+    assert "Traceback" not in res.output
+    assert sorted(parent.iterdir()) == before
+    return error
+
+
+def torchrun(*args: object) -> subprocess.CompletedProcess[str]:
+    """``torchrun --nproc-per-node 2 --standalone -m ckpt_ema ARGS`` with this interpreter, one thread per rank."""
+    repo = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(repo), TORCH_CPP_LOG_LEVEL="ERROR")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+               "-m", "ckpt_ema", *map(str, args)]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
 
 
 # ------------------------------------------------------------------------------------------- real trainers' folders
@@ -525,6 +709,60 @@ FUZZ_FORMATS: dict[str, FuzzFormat] = {f.name: f for f in [
     FuzzFormat("torch_legacy", _torch_maker(_use_new_zipfile_serialization=False), lambda p: [p], (reference_torch,)),
     FuzzFormat("hf_sharded", make_hf_sharded, _hf_files, (reference_hf_sharded,)),
 ]}
+
+
+_DCP_WRITTEN: list[Path] = []  # the DCP run written once per process (spawning two ranks takes seconds)
+
+
+def _make_dcp(folder: Path) -> Path:
+    """A DCP checkpoint written by dcp.save under gloo with two ranks (FSDP2): a copy of one written once."""
+    if not _DCP_WRITTEN:
+        workdir = Path(tempfile.mkdtemp(prefix="ckpt_ema_fuzz_dcp_"))
+        atexit.register(shutil.rmtree, workdir, True)
+        _DCP_WRITTEN.append(make_dcp_runs(workdir)[0] / "step-2")
+    shutil.copytree(_DCP_WRITTEN[0], folder / "step-2")
+    return folder / "step-2"
+
+
+def reference_dcp(folder: Path) -> dict[str, torch.Tensor] | None:
+    """PyTorch's own DCP reader (dcp_to_torch_save, no process group): the ``model`` entry's tensors."""
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return {k: v for k, v in dcp_model(folder).items() if isinstance(v, torch.Tensor)}
+    except (Exception, CheckpointException):  # noqa: BLE001 - any refusal of the reference counts as a refusal
+        return None
+
+
+def _deepspeed_maker(stage: int) -> Callable[[Path], Path]:
+    def make(folder: Path) -> Path:
+        shutil.copytree(DEEPSPEED_FIXTURES / f"zero{stage}" / "global_step4", folder / "global_step4")
+        return folder / "global_step4"
+    return make
+
+
+def reference_zero_to_fp32(tag: Path) -> dict[str, torch.Tensor] | None:
+    """DeepSpeed's own zero_to_fp32 consolidation (it unpickles fully: these are the harness's own mutants)."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    try:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            state = get_fp32_state_dict_from_zero_checkpoint(str(tag.parent), tag=tag.name)
+            return {k: v.contiguous() for k, v in state.items()}
+    except Exception:  # noqa: BLE001 - any refusal of the reference counts as a refusal
+        return None
+
+
+FUZZ_FORMATS["dcp"] = FuzzFormat("dcp", _make_dcp, lambda p: sorted(p.iterdir()), (reference_dcp,))
+if importlib.util.find_spec("deepspeed") is not None:  # its zero_to_fp32 is the reference
+    for _stage in (2, 3):
+        FUZZ_FORMATS[f"deepspeed_zero{_stage}"] = FuzzFormat(f"deepspeed_zero{_stage}", _deepspeed_maker(_stage),
+                                                              lambda p: sorted(p.iterdir()), (reference_zero_to_fp32,))
 
 
 # The mutations: each returns the new bytes of one file, drawn with ``rng``. Most aim at the bytes that decide

@@ -1,7 +1,8 @@
 """Hugging Face layouts: ``checkpoint-N/`` folders and sharded sets named by their ``*.index.json``.
 
 A Trainer's ``checkpoint-N/`` folder holds its weights as ``model.safetensors``, ``pytorch_model.bin`` or a sharded
-set with its index json, and its global step in ``trainer_state.json``.
+set with its index json, and its global step in ``trainer_state.json``. A PEFT fine-tune's folder holds only the
+adapter's weights, ``adapter_model.safetensors`` (or ``adapter_model.bin``), beside its ``adapter_config.json``.
 
 A sharded set is read through its index's ``weight_map`` (tensor name -> shard file) and only through it
 (:func:`read_index`): each tensor comes from the shard the map names, a shard holding a tensor the map puts
@@ -20,7 +21,7 @@ from ckpt_ema.formats.torch_save import TORCH_SUFFIXES
 
 INDEX_SUFFIXES = (".safetensors.index.json", ".bin.index.json")  # a sharded set, named by its index
 # Weight files inside a Hugging Face checkpoint folder, in order of preference.
-HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "adapter_model.safetensors", "adapter_model.bin")
 HF_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 SHARD_SUFFIXES = (".safetensors",) + TORCH_SUFFIXES
 
@@ -39,6 +40,10 @@ def index_of(path: Path) -> Path | None:
             if (path / index_name).is_file():
                 return path / index_name
     return None
+
+
+def is_hf_checkpoint_folder(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in HF_WEIGHT_FILES + HF_INDEX_FILES)
 
 
 def weight_files_of(path: Path) -> list[Path]:

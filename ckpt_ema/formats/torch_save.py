@@ -29,7 +29,7 @@ import argparse
 import io
 import os
 import pathlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -90,15 +90,16 @@ def is_torch_file(path: Path) -> bool:
     return path.name.endswith(TORCH_SUFFIXES)
 
 
-def torch_load_safely(path: Path, max_bytes: int = MAX_PICKLE_BYTES) -> Any:
+def torch_load_safely(path: Path, extra_safe_globals: Sequence[Any] = (), max_bytes: int = MAX_PICKLE_BYTES) -> Any:
     """The object ``torch.save`` wrote to ``path``: loaded weights-only, its tensors views of a private map of the
     file at checked offsets (zip archives and legacy files alike), in at most ``max_bytes`` of unpickling memory.
 
     Raises CkptEmaError with one line saying why a file cannot be read: not a checkpoint, truncated or corrupt
     (a record, a storage or a tensor that does not fit), or a pickled object that is not on the short list of
-    harmless types (:data:`SAFE_GLOBALS`).
+    harmless types (:data:`SAFE_GLOBALS`, plus ``extra_safe_globals``: a format's own stand-ins, such as
+    DeepSpeed's in :mod:`ckpt_ema.formats.deepspeed`).
     """
-    safe_globals = SAFE_GLOBALS + _numpy_safe_globals()
+    safe_globals = SAFE_GLOBALS + _numpy_safe_globals() + list(extra_safe_globals)
     try:
         with open(path, "rb") as f:
             head = f.read(4)
