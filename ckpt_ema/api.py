@@ -22,7 +22,9 @@ from ckpt_ema.engine.distributed import World
 from ckpt_ema.engine.runner import bytes_read_by, check_device, run_plans
 from ckpt_ema.formats.checkpoint import load_state_dict
 from ckpt_ema.options import AverageOptions
+from ckpt_ema.errors import CkptEmaError
 from ckpt_ema.output.atomic import check_not_an_input, check_output_path, output_files
+from ckpt_ema.output.folder import FolderOutput, check_folder_output, is_folder_output, model_files_of
 from ckpt_ema.output.metadata import output_metadata
 from ckpt_ema.output.sinks import MemoryOutput, SafetensorsOutput, index_path_of
 from ckpt_ema.planning import Plan, make_plan, percent
@@ -74,10 +76,13 @@ class AverageResult:
     def summary(self) -> str:
         size = sum(f.stat().st_size for f in self.files)
         where = ""
-        if self.files:
-            shown = self.files[-1] if len(self.files) > 1 else self.output
-            shards = f" + {len(self.files) - 1} shards" if len(self.files) > 1 else ""
-            where = f" -> {shown}{shards} ({human_bytes(size)})"
+        weights = [f for f in self.files if f.name.endswith((".safetensors", ".index.json"))]
+        if weights:
+            shown = weights[-1] if len(weights) > 1 else self.output
+            shards = f" + {len(weights) - 1} shards" if len(weights) > 1 else ""
+            others = [f.name for f in self.files if f not in weights]
+            beside = f" + {', '.join(others)}" if others else ""
+            where = f" -> {shown}{shards}{beside} ({human_bytes(size)})"
         sources = self.plan.sources
         warned = (f"; warning: {self.plan.first_share:.0%} of the weight is on the first checkpoint"
                   if self.plan.first_checkpoint_warnings() else "")
@@ -115,14 +120,15 @@ def average(inputs: list[str | Path] | str | Path, output: str | Path | None = N
     """
     if output is None:
         return run(plan(inputs, options, **fields), progress=progress, world=world)
-    out = check_output_path(output)  # before reading anything: a typo in -o should not cost a whole run
+    out = check_output(output)  # before reading anything: a typo in -o should not cost a whole run
+    if is_folder_output(output) or world is not None and world.is_distributed:
+        return run(plan(inputs, options, **fields), output, progress=progress, world=world)  # (no state kept)
     from ckpt_ema.follow.state import StateFolder, state_folder_of
 
     folder = StateFolder(state_folder_of(out))
-    if not keep_state or (world is not None and world.is_distributed):
+    if not keep_state:
         result = run(plan(inputs, options, **fields), out, progress=progress, world=world)
-        if world is None or world.rank == 0:
-            folder.remove()  # it no longer describes the output
+        folder.remove()  # it no longer describes the output
         return result
     from ckpt_ema.follow.update import Target, update
 
@@ -132,20 +138,45 @@ def average(inputs: list[str | Path] | str | Path, output: str | Path | None = N
                          done.files[0] if done.files else output_files(out), note=done.message)
 
 
+def check_output(output: str | Path) -> Path:
+    """Fail before any work is done when ``output`` (a .safetensors file, or a folder: ``DIR/`` or an existing
+    one) cannot be written."""
+    return check_folder_output(output) if is_folder_output(output) else check_output_path(output)
+
+
 def run(the_plan: Plan, output: str | Path | None = None, *, progress: bool = False,
         world: World | None = None) -> AverageResult:
-    """Read the planned checkpoints once and write their average to ``output`` (or keep it in memory)."""
-    out_path = check_output_path(output) if output is not None else None
-    if out_path is not None:
-        check_not_an_input(output_files(out_path), the_plan.input_files())
+    """Read the planned checkpoints once and write their average to ``output`` (or keep it in memory): a
+    .safetensors file, or a model folder (``DIR/``: the weights plus the newest checkpoint's model files)."""
     check_device(the_plan.options.device)
     started = time.perf_counter()
     metadata = output_metadata(the_plan)
-    sink = SafetensorsOutput(out_path, metadata, the_plan.options.max_shard_size) if out_path else MemoryOutput()
+    sink: SafetensorsOutput | MemoryOutput = MemoryOutput()
+    if output is not None:
+        out_path = check_output(output)
+        if is_folder_output(output):
+            sink = FolderOutput(out_path, model_files_of(the_plan.sources[-1].path), metadata,
+                                the_plan.options.max_shard_size)
+        else:
+            sink = SafetensorsOutput(out_path, metadata, the_plan.options.max_shard_size)
+        replaced = output_files(sink.path)
+        if isinstance(sink, FolderOutput):
+            replaced += [sink.folder / f.name for f in sink.model_files]
+        check_not_an_input(replaced, the_plan.input_files())
+        check_not_inside_an_input(sink.path, the_plan)
     written = run_plans([the_plan], [sink], progress=progress, desc="averaging", world=world)
     state = sink.tensors if isinstance(sink, MemoryOutput) else None
-    return AverageResult(state, the_plan, metadata, out_path, time.perf_counter() - started,
+    return AverageResult(state, the_plan, metadata, getattr(sink, "path", None), time.perf_counter() - started,
                          bytes_read_by([the_plan]), written[0], getattr(sink, "notes", []))
+
+
+def check_not_inside_an_input(path: Path, the_plan: Plan) -> None:
+    """Refuse an output written into an input checkpoint's folder (a DCP or DeepSpeed folder, a checkpoint-N/):
+    it would change what that checkpoint is."""
+    target = path.resolve()
+    for source in the_plan.sources:
+        if source.path.is_dir() and source.path.resolve() in target.parents:
+            raise CkptEmaError(f"the output would be written into the input checkpoint {source.path}", path)
 
 
 def sweep(inputs: list[str | Path] | str | Path, outdir: str | Path, *, decays: list[float] = (),

@@ -102,7 +102,9 @@ def main() -> None:
 
 @main.command("average")
 @click.argument("inputs", nargs=-1, required=True)
-@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Where to write the average (.safetensors).")
+@click.option("-o", "--output", type=click.Path(),
+              help="Where to write the average: a .safetensors file, or a model folder (DIR/: the weights plus the "
+                   "newest checkpoint's config, tokenizer and adapter files, for from_pretrained).")
 @click.option("--decay", type=float, default=None,
               help="EMA decay per training step, as passed to timm's ModelEmaV3.  [default: 0.999]")
 @click.option("--half-life", type=float, default=None,
@@ -116,23 +118,24 @@ def main() -> None:
 def average_command(inputs: tuple[str, ...], output: str | None, decay: float | None, half_life: float | None,
                     last: int | None, sigma_rel: float | None, dry_run: bool, quiet: bool, keep_state: bool,
                     watch: bool, until_step: int | None, poll: float, **params: Any) -> None:
-    """Average checkpoints INPUTS (files, globs, folders) into one .safetensors file.
+    """Average checkpoints INPUTS (files, globs, folders) into one .safetensors file or a model folder.
 
     Checkpoints are taken in training-step order and folded into timm's EMA recurrence; with a checkpoint saved
     every step the result equals timm's ModelEmaV3 run online.
     """
-    from ckpt_ema.api import plan, run
-    from ckpt_ema.output.atomic import check_output_path
+    from ckpt_ema.api import check_output, plan, run
+    from ckpt_ema.output.folder import is_folder_output
 
     if output is None and not dry_run:
         raise click.UsageError("missing option '-o' / '--output' (or use --dry-run)")
     if output is not None:
-        check_output_path(output)
+        check_output(output)
     options = options_from(params, decay=decay, half_life=half_life, last=last, sigma_rel=sigma_rel)
     world = world_from_env()
     quiet = quiet or world.rank != 0
-    _check_follow_flags(keep_state, watch, until_step, poll, world, dry_run)
-    if output is not None and keep_state and not dry_run and not world.is_distributed:
+    folder_output = output is not None and is_folder_output(output)  # a model folder: no state (not yet)
+    _check_follow_flags(keep_state and not folder_output, watch, until_step, poll, world, dry_run)
+    if output is not None and keep_state and not folder_output and not dry_run and not world.is_distributed:
         from ckpt_ema.follow.state import StateFolder, state_folder_of
         from ckpt_ema.follow.update import Target
 
@@ -156,7 +159,7 @@ def average_command(inputs: tuple[str, ...], output: str | None, decay: float | 
     for line in the_plan.warnings():  # after the run: a failing run's error stays its one line
         say(f"warning: {line}", quiet)
     say(result.summary(), quiet)
-    if output is not None and world.rank == 0:
+    if output is not None and not folder_output and world.rank == 0:
         from ckpt_ema.follow.state import StateFolder, state_folder_of
 
         StateFolder(state_folder_of(Path(output))).remove()  # it no longer describes the output

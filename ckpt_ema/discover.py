@@ -1,6 +1,8 @@
 """Turn the user's inputs (files, globs, folders) into the run's checkpoints, each with its training step.
 
-Folders are scanned (not recursively) for weight files and Hugging Face ``checkpoint-N/`` folders. What trainers
+Folders are scanned (not recursively) for weight files, Hugging Face ``checkpoint-N/`` folders, PyTorch Distributed
+Checkpoint folders and DeepSpeed checkpoints (``global_stepN/``; a DeepSpeed run's ``latest`` file must name one
+that is there, else its newest checkpoint is lost and the run is refused). What trainers
 write beside their periodic checkpoints is left out, and every file left out for a reason that is not obvious is
 reported in :attr:`Discovery.skipped`:
 
@@ -30,8 +32,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ckpt_ema.formats.checkpoint import SAFETENSORS_SUFFIX, Checkpoint, is_weight_file, probe, step_from_metadata
-from ckpt_ema.formats.hf import HF_INDEX_FILES, HF_WEIGHT_FILES, weight_files_of
+from ckpt_ema.formats.checkpoint import (SAFETENSORS_SUFFIX, Checkpoint, checkpoint_files, folder_format,
+                                         is_weight_file, probe, step_from_metadata)
+from ckpt_ema.formats.deepspeed import latest_tag
+from ckpt_ema.formats.hf import HF_WEIGHT_FILES, is_hf_checkpoint_folder
 from ckpt_ema.formats.torch_save import TORCH_SUFFIXES
 from ckpt_ema.errors import CkptEmaError
 
@@ -90,13 +94,17 @@ def step_from_name(path: Path) -> int | None:
     return int(numbers[-1]) if numbers else None
 
 
-def is_hf_checkpoint_folder(folder: Path) -> bool:
-    return any((folder / name).is_file() for name in HF_WEIGHT_FILES + HF_INDEX_FILES)
-
-
 def holds_hf_checkpoints(folder: Path) -> bool:
     """A Hugging Face Trainer's output folder: checkpoint-N/ folders inside, maybe the final model beside them."""
     return any(e.is_dir() and HF_FOLDER_PATTERN.match(e.name) and is_hf_checkpoint_folder(e) for e in folder.iterdir())
+
+
+def is_run_folder(folder: Path) -> bool:
+    """Whether ``folder`` is to be scanned for checkpoints rather than read as one: it is no checkpoint itself
+    (:func:`ckpt_ema.formats.checkpoint.folder_format`), or a Trainer's output with its final model beside the
+    checkpoint-N/ folders."""
+    kind = folder_format(folder)
+    return kind is None or (kind == "hf" and holds_hf_checkpoints(folder))
 
 
 def _expand(inputs: list[str | Path]) -> tuple[list[Path], list[str]]:
@@ -116,7 +124,7 @@ def _expand(inputs: list[str | Path]) -> tuple[list[Path], list[str]]:
         else:
             raise CkptEmaError("no such file or folder", text)
         for match in matches:
-            if match.is_dir() and (not is_hf_checkpoint_folder(match) or holds_hf_checkpoints(match)):
+            if match.is_dir() and is_run_folder(match):
                 found_here, skipped_here = _scan_folder(match)
                 found += found_here
                 skipped += skipped_here
@@ -141,13 +149,15 @@ def _scan_folder(folder: Path) -> tuple[list[Path], list[str]]:
     found: list[Path] = []
     skipped: list[str] = []
     hf_run = holds_hf_checkpoints(folder)
+    latest_tag(folder)  # a DeepSpeed run's `latest` must name a checkpoint that is here
     for entry in sorted(folder.iterdir(), key=lambda p: natural_key(p.name)):
         if TEMPORARY_PATTERN.search(entry.name):
             if not entry.name.startswith("."):
                 skipped.append(f"{entry}: a trainer's temporary name, maybe still being written")
             continue
         if entry.is_dir():
-            if HF_FOLDER_PATTERN.match(entry.name) and is_hf_checkpoint_folder(entry):
+            kind = folder_format(entry)
+            if kind in ("dcp", "deepspeed") or (kind == "hf" and HF_FOLDER_PATTERN.match(entry.name)):
                 found.append(entry)
         elif is_weight_file(entry):
             if NOT_WEIGHTS_PATTERN.match(entry.name):
@@ -207,7 +217,7 @@ def fingerprint(path: Path) -> tuple:
     """Size and the bytes at both ends of every file of a checkpoint: equal for copies, and different for two
     different checkpoints unless they differ only in the middle (then a whole comparison tells)."""
     parts: list[object] = []
-    for file in weight_files_of(path):
+    for file in checkpoint_files(path):
         try:
             size = file.stat().st_size
             with open(file, "rb") as f:
@@ -221,7 +231,7 @@ def fingerprint(path: Path) -> tuple:
 
 def same_bytes(a: Path, b: Path) -> bool:
     """Whether two checkpoints (files or folders) are byte for byte the same."""
-    files_a, files_b = weight_files_of(a), weight_files_of(b)
+    files_a, files_b = checkpoint_files(a), checkpoint_files(b)
     try:
         return len(files_a) == len(files_b) and all(filecmp.cmp(fa, fb, shallow=False)
                                                     for fa, fb in zip(files_a, files_b))
@@ -312,7 +322,7 @@ def _identity(path: Path) -> object:
 
 
 def _file_size(path: Path) -> int:
-    return sum(f.stat().st_size for f in weight_files_of(path) if f.is_file())
+    return sum(f.stat().st_size for f in checkpoint_files(path) if f.is_file())
 
 
 def expand_inputs(inputs: list[str | Path]) -> tuple[list[Path], list[str]]:
@@ -358,15 +368,19 @@ def discover(inputs: list[str | Path], key: str | None = None, per_checkpoint: b
         meta, opened = probe(path, key)
         found = step_from_metadata(meta)
         if found is not None:
-            step, step_from = found[0], ("trainer_state.json" if path.is_dir() and found[1] == "global_step" else f"metadata:{found[1]}")
+            from_trainer = (path / "trainer_state.json").is_file() and found[1] == "global_step"
+            step, step_from = found[0], ("trainer_state.json" if from_trainer else f"metadata:{found[1]}")
         elif ALIAS_PATTERN.match(path.name):
             step, step_from = None, "name"  # last-v1.ckpt: the 1 is no step
         else:
             step, step_from = step_from_name(path), "name"
-        sources.append(Source(path=path, step=step, step_from=step_from, nbytes=_file_size(path), metadata=meta,
+        nbytes = opened.nbytes if opened is not None and opened.nbytes is not None else _file_size(path)
+        sources.append(Source(path=path, step=step, step_from=step_from, nbytes=nbytes, metadata=meta,
                               opened=opened))
     sources, skipped = _drop_own_outputs(sources, skipped)
-    notes: list[str] = []
+    # Where the weights were taken from, when the format left a choice: said once per distinct answer.
+    notes = [f"weights: {text}" for text in dict.fromkeys(
+        s.opened.weights_from for s in sources if s.opened is not None and s.opened.weights_from)]
     sources, skipped, notes = _resolve_trainer_files(sources, skipped, notes)
 
     unknown = [s for s in sources if s.step is None]

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from ckpt_ema.discover import Discovery, Source, discover
 from ckpt_ema.errors import CkptEmaError, OptionError
-from ckpt_ema.formats.hf import HF_INDEX_FILES, weight_files_of
+from ckpt_ema.formats.checkpoint import checkpoint_files
+from ckpt_ema.formats.hf import HF_INDEX_FILES
 from ckpt_ema.options import AverageOptions
 from ckpt_ema.weighting import Weighting, ema_weighting, power_weighting, uniform_weighting
 
@@ -43,7 +44,7 @@ class Plan:
         index, a folder's weights (what no output may replace)."""
         files: list[Path] = []
         for source in self.sources:
-            files += weight_files_of(source.path)
+            files += checkpoint_files(source.path)
             if source.path.is_dir():
                 files += [source.path / name for name in HF_INDEX_FILES]
             else:

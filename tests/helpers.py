@@ -6,10 +6,28 @@ they never import one another.
 from __future__ import annotations
 
 import argparse
+import atexit
+import contextlib
+import copy
+import importlib.util
+import io
+import json
 import os
+import pickle
+import random
+import shutil
+import struct
 import subprocess
 import sys
+import tempfile
+import warnings
+import zipfile
+import zlib
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from timm.utils import model_ema as timm_model_ema
@@ -248,6 +266,186 @@ def max_abs_diff(got: torch.Tensor, want: torch.Tensor) -> float:
     return (got.double() - want.double()).abs().max().item()
 
 
+# ------------------------------------------------------------------------------------------- large-run formats
+# Checkpoints written by the real libraries: torch.distributed.checkpoint under gloo with two processes, PEFT and
+# transformers on a tiny Llama built from its config (no download). DeepSpeed's are kept in tests/fixtures/deepspeed
+# (written by scripts/make_deepspeed_fixtures.py with DeepSpeed itself).
+
+DEEPSPEED_FIXTURES = Path(__file__).resolve().parent / "fixtures" / "deepspeed"
+DCP_WORLD = 2
+DCP_STEPS = (2, 4, 6)
+
+
+class ShardedNet(nn.Module):
+    """Embedding, Linear, BatchNorm (float and int64 buffers), a bias-free Linear and a bare 5x7 parameter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(37, 16)
+        self.l1 = nn.Linear(16, 24)
+        self.bn = nn.BatchNorm1d(24)
+        self.l2 = nn.Linear(24, 8, bias=False)
+        self.l2t = nn.Parameter(torch.randn(5, 7))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.l2(self.bn(self.l1(self.emb(x).mean(1)))).sum(1) + self.l2t.sum()
+
+
+def _dcp_worker(rank: int, out: str, init: str) -> None:
+    """One of DCP_WORLD processes: an FSDP2 run (fully_shard, AdamW) saving {model, optim, train_state} at
+    DCP_STEPS into out/fsdp/step-N; then a tensor-parallel model (dimension-0 and uneven dimension-1 shards) saved
+    torchtitan's way, the model's tensors at the top level, into out/tp/step-N."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=DCP_WORLD, init_method=f"file://{init}")
+    try:
+        torch.manual_seed(0)
+        model = ShardedNet()
+        fully_shard(model.l1)
+        fully_shard(model)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        g = torch.Generator().manual_seed(rank)
+        for step in range(1, max(DCP_STEPS) + 1):
+            model(torch.randint(0, 37, (4, 3), generator=g)).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+            if step in DCP_STEPS:
+                msd, osd = get_state_dict(model, opt)
+                dcp.save({"model": msd, "optim": osd, "train_state": {"step": step}},
+                         checkpoint_id=f"{out}/fsdp/step-{step}")
+        mesh = init_device_mesh("cpu", (DCP_WORLD,))
+        for step in (1, 2):
+            torch.manual_seed(step)
+            tp = ShardedNet()
+            parallelize_module(tp, mesh, {"l1": ColwiseParallel(), "l2": RowwiseParallel()})
+            state = tp.state_dict()
+            state["l2t"] = distribute_tensor(tp.l2t.detach(), mesh, [Shard(1)])  # 7 columns: 4 and 3
+            dcp.save({**state, "train_state": {"step": step * 100}, "dataloader": {"position": step}},
+                     checkpoint_id=f"{out}/tp/step-{step * 100}")
+    finally:
+        dist.destroy_process_group()
+
+
+def make_dcp_runs(folder: Path) -> tuple[Path, Path]:
+    """Write the DCP runs of :func:`_dcp_worker` with DCP_WORLD processes; returns (fsdp run, tp run)."""
+    import torch.multiprocessing as mp
+
+    folder.mkdir(parents=True, exist_ok=True)
+    mp.spawn(_dcp_worker, args=(str(folder), str(folder / "init")), nprocs=DCP_WORLD)
+    (folder / "init").unlink(missing_ok=True)
+    return folder / "fsdp", folder / "tp"
+
+
+def dcp_model(folder: Path, key: str | None = "model") -> dict[str, torch.Tensor]:
+    """The model of a DCP checkpoint as PyTorch consolidates it: dcp_to_torch_save, then the ``key`` entry (None:
+    the top-level tensors)."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = folder.parent / f"{folder.name}.consolidated.pt"
+    dcp_to_torch_save(folder, out)
+    state = torch.load(out, weights_only=False)
+    out.unlink()
+    if key is None:
+        return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    return state[key]
+
+
+def tiny_llama_config(tie: bool = True):  # noqa: ANN201 - a transformers LlamaConfig
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                       num_key_value_heads=1, max_position_embeddings=32, tie_word_embeddings=tie)
+
+
+def tiny_tokenizer():  # noqa: ANN201 - a transformers PreTrainedTokenizerFast
+    """A word-level tokenizer of 64 tokens, built locally."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, "[PAD]": 1} | {f"w{i}": i for i in range(2, 64)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]")
+
+
+def _trainer_files(folder: Path, step: int) -> None:
+    """What a Hugging Face Trainer saves beside the weights, which an output folder must never copy."""
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    torch.save({"state": {}, "param_groups": []}, folder / "optimizer.pt")
+    torch.save({"python": step}, folder / "rng_state.pth")
+
+
+def make_llama_run(folder: Path, steps: tuple[int, ...] = (2, 4, 6), *, adapter: bool = False) -> Path:
+    """A Hugging Face Trainer-style run of a tiny Llama (tied embeddings) trained with AdamW: checkpoint-N folders
+    saved with save_pretrained, with the tokenizer and the trainer's files; with ``adapter``, a LoRA fine-tune
+    (PEFT) whose folders hold only the adapter. Also saves the base model in ``folder/base``."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config())
+    model.save_pretrained(folder / "base")
+    if adapter:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                 init_lora_weights=False))
+    tokenizer = tiny_tokenizer()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    run = folder / "run"
+    for step in range(1, max(steps) + 1):
+        x = torch.randint(2, 64, (2, 8))
+        model(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if step in steps:
+            out = run / f"checkpoint-{step}"
+            model.save_pretrained(out)
+            tokenizer.save_pretrained(out)
+            _trainer_files(out, step)
+    return run
+
+
+def run_cli(*args: str | Path):  # noqa: ANN201 - a click Result
+    """``ckpt-ema ARGS`` in this process, stdout and stderr apart."""
+    from click.testing import CliRunner
+
+    from ckpt_ema.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def assert_refused(args: list, *fragments: str, out: Path | str) -> str:
+    """``ckpt-ema average ARGS -o OUT`` (a file, or a folder when OUT ends in /) fails as a user error: exit 2, one
+    line ``ckpt-ema: error: ...`` holding every fragment (after the notes on the inputs, when the error shows while
+    reading tensors), no traceback, and nothing new beside OUT."""
+    parent = Path(str(out).rstrip("/")).parent
+    before = sorted(parent.iterdir())
+    res = run_cli("average", *args, "-o", out)
+    assert res.exit_code == 2, (res.exit_code, res.output, res.exception)
+    *notes, error = res.stderr.splitlines()
+    assert error.startswith("ckpt-ema: error: ") and all(n.startswith(("note: ", "warning: ", "skipped ")) for n in notes), res.stderr
+    assert all(f in error for f in fragments), (fragments, error)
+    assert "Traceback" not in res.output
+    assert sorted(parent.iterdir()) == before
+    return error
+
+
+def torchrun(*args: object) -> subprocess.CompletedProcess[str]:
+    """``torchrun --nproc-per-node 2 --standalone -m ckpt_ema ARGS`` with this interpreter, one thread per rank."""
+    repo = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(repo), TORCH_CPP_LOG_LEVEL="ERROR")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+               "-m", "ckpt_ema", *map(str, args)]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+
+
 # ------------------------------------------------------------------------------------------- real trainers' folders
 
 LIGHTNING_SCRIPT = """
@@ -369,3 +567,430 @@ def unresolved_reference(profile: list[float], steps: list[int]) -> float:
             distance += sum(abs(e - mean) for e in inside)
         start = end
     return distance / 2
+
+
+# ------------------------------------------------------------------------------------------- fuzzing the readers
+#
+# The mutation harness: real checkpoints made by the libraries that write them, mutated byte by byte (fixed seeds),
+# each mutant either refused in one line or read exactly as an independent reader (not ckpt-ema's code) reads it.
+# A format joins by adding a FuzzFormat to FUZZ_FORMATS. tests/test_fuzz.py runs a fast subset, scripts/
+# fuzz_readers.py the full run.
+
+
+@dataclass(frozen=True)
+class FuzzFormat:
+    """One checkpoint format as the harness sees it.
+
+    ``make(folder)`` writes a real checkpoint with the library that writes the format and returns the path a user
+    gives ckpt-ema; ``files(path)`` are the files the mutations change; each of ``references`` reads the
+    checkpoint's weights with an independent reader (not ckpt-ema's code), or returns None when it refuses.
+    Independent readers can disagree on a corrupt file (torch.load without mmap reads a record its directory marks
+    as a folder from elsewhere): ckpt-ema must read a mutant as at least one of them does.
+    """
+
+    name: str
+    make: Callable[[Path], Path]
+    files: Callable[[Path], list[Path]]
+    references: tuple[Callable[[Path], dict[str, torch.Tensor] | None], ...]
+
+
+def fuzz_state(seed: int = 0) -> dict[str, torch.Tensor]:
+    """Weights of several dtypes and shapes (a scalar, an empty tensor, an int buffer, bfloat16)."""
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "embed.weight": torch.randn(16, 8, generator=g),
+        "block.0.attn.weight": torch.randn(8, 8, generator=g).to(torch.bfloat16),
+        "block.0.attn.bias": torch.randn(8, generator=g).half(),
+        "block.0.norm.weight": torch.rand(8, generator=g, dtype=torch.float64),
+        "block.0.norm.num_batches_tracked": torch.tensor(12, dtype=torch.int64),
+        "head.scale": torch.tensor(0.5),
+        "head.empty": torch.zeros(0, 4),
+    }
+
+
+def _make_safetensors(folder: Path) -> Path:
+    from safetensors.torch import save_file
+
+    path = folder / "ckpt_3.safetensors"
+    save_file(fuzz_state(), str(path), metadata={"format": "pt", "step": "3"})
+    return path
+
+
+def _torch_maker(**save_options: Any) -> Callable[[Path], Path]:
+    def make(folder: Path) -> Path:
+        path = folder / "ckpt_3.pt"
+        obj = {"state_dict": fuzz_state(), "global_step": 3, "args": argparse.Namespace(lr=0.1, arch="tiny"),
+               "optimizer": {"state": {0: {"exp_avg": torch.ones(3)}}, "param_groups": [{"lr": 0.1}]}}
+        torch.save(obj, path, **save_options)
+        return path
+    return make
+
+
+def make_hf_sharded(folder: Path) -> Path:
+    """A sharded set as Hugging Face writes it (huggingface_hub's split and index logic, used by transformers)."""
+    from huggingface_hub import save_torch_state_dict
+
+    save_torch_state_dict(fuzz_state(), folder, max_shard_size=600)
+    return folder / "model.safetensors.index.json"
+
+
+def reference_safetensors(path: Path) -> dict[str, torch.Tensor] | None:
+    """The safetensors package's own reader."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception:  # noqa: BLE001 - any refusal of the reference counts as a refusal
+        return None
+
+
+class _AllowListPickle:
+    """A pickle module for ``torch.load``: the standard library's (C) unpickler, resolving only the globals torch's
+    weights-only loader and ckpt-ema's allow-list name. Independent of ckpt-ema's unpickling, and never runs code."""
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> Any:
+            from torch._weights_only_unpickler import _get_allowed_globals
+
+            from ckpt_ema.formats.torch_save import SAFE_GLOBALS
+
+            allowed = dict(_get_allowed_globals())
+            for entry in SAFE_GLOBALS:
+                target, qualified = entry if isinstance(entry, tuple) else (entry, f"{entry.__module__}.{entry.__qualname__}")
+                allowed[qualified] = target
+            if f"{module}.{name}" not in allowed:
+                raise pickle.UnpicklingError(f"not allowed: {module}.{name}")
+            return allowed[f"{module}.{name}"]
+
+    @staticmethod
+    def load(file: Any, **kwargs: Any) -> Any:
+        return _AllowListPickle.Unpickler(file, **kwargs).load()
+
+
+def reference_torch(path: Path, mmap: bool = False) -> dict[str, torch.Tensor] | None:
+    """``torch.load`` itself (its own zip reader) with the standard library's unpickler, allow-listed."""
+    from ckpt_ema.formats.torch_save import find_state_dict
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_AllowListPickle,
+                             mmap=mmap)
+        state, _ = find_state_dict(obj, path)
+        return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    except Exception:  # noqa: BLE001 - any refusal of the reference counts as a refusal
+        return None
+
+
+def reference_hf_sharded(index: Path) -> dict[str, torch.Tensor] | None:
+    """Each tensor from the shard the index names, as the safetensors package reads it."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        shards = {shard: reference_safetensors(index.parent / shard) for shard in set(weight_map.values())}
+        return {name: shards[shard][name] for name, shard in weight_map.items()}
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _hf_files(index: Path) -> list[Path]:
+    return [index] + sorted(index.parent.glob("*.safetensors"))
+
+
+def reference_torch_mmap(path: Path) -> dict[str, torch.Tensor] | None:
+    """``torch.load(mmap=True)``: storages at the offsets of the records' local headers."""
+    return reference_torch(path, mmap=True)
+
+
+TORCH_REFERENCES = (reference_torch, reference_torch_mmap)
+FUZZ_FORMATS: dict[str, FuzzFormat] = {f.name: f for f in [
+    FuzzFormat("safetensors", _make_safetensors, lambda p: [p], (reference_safetensors,)),
+    FuzzFormat("torch_zip", _torch_maker(), lambda p: [p], TORCH_REFERENCES),
+    FuzzFormat("torch_zip_protocol4", _torch_maker(pickle_protocol=4), lambda p: [p], TORCH_REFERENCES),
+    FuzzFormat("torch_legacy", _torch_maker(_use_new_zipfile_serialization=False), lambda p: [p], (reference_torch,)),
+    FuzzFormat("hf_sharded", make_hf_sharded, _hf_files, (reference_hf_sharded,)),
+]}
+
+
+_DCP_WRITTEN: list[Path] = []  # the DCP run written once per process (spawning two ranks takes seconds)
+
+
+def _make_dcp(folder: Path) -> Path:
+    """A DCP checkpoint written by dcp.save under gloo with two ranks (FSDP2): a copy of one written once."""
+    if not _DCP_WRITTEN:
+        workdir = Path(tempfile.mkdtemp(prefix="ckpt_ema_fuzz_dcp_"))
+        atexit.register(shutil.rmtree, workdir, True)
+        _DCP_WRITTEN.append(make_dcp_runs(workdir)[0] / "step-2")
+    shutil.copytree(_DCP_WRITTEN[0], folder / "step-2")
+    return folder / "step-2"
+
+
+def reference_dcp(folder: Path) -> dict[str, torch.Tensor] | None:
+    """PyTorch's own DCP reader (dcp_to_torch_save, no process group): the ``model`` entry's tensors."""
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return {k: v for k, v in dcp_model(folder).items() if isinstance(v, torch.Tensor)}
+    except (Exception, CheckpointException):  # noqa: BLE001 - any refusal of the reference counts as a refusal
+        return None
+
+
+def _deepspeed_maker(stage: int) -> Callable[[Path], Path]:
+    def make(folder: Path) -> Path:
+        shutil.copytree(DEEPSPEED_FIXTURES / f"zero{stage}" / "global_step4", folder / "global_step4")
+        return folder / "global_step4"
+    return make
+
+
+def reference_zero_to_fp32(tag: Path) -> dict[str, torch.Tensor] | None:
+    """DeepSpeed's own zero_to_fp32 consolidation (it unpickles fully: these are the harness's own mutants)."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    try:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            state = get_fp32_state_dict_from_zero_checkpoint(str(tag.parent), tag=tag.name)
+            return {k: v.contiguous() for k, v in state.items()}
+    except Exception:  # noqa: BLE001 - any refusal of the reference counts as a refusal
+        return None
+
+
+FUZZ_FORMATS["dcp"] = FuzzFormat("dcp", _make_dcp, lambda p: sorted(p.iterdir()), (reference_dcp,))
+if importlib.util.find_spec("deepspeed") is not None:  # its zero_to_fp32 is the reference
+    for _stage in (2, 3):
+        FUZZ_FORMATS[f"deepspeed_zero{_stage}"] = FuzzFormat(f"deepspeed_zero{_stage}", _deepspeed_maker(_stage),
+                                                              lambda p: sorted(p.iterdir()), (reference_zero_to_fp32,))
+
+
+# The mutations: each returns the new bytes of one file, drawn with ``rng``. Most aim at the bytes that decide
+# where data is (the first and last KB: headers, pickles, zip directories); some at anywhere.
+def _hot_position(data: bytes, rng: random.Random) -> int:
+    if not data:
+        return 0
+    if rng.random() < 0.3:
+        return rng.randrange(len(data))
+    edge = min(len(data), 1024)
+    return rng.randrange(edge) if rng.random() < 0.5 else len(data) - 1 - rng.randrange(edge)
+
+
+def _flip_bits(data: bytes, rng: random.Random) -> bytes:
+    """Bits flipped in one byte (one place per mutant: two at once could mix a change the independent reader
+    refuses with one that changes the weights, and the mutant's correct reading would be unknown)."""
+    out = bytearray(data)
+    pos = _hot_position(data, rng)
+    out[pos] ^= rng.randrange(1, 256)
+    return bytes(out)
+
+
+def _set_integer(data: bytes, rng: random.Random) -> bytes:
+    """An integer field set to an edge value: what a corrupt size, offset or count looks like."""
+    width = rng.choice([2, 4, 8])
+    pos = min(_hot_position(data, rng), max(0, len(data) - width))
+    old = int.from_bytes(data[pos : pos + width], "little")
+    value = rng.choice([0, 1, old + 1, old - 1, old + 8, old - 8, old * 2, len(data), len(data) + 64, 2**31, 2**32 - 1,
+                        2**63, 2 ** (8 * width) - 1]) % 2 ** (8 * width)
+    return data[:pos] + value.to_bytes(width, "little") + data[pos + width :]
+
+
+def _truncate(data: bytes, rng: random.Random) -> bytes:
+    return data[: _hot_position(data, rng)]
+
+
+def _insert(data: bytes, rng: random.Random) -> bytes:
+    pos = _hot_position(data, rng)
+    return data[:pos] + rng.randbytes(rng.choice([1, 4, 8, 64])) + data[pos:]
+
+
+def _delete(data: bytes, rng: random.Random) -> bytes:
+    pos = _hot_position(data, rng)
+    return data[:pos] + data[pos + rng.choice([1, 4, 8, 64]) :]
+
+
+def _copy_span(data: bytes, rng: random.Random) -> bytes:
+    """A span of the file written over another: a duplicated header entry, record or opcode run."""
+    n = rng.choice([4, 16, 64, 256])
+    src, dst = _hot_position(data, rng), _hot_position(data, rng)
+    piece = data[src : src + n]
+    return data[:dst] + piece + data[dst + len(piece) :]
+
+
+def _mutate_json(data: bytes, rng: random.Random) -> bytes:
+    """A JSON document (an index) or a safetensors header changed in its meaning, kept well-formed: a number moved,
+    a key renamed to another key's name, a value copied from elsewhere, an entry dropped or a path made hostile."""
+    is_header = not data.lstrip().startswith(b"{")
+    if is_header:
+        n = int.from_bytes(data[:8], "little")
+        doc, rest = json.loads(data[8 : 8 + n]), data[8 + n :]
+    else:
+        doc, rest = json.loads(data), b""
+    entries = doc["weight_map"] if "weight_map" in doc else doc
+    names = [k for k in entries if k != "__metadata__"]
+    name = rng.choice(names)
+    choice = rng.randrange(6)
+    if choice == 0 and isinstance(entries[name], dict):  # an offset or a dimension moved
+        field = rng.choice(["data_offsets", "shape"])
+        if entries[name][field]:
+            i = rng.randrange(len(entries[name][field]))
+            entries[name][field][i] = max(0, entries[name][field][i] + rng.choice([-8, -4, -2, -1, 1, 2, 4, 8]))
+    elif choice == 1:  # two entries swap values
+        other = rng.choice(names)
+        entries[name], entries[other] = entries[other], entries[name]
+    elif choice == 2:  # a value copied over another's
+        entries[name] = copy.deepcopy(entries[rng.choice(names)])
+    elif choice == 3:
+        del entries[name]
+    elif choice == 4 and isinstance(entries[name], dict):
+        entries[name]["dtype"] = rng.choice(["F32", "F16", "BF16", "I64", "U8", "F64", "BOOL"])
+    else:  # a hostile or unexpected name
+        entries[name] = rng.choice(["../" + str(entries[name]), "/etc/passwd", "x" * 300, "\ud800",
+                                    entries[rng.choice(names)]]) if not is_header else entries[name]
+        if is_header:
+            entries[rng.choice(["\ud800", name + "\u0000", "__metadata__"])] = entries.pop(name)
+    text = json.dumps(doc).encode("utf-8", "surrogatepass")
+    if is_header:
+        text += b" " * (-len(text) % 8)
+        return len(text).to_bytes(8, "little") + text + rest
+    return text
+
+
+def _mutate_pickle(data: bytes, rng: random.Random) -> bytes:
+    """A torch.save archive whose pickle is mutated and whose CRC-32 is made to match again (as a crafted file's
+    would): the unpickler, not the checksum, has to deal with it."""
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        info = next(i for i in archive.infolist() if i.filename.endswith("/data.pkl"))
+    header = info.header_offset
+    start = header + 30 + int.from_bytes(data[header + 26 : header + 28], "little") + int.from_bytes(
+        data[header + 28 : header + 30], "little")
+    pickled = data[start : start + info.file_size]
+    mutated = rng.choice([_flip_bits, _set_integer, _copy_span])(pickled, rng)[: len(pickled)]
+    mutated += pickled[len(mutated) :]
+    out = bytearray(data[:start] + mutated + data[start + len(pickled) :])
+    entry = out.find(b"PK\x01\x02", start + len(pickled))
+    while out[entry + 46 : entry + 46 + len(info.filename)] != info.filename.encode():
+        entry = out.find(b"PK\x01\x02", entry + 1)
+    struct.pack_into("<I", out, entry + 16, zlib.crc32(mutated))  # the directory entry's CRC-32
+    return bytes(out)
+
+
+BYTE_MUTATIONS = {"flip_bits": _flip_bits, "set_integer": _set_integer, "truncate": _truncate, "insert": _insert,
+                  "delete": _delete, "copy_span": _copy_span}
+
+
+def mutations_for(data: bytes) -> dict[str, Callable[[bytes, random.Random], bytes]]:
+    """The mutations that apply to a file: every byte mutation; the pickle one for zip archives; the JSON one for
+    JSON and safetensors headers."""
+    kinds = dict(BYTE_MUTATIONS)
+    if data.startswith(b"PK"):
+        kinds["pickle"] = _mutate_pickle
+    n = int.from_bytes(data[:8], "little") if len(data) >= 8 else 0
+    if data.lstrip().startswith(b"{") or (8 + n <= len(data) and data[8:9] == b"{"):
+        kinds["json"] = _mutate_json
+    return kinds
+
+
+def mutate_checkpoint(fmt: FuzzFormat, original: Path, folder: Path, rng: random.Random) -> tuple[Path, str]:
+    """A copy of the checkpoint at ``original`` in ``folder`` with one of its files mutated; and what was done."""
+    shutil.copytree(original.parent, folder)
+    path = folder / original.name
+    target = rng.choice(fmt.files(path))
+    data = target.read_bytes()
+    kinds = mutations_for(data)
+    kind = rng.choice(sorted(kinds))
+    try:
+        mutated = kinds[kind](data, rng)
+    except (ValueError, KeyError, IndexError, TypeError):  # not applicable to this file: flip bits instead
+        kind, mutated = "flip_bits", _flip_bits(data, rng)
+    target.write_bytes(mutated)
+    return path, f"{kind} of {target.name}"
+
+
+def read_with_ckpt_ema(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint as ckpt-ema's readers give it (copies), by stored name."""
+    from ckpt_ema.formats.checkpoint import open_checkpoint
+
+    ckpt = open_checkpoint(path)
+    return {name: t.clone() for name, t in ckpt.items()}
+
+
+def check_mutant(fmt: FuzzFormat, path: Path, original: dict[str, torch.Tensor]) -> str:
+    """'refused' (one line), 'read' (as one of the independent readers reads it) or 'unchanged' (they all refuse
+    it, and ckpt-ema reads the original weights: the mutation changed nothing that matters). Anything else (a
+    traceback, a warning, other values) fails with an AssertionError or the exception itself."""
+    from ckpt_ema.errors import CkptEmaError
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            ours = read_with_ckpt_ema(path)
+        except CkptEmaError as exc:
+            assert "\n" not in str(exc), f"a refusal of more than one line: {exc}"
+            assert not caught, f"warnings escaped: {[str(w.message) for w in caught]}"
+            return "refused"
+    assert not caught, f"warnings escaped: {[str(w.message) for w in caught]}"
+    readings = [r for r in (reference(path) for reference in fmt.references) if r is not None]
+    if not readings:
+        assert_same_tensors(ours, original)
+        return "unchanged"
+    failures = []
+    for reading in readings:
+        try:
+            assert_same_tensors(ours, reading)
+            return "read"
+        except AssertionError as exc:
+            failures.append(str(exc))
+    raise AssertionError(f"read otherwise than every independent reader: {failures}")
+
+
+def assert_same_tensors(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    from ckpt_ema.formats.checkpoint import strip_wrapper_prefixes
+
+    plain = strip_wrapper_prefixes(list(want))
+    want = {plain[name]: t for name, t in want.items()}
+    assert sorted(got) == sorted(want), (sorted(got), sorted(want))
+    for name, t in want.items():
+        assert got[name].dtype == t.dtype and got[name].shape == t.shape, name
+        assert torch.equal(got[name].reshape(-1).view(torch.uint8), t.contiguous().reshape(-1).view(torch.uint8)), name
+
+
+def fuzz(fmt: FuzzFormat, workdir: Path, seed: int, count: int) -> Counter:
+    """Run ``count`` mutants of ``fmt`` (seeded): the outcomes, counted by outcome and by mutation kind."""
+    rng = random.Random(seed)
+    original_path = fmt.make(_fresh(workdir / "original"))
+    original = fmt.references[0](original_path)
+    assert original is not None, "the independent reader refuses the unmutated checkpoint"
+    outcomes: Counter = Counter()
+    for i in range(count):
+        folder = workdir / f"mutant_{i}"
+        path, kind = mutate_checkpoint(fmt, original_path, folder, rng)
+        try:
+            outcome = check_mutant(fmt, path, original)
+        except Exception as exc:
+            raise AssertionError(f"{fmt.name} mutant {i} (seed {seed}, {kind}): {type(exc).__name__}: {exc}") from exc
+        outcomes[outcome] += 1
+        outcomes[f"{outcome}: {kind.split(' of ')[0]}"] += 1
+        shutil.rmtree(folder)
+    return outcomes
+
+
+def _fresh(folder: Path) -> Path:
+    folder.mkdir(parents=True)
+    return folder
+
+
+def cli_refusal(*args: str | Path) -> str:
+    """Run ``ckpt-ema average ARGS`` and return its one line of refusal, after checking the contract: exit code 2,
+    one error line, last on stderr (after the notes of discovery, if any), no traceback, nothing on stdout."""
+    from click.testing import CliRunner
+
+    from ckpt_ema.cli import main
+
+    result = CliRunner().invoke(main, ["average", *map(str, args)])
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), (result.exit_code, result.output)
+    lines = result.stderr.splitlines()
+    assert lines and lines[-1].startswith("ckpt-ema: error: "), result.stderr
+    assert all(line.startswith(("note:", "skipped")) for line in lines[:-1]), result.stderr
+    assert result.stdout == "" and "Traceback" not in result.output
+    return lines[-1]

@@ -5,14 +5,13 @@ nothing behind. Three torchrun launches in all: each costs a few seconds of star
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import torchrun
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -27,7 +26,6 @@ pytestmark = pytest.mark.skipif(
     not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
     reason="this torch has no torch.distributed with gloo")
 
-REPO = Path(__file__).resolve().parent.parent
 STEPS = (10, 20, 30, 40)
 # Small enough that big tensors are cut into several chunks and each rank writes more than one shard.
 OPTIONS = ["--decay", "0.9", "--max-memory", "512KB", "--max-shard-size", "150KB"]
@@ -58,14 +56,6 @@ def write_run(folder: Path, poisoned: str | None = None) -> Path:
             state[poisoned][(0,) * state[poisoned].dim()] = float("nan")
         torch.save({"state_dict": state, "step": step}, folder / f"ckpt_{step}.pt")
     return folder
-
-
-def torchrun(*args: object) -> subprocess.CompletedProcess[str]:
-    """``torchrun --nproc-per-node 2 --standalone -m ckpt_ema ARGS`` with this interpreter, one thread per rank."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), TORCH_CPP_LOG_LEVEL="ERROR")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
-               "-m", "ckpt_ema", *map(str, args)]
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
 
 
 def read_sharded(index: Path) -> tuple[dict[str, torch.Tensor], dict]:

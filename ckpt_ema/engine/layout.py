@@ -103,51 +103,12 @@ def chunk_pieces(layout: Layout, chunk_elems: int) -> list[list[Piece]]:
 
 
 class FlatViews:
-    """Flat pieces of one checkpoint's tensors: views of the mapped file, or, for a tensor stored non-contiguous
-    (a transposed weight, channels_last convolutions), a copy of just the piece asked for, never of the whole
-    tensor (one whole copy per open checkpoint would make memory grow with the number of checkpoints)."""
+    """Flat pieces of one checkpoint's tensors, as its format hands them out (:meth:`Checkpoint.piece`): views of
+    the mapped file where a tensor is stored contiguously, else a copy of just the piece asked for, never of the
+    whole tensor (one whole copy per open checkpoint would make memory grow with the number of checkpoints)."""
 
     def __init__(self, ckpt: Checkpoint) -> None:
         self.ckpt = ckpt
-        self._cached: tuple[str, torch.Tensor] | None = None
 
     def piece(self, p: Piece) -> torch.Tensor:
-        if self._cached is None or self._cached[0] != p.name:
-            self._cached = (p.name, self.ckpt.tensor(p.name))
-        return flat_slice(self._cached[1], p.start, p.stop)
-
-
-def flat_slice(t: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-    """Elements [start, stop) of ``t`` in row-major order: a view when ``t`` is contiguous, else a new tensor of
-    stop - start elements copied straight from the strided storage (no copy of the whole tensor, no temporaries)."""
-    if t.is_contiguous():
-        return t.reshape(-1)[start:stop]
-    out = torch.empty(max(stop - start, 0), dtype=t.dtype, device=t.device)
-    _copy_flat(t, start, stop, out)
-    return out
-
-
-def _copy_flat(t: torch.Tensor, start: int, stop: int, out: torch.Tensor) -> None:
-    """Copy elements [start, stop) of ``t`` (row-major) into the flat tensor ``out``: whole rows at once, partial
-    rows at either end recursively."""
-    if start >= stop:
-        return
-    if t.dim() <= 1:
-        out.copy_(t.reshape(-1)[start:stop])  # a 1-d tensor: a strided view, no copy of its own
-        return
-    row = t[0].numel()
-    first, begin = divmod(start, row)
-    last, end = divmod(stop, row)
-    if first == last:
-        _copy_flat(t[first], begin, end, out)
-        return
-    at = 0
-    if begin:
-        _copy_flat(t[first], begin, row, out[: row - begin])
-        at, first = row - begin, first + 1
-    if last > first:
-        block = t[first:last]
-        out[at : at + block.numel()].view(block.shape).copy_(block)
-        at += block.numel()
-    if end:
-        _copy_flat(t[last], 0, end, out[at:])
+        return self.ckpt.piece(p.name, p.start, p.stop)

@@ -1,17 +1,25 @@
-"""The safetensors format, read through a memory map and written as a stream.
+"""Read a safetensors file: a header checked as strictly as the format's specification, then zero-copy views.
 
-A safetensors file is an 8-byte little-endian header length N, N bytes of JSON (name -> dtype, shape and
-``data_offsets`` relative to the end of the header, plus an optional ``__metadata__`` of strings), then the raw
-tensor bytes. :class:`SafetensorsFile` maps a file and hands out zero-copy views of its tensors, so averaging
-reads each byte once, straight from the page cache, without a copy into a buffer first. (Writing is
-:mod:`ckpt_ema.output.writer`.)
+A safetensors file is an 8-byte little-endian header length N, N bytes of UTF-8 JSON (tensor name -> dtype,
+shape and ``data_offsets`` relative to the end of the header, plus an optional ``__metadata__`` of strings), then
+the tensors' bytes. :class:`SafetensorsFile` checks, before any tensor byte is used, everything that decides which
+bytes a tensor is (the same rules as the ``safetensors`` package's ``Metadata::validate``, and a few more):
 
-The ``safetensors`` package stays the reference: the tests read every file written here with it.
+* the header: at most :data:`MAX_HEADER_BYTES`, inside the file, strict JSON (:mod:`strict_json`: no duplicate
+  names, no NaN, infinities or huge numbers, bounded depth), an object whose entries have exactly the fields
+  ``dtype``, ``shape`` and ``data_offsets`` and whose names are valid UTF-8;
+* every tensor: a known dtype, a shape of non-negative integers, and a byte range exactly ``numel * itemsize`` long;
+* all tensors together: sorted by offset, the ranges tile the data section exactly, from 0 to its end, without gap
+  or overlap. A header length that is off (every tensor's bytes shifted) leaves the data section a different size
+  than the ranges cover and is refused, as are overlapping ranges and bytes the header does not account for.
+
+These checks read the header only (O(header)); the tensors are views of a private map of the file, read from the
+page cache when used. (Writing is :mod:`ckpt_ema.output.writer`.) The ``safetensors`` package stays the
+reference: the tests read every file with it too.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import struct
 from pathlib import Path
@@ -20,6 +28,8 @@ from typing import Any
 import torch
 
 from ckpt_ema.errors import CkptEmaError
+from ckpt_ema.formats import strict_json
+from ckpt_ema.formats.mapping import map_privately
 
 DTYPE_CODES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -39,60 +49,36 @@ for _code, _name in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), (
         DTYPE_CODES[_code] = getattr(torch, _name)
 CODE_OF_DTYPE = {dtype: code for code, dtype in DTYPE_CODES.items()}
 
-# Refuse absurd headers before allocating them (the safetensors package uses the same limit).
+# The safetensors package refuses longer headers; so does this reader.
 MAX_HEADER_BYTES = 100_000_000
+ENTRY_FIELDS = {"dtype", "shape", "data_offsets"}
 
 
 class SafetensorsFile:
-    """A safetensors file, mapped into memory: names, shapes, dtypes, metadata, and zero-copy tensor views."""
+    """A safetensors file, checked and mapped: names, shapes, dtypes, metadata, and zero-copy tensor views."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         try:
             with open(path, "rb") as f:
                 size = os.fstat(f.fileno()).st_size
-                head = f.read(8)
-                if len(head) < 8:
-                    raise CkptEmaError("not a safetensors file (shorter than its 8-byte header length)", path)
-                (header_len,) = struct.unpack("<Q", head)
-                if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
-                    raise CkptEmaError("not a safetensors file, or truncated: the header is longer than the file", path)
-                header = json.loads(f.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise CkptEmaError("not a safetensors file: its header is not JSON", path) from None
+                header_len, header = _read_header(f, size)
+                try:
+                    self.metadata, self.entries = _parse_header(header, size - 8 - header_len)
+                except _Refused as exc:
+                    raise _Refused(f"bad header: {exc}") from None
+                self._data_start = 8 + header_len
+                self._bytes = self._map(f, size)
         except OSError as exc:
             raise CkptEmaError(f"cannot read: {exc.strerror or exc}", path) from None
-        if not isinstance(header, dict):
-            raise CkptEmaError("not a safetensors file: its header is not a JSON object", path)
-        self._bytes = _map_privately(path, size)
-        metadata = header.pop("__metadata__", None) or {}
-        if not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
-            raise CkptEmaError("not a safetensors file: its __metadata__ does not map strings to strings", path)
-        self.metadata: dict[str, str] = metadata
-        self._data_start = 8 + header_len
-        self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
-        for name, info in header.items():
-            self.entries[name] = self._parse_entry(name, info, size)
-        spans = sorted((begin, end, name) for name, (_, _, begin, end) in self.entries.items() if end > begin)
-        for (_, end, name), (begin, _, other) in zip(spans, spans[1:]):
-            if begin < end:
-                raise CkptEmaError(f"bad header: tensors {name!r} and {other!r} overlap", path)
+        except _Refused as exc:
+            raise CkptEmaError(str(exc), path) from None
 
-    def _parse_entry(self, name: str, info: Any, size: int) -> tuple[torch.dtype, tuple[int, ...], int, int]:
-        try:
-            dtype = DTYPE_CODES[info["dtype"]]
-            shape = tuple(int(d) for d in info["shape"])
-            begin, end = (int(x) for x in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise CkptEmaError(f"bad header entry for tensor {name!r}", self.path) from None
-        numel = 1
-        for d in shape:
-            numel *= d
-        if end - begin != numel * dtype.itemsize or begin < 0:
-            raise CkptEmaError(f"bad header entry for tensor {name!r}: its byte range does not fit its shape", self.path)
-        if self._data_start + end > size:
-            raise CkptEmaError(f"truncated: tensor {name!r} ends past the end of the file", self.path)
-        return dtype, shape, begin, end
+    def _map(self, f: Any, size: int) -> torch.Tensor | None:
+        """The file's bytes as a uint8 tensor over a private map; None when it holds no tensor bytes."""
+        if size == self._data_start:
+            return None
+        return torch.empty(0, dtype=torch.uint8).set_(map_privately(f, self.path, size))
 
     def tensor(self, name: str) -> torch.Tensor:
         """A view of tensor ``name`` on the mapped file (a copy only when its bytes are not aligned for its dtype)."""
@@ -100,10 +86,10 @@ class SafetensorsFile:
         if end == begin:
             return torch.empty(shape, dtype=dtype)
         offset = self._data_start + begin
-        itemsize = dtype.itemsize
-        if offset % itemsize:
-            return self._bytes[offset : offset + end - begin].clone().view(dtype).reshape(shape)
-        return self._bytes[offset : offset + end - begin].view(dtype).reshape(shape)
+        piece = self._bytes[offset : offset + end - begin]
+        if offset % dtype.itemsize:
+            piece = piece.clone()
+        return piece.view(dtype).reshape(shape)
 
 
 def safetensors_is_complete(path: Path) -> bool:
@@ -125,14 +111,93 @@ def safetensors_is_complete(path: Path) -> bool:
     return 8 + header_len + max(ends, default=0) == size
 
 
-def _map_privately(path: Path, size: int) -> torch.Tensor | None:
-    """The file's ``size`` bytes as a uint8 tensor over a private (copy-on-write) map: tensors view it as writable
-    memory, and the file is never modified. torch's map closes the file once mapped, where Python's mmap would hold
-    a descriptor for as long as the map lives: a run of a thousand checkpoints (or shards) would hit `ulimit -n`."""
-    if not size:
-        return None
+class _Refused(Exception):
+    pass
+
+
+def _read_header(f: Any, size: int) -> tuple[int, bytes]:
+    """The header's length and bytes, after checking that both fit in the file."""
+    head = f.read(8)
+    if len(head) < 8:
+        raise _Refused("not a safetensors file (shorter than its 8-byte header length)")
+    (header_len,) = struct.unpack("<Q", head)
+    if header_len > MAX_HEADER_BYTES:
+        raise _Refused(f"not a safetensors file: a header of {header_len} bytes (the format's limit is "
+                       f"{MAX_HEADER_BYTES})")
+    if 8 + header_len > size:
+        raise _Refused("not a safetensors file, or truncated: the header is longer than the file")
+    header = f.read(header_len)
+    if len(header) != header_len:
+        raise _Refused("truncated while reading the header")
+    return header_len, header
+
+
+def _parse_header(header: bytes, data_size: int) -> tuple[dict[str, str], dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]]:
+    """The metadata and the entries (dtype, shape, begin, end) of a header, after checking every rule above."""
     try:
-        storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size)
-    except RuntimeError as exc:  # the file vanished or shrank since its header was read
-        raise CkptEmaError(f"cannot map: {str(exc).strip().splitlines()[0]}", path) from None
-    return torch.empty(0, dtype=torch.uint8).set_(storage)
+        parsed = strict_json.parse(header)
+    except strict_json.JsonRefused as exc:
+        raise _Refused(str(exc)) from None
+    if not isinstance(parsed, dict):
+        raise _Refused("not a JSON object")
+    metadata = parsed.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata
+    if not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise _Refused("__metadata__ does not map strings to strings")
+    for key, value in metadata.items():
+        _check_utf8(key, "a metadata key")
+        _check_utf8(value, f"metadata {key!r}")
+    entries = {}
+    for name, info in parsed.items():
+        _check_utf8(name, "a tensor name")
+        entries[name] = _parse_entry(name, info)
+    _check_tiling(entries, data_size)
+    return metadata, entries
+
+
+def _parse_entry(name: str, info: Any) -> tuple[torch.dtype, tuple[int, ...], int, int]:
+    if not isinstance(info, dict) or set(info) != ENTRY_FIELDS:
+        have = sorted(info) if isinstance(info, dict) else type(info).__name__
+        raise _Refused(f"tensor {name!r} is described by {have}, not exactly {sorted(ENTRY_FIELDS)}")
+    dtype = DTYPE_CODES.get(info["dtype"]) if isinstance(info["dtype"], str) else None
+    if dtype is None:
+        raise _Refused(f"tensor {name!r} has dtype {info['dtype']!r}, which ckpt-ema does not know")
+    shape, offsets = info["shape"], info["data_offsets"]
+    if not (isinstance(shape, list) and all(_is_count(d) for d in shape)):
+        raise _Refused(f"tensor {name!r} has shape {shape!r}, not a list of non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(x) for x in offsets)):
+        raise _Refused(f"tensor {name!r} has data_offsets {offsets!r}, not two non-negative integers")
+    begin, end = offsets
+    numel = 1
+    for d in shape:
+        numel *= d
+    if end - begin != numel * dtype.itemsize:
+        raise _Refused(f"tensor {name!r} has {end - begin} bytes for {numel} x {dtype} ({numel * dtype.itemsize})")
+    return dtype, tuple(shape), begin, end
+
+
+def _check_tiling(entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]], data_size: int) -> None:
+    """The ranges, sorted, must cover [0, data_size) exactly once: no overlap, no gap, nothing past the end."""
+    covered = 0
+    for begin, end, name in sorted((b, e, n) for n, (_, _, b, e) in entries.items()):
+        if begin != covered:
+            what = "overlaps the tensor before it" if begin < covered else f"leaves {begin - covered} bytes unused before it"
+            raise _Refused(f"tensor {name!r} (bytes {begin}..{end}) {what}")
+        covered = end
+    if covered != data_size:
+        if covered > data_size:
+            raise _Refused(f"the tensors need {covered} bytes after the header, the file holds {data_size} "
+                           "(truncated, or a header length that is too long)")
+        raise _Refused(f"the file holds {data_size - covered} bytes after the last tensor (a header length that "
+                       "is too short, or bytes appended)")
+
+
+def _is_count(value: Any) -> bool:
+    return type(value) is int and 0 <= value < 2**64
+
+
+def _check_utf8(text: str, what: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _Refused(f"{what} is not valid UTF-8: {text!r}") from None

@@ -1,26 +1,45 @@
-"""``torch.save`` files (.pt, .pth, .bin, .ckpt, .pth.tar): loaded weights-only, mapped, never running pickled code.
+"""``torch.save`` files (.pt, .pth, .bin, .ckpt, .pth.tar): unpickled weights-only, tensors mapped at checked offsets.
 
-``torch.load(weights_only=True)`` rebuilds only tensors and plain Python data; the short list of harmless types
-that real trainers pickle beside the weights (:data:`SAFE_GLOBALS`) is allowed explicitly, and anything else is
-refused with a line naming the type. Inside the loaded object the weights are a plain state dict or sit in one
-of the usual containers (:data:`CONTAINER_KEYS`); ``key`` picks one explicitly.
+Two layouts exist. Since PyTorch 1.6 ``torch.save`` writes a zip archive: ``<prefix>/data.pkl`` pickles the saved
+object, naming each storage by a key, a dtype and an element count, and the storage's bytes are the stored record
+``<prefix>/data/<key>``. Older files (``_use_new_zipfile_serialization=False``) are a sequence of pickles followed
+by the storages, each after its element count. ``torch.load`` trusts the sizes and offsets either layout gives;
+here nothing is used before it is checked:
+
+* the zip directory (:mod:`ckpt_ema.formats.zip_records`): every record inside the file, none overlapping another;
+* every storage the pickle names: a stored record (or a stretch of a legacy file) of exactly ``numel * itemsize``
+  bytes, described the same way wherever it is named;
+* the pickle: torch's weights-only unpickler behind :mod:`ckpt_ema.formats.unpickle` (any protocol, bounded
+  memory, only dense tensors), so no pickled code runs; the harmless types real trainers store beside the weights
+  (:data:`SAFE_GLOBALS`) are allowed explicitly;
+* every tensor of the state dict (:func:`state_dict_tensors`): a string name, valid UTF-8, and elements that all lie
+  inside its storage.
+
+The tensors are views of one private (copy-on-write) map of the file (:mod:`ckpt_ema.formats.mapping`) at the
+checked offsets. Nothing here reads
+tensor data: the cost is O(pickle + directory), and the engine reads each byte once, from the page cache.
+
+Inside the loaded object the weights are a plain state dict or sit in one of the usual containers
+(:data:`CONTAINER_KEYS`); ``key`` picks one explicitly.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
+import os
 import pathlib
-import pickle
-import re
 import struct
-import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
 from ckpt_ema.errors import CkptEmaError
+from ckpt_ema.formats.mapping import map_privately
+from ckpt_ema.formats.unpickle import PickleCorrupt, PickleRefused, unpickle
+from ckpt_ema.formats.zip_records import STORED, Record, ZipError, read_directory, read_small_record
 
 # Where trainers put the model's weights, tried in this order. timm's ``state_dict_ema`` is deliberately absent:
 # averaging an EMA again is rarely what a user means, so it is read only when ``--key state_dict_ema`` asks.
@@ -33,6 +52,8 @@ TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pth.tar")
 # Lightning's AttributeDict (a dict subclass with no state beyond its items) loads as a plain dict: torch's
 # weights-only unpickler only fills dict, OrderedDict and Counter, so a dict subclass stand-in could never load.
 SAFE_GLOBALS: list[Any] = [
+    bytes,  # protocol 2 pickles b"" as bytes() (other bytes through _codecs.encode, which torch allows)
+    frozenset,  # as protocol 4's FROZENSET opcode builds it
     argparse.Namespace,
     pathlib.PosixPath,
     pathlib.WindowsPath,
@@ -57,9 +78,17 @@ def _numpy_safe_globals() -> list[Any]:
     return found
 
 
+# The most memory unpickling one file may take, as :mod:`ckpt_ema.formats.unpickle` charges it (a state dict of
+# 10,000 tensors is charged about 70 MB).
+MAX_PICKLE_BYTES = 1 << 30
+
+# What a legacy (non-zip) file starts with: the magic number and format version torch's _legacy_save pickles first.
+LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+LEGACY_PROTOCOL = 1001
+
+
 def is_torch_file(path: Path) -> bool:
     return path.name.endswith(TORCH_SUFFIXES)
-
 
 
 # The records that end a zip archive (torch.save writes the zip64 ones too): see zip_is_complete.
@@ -103,56 +132,176 @@ def zip_is_complete(path: Path) -> bool:
         return False
 
 
-def torch_load_safely(path: Path) -> Any:
-    """``torch.load`` with ``weights_only=True`` (never a fallback to full unpickling), mmap'd when possible.
+def torch_load_safely(path: Path, extra_safe_globals: Sequence[Any] = (), max_bytes: int = MAX_PICKLE_BYTES) -> Any:
+    """The object ``torch.save`` wrote to ``path``: loaded weights-only, its tensors views of a private map of the
+    file at checked offsets (zip archives and legacy files alike), in at most ``max_bytes`` of unpickling memory.
 
-    Raises CkptEmaError with one line saying why a file cannot be read: not a checkpoint, truncated, or a pickled
-    object that is not on the short list of harmless types (:data:`SAFE_GLOBALS`).
+    Raises CkptEmaError with one line saying why a file cannot be read: not a checkpoint, truncated or corrupt
+    (a record, a storage or a tensor that does not fit), or a pickled object that is not on the short list of
+    harmless types (:data:`SAFE_GLOBALS`, plus ``extra_safe_globals``: a format's own stand-ins, such as
+    DeepSpeed's in :mod:`ckpt_ema.formats.deepspeed`).
     """
-    _check_torch_file_magic(path)
-    with torch.serialization.safe_globals(SAFE_GLOBALS + _numpy_safe_globals()):
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-        except pickle.UnpicklingError as exc:
-            raise CkptEmaError(_explain_unpickling_error(str(exc)), path) from None
-        except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, AttributeError, KeyError,
-                IndexError, TypeError) as exc:  # a corrupt pickle breaks the unpickler in any of these ways
-            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise CkptEmaError(f"not a readable PyTorch checkpoint (truncated or corrupt?): {first_line}", path) from None
-
-
-def _check_torch_file_magic(path: Path) -> None:
-    """Refuse, before torch.load, a file that is neither a zip archive (torch.save since PyTorch 1.6) nor a pickle
-    of protocol 2 to 5 (the legacy format): random bytes or text would otherwise reach the unpickler."""
+    safe_globals = SAFE_GLOBALS + _numpy_safe_globals() + list(extra_safe_globals)
     try:
         with open(path, "rb") as f:
             head = f.read(4)
+            if head.startswith(b"PK"):
+                return _load_zip(path, f, safe_globals, max_bytes)
+            if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+                return _load_legacy(path, f, safe_globals, max_bytes)
+    except ZipError as exc:
+        raise CkptEmaError(f"not a readable PyTorch checkpoint: {exc}", path) from None
+    except PickleCorrupt as exc:
+        raise CkptEmaError(f"not a readable PyTorch checkpoint (corrupt pickle: {exc})", path) from None
+    except PickleRefused as exc:
+        raise CkptEmaError(str(exc), path) from None
     except OSError as exc:
         raise CkptEmaError(f"cannot read the file: {exc.strerror or exc}", path) from None
     if not head:
         raise CkptEmaError("not a PyTorch checkpoint: the file is empty", path)
-    if not (head.startswith(b"PK") or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"))):
-        raise CkptEmaError("not a PyTorch checkpoint: neither a zip archive (torch.save) nor a pickle", path)
+    raise CkptEmaError("not a PyTorch checkpoint: neither a zip archive (torch.save) nor a pickle", path)
 
 
-def _explain_unpickling_error(message: str) -> str:
-    if "Unsupported operand" in message:  # not a pickle opcode at all: the data is corrupt, not malicious
-        return "not a readable PyTorch checkpoint (truncated or corrupt?): invalid pickle data"
-    # "Unsupported global: GLOBAL x.y", or "unsupported GLOBAL x.y whose module x is blocked" (os, subprocess, ...)
-    unsupported = re.search(r"[Uu]nsupported (?:global: )?GLOBAL ([\w.]+)", message)
-    if unsupported:
-        return (
-            f"refusing to load: the checkpoint pickles {unsupported.group(1)}, which could run code when loaded. "
-            "ckpt-ema loads only tensors and a short list of harmless types; save the model's state_dict() instead"
-        )
-    if "weights only" in message.lower() or "weights_only" in message:
-        # torch puts the reason after "WeightsUnpickler error:", on the same line or (newer versions) a later one
-        after = message.split("WeightsUnpickler error:", 1)[1] if "WeightsUnpickler error:" in message else ""
-        lines = [ln.strip() for ln in after.splitlines() if ln.strip()]
-        detail = lines[0] if lines else "unsupported content"
-        return f"refusing to load: {detail} (only tensors and plain Python data are loaded)"
-    first = message.strip().splitlines()[0] if message.strip() else "unpickling failed"
-    return f"not a PyTorch checkpoint: {first}"
+def _load_zip(path: Path, f: BinaryIO, safe_globals: list[Any], max_bytes: int) -> Any:
+    """A zip archive: the directory checked (:mod:`zip_records`), then the pickle, each storage a stored record of
+    exactly the size the pickle gives it."""
+    records = read_directory(f)
+    prefix = _archive_prefix(records)
+    order = records.get(f"{prefix}/byteorder")
+    if order is not None and read_small_record(f, order, 16) != b"little":
+        raise CkptEmaError("saved on a big-endian machine; ckpt-ema reads little-endian checkpoints", path)
+    pickled = read_small_record(f, records[f"{prefix}/data.pkl"], max_bytes)
+    file_map = map_privately(f, path, os.fstat(f.fileno()).st_size)
+
+    def record_of(key: str, dtype: torch.dtype, numel: int) -> int:
+        record = records.get(f"{prefix}/data/{key}")
+        if record is None:
+            raise PickleCorrupt(f"the pickle names storage {key!r}, which the archive does not hold")
+        if record.method != STORED:
+            raise PickleCorrupt(f"storage record {record.name!r} is compressed; tensor data must be stored (as "
+                                "torch.save writes it) to be mapped")
+        if record.size != numel * dtype.itemsize:
+            raise PickleCorrupt(f"storage record {record.name!r} holds {record.size} bytes, but the pickle gives "
+                                f"it {numel} x {dtype} ({numel * dtype.itemsize} bytes)")
+        return record.offset
+
+    stream = io.BytesIO(pickled)
+    obj = unpickle(stream, _Storages(record_of, file_map), safe_globals=safe_globals, max_bytes=max_bytes)
+    if stream.tell() != len(pickled):
+        raise CkptEmaError(f"not a readable PyTorch checkpoint (corrupt pickle: {len(pickled) - stream.tell()} "
+                          "bytes after its end)", path)
+    return obj
+
+
+def _archive_prefix(records: dict[str, Record]) -> str:
+    """The folder all records of a torch.save archive sit in (torch names it after the file)."""
+    prefixes = {name.split("/", 1)[0] for name in records}
+    if len(prefixes) != 1 or any("/" not in name for name in records):
+        raise ZipError("a zip archive, but not one torch.save wrote (its records are not in one folder)")
+    prefix = prefixes.pop()
+    if f"{prefix}/constants.pkl" in records:
+        raise ZipError("a TorchScript archive (torch.jit.save), not saved weights: save the state_dict() instead")
+    if f"{prefix}/data.pkl" not in records:
+        raise ZipError("a zip archive, but not one torch.save wrote (no data.pkl)")
+    return prefix
+
+
+def _load_legacy(path: Path, f: BinaryIO, safe_globals: list[Any], max_bytes: int) -> Any:
+    """A file in torch's legacy format (``_use_new_zipfile_serialization=False``): pickles of the magic number,
+    the format version, the system's byte order and the object, then the list of storage keys, then each storage
+    in that order as an int64 element count and its bytes, up to the end of the file.
+
+    A storage's offset depends on the sizes of those before it, which only the object's pickle gives: a first
+    pass unpickles the object over storages of no memory (device ``meta``) to learn them; the offsets are then
+    checked against the counts in the file, and a second pass builds the tensors over the map.
+    """
+    size = os.fstat(f.fileno()).st_size
+    f.seek(0)
+    header = [unpickle(f, _no_storage, safe_globals=[], max_bytes=max_bytes) for _ in range(3)]
+    if header[:2] != [LEGACY_MAGIC, LEGACY_PROTOCOL] or not isinstance(header[2], dict):
+        raise CkptEmaError("not a PyTorch checkpoint: a pickle, but not one torch.save wrote", path)
+    if header[2].get("little_endian") is not True:
+        raise CkptEmaError("saved on a big-endian machine; ckpt-ema reads little-endian checkpoints", path)
+    object_start = f.tell()
+    sizes = _Storages(None, None, legacy=True)
+    unpickle(f, sizes, safe_globals=safe_globals, max_bytes=max_bytes)
+    keys = unpickle(f, _no_storage, safe_globals=[], max_bytes=max_bytes)
+    if not (isinstance(keys, list) and len(set(keys)) == len(keys) == len(sizes.named) and set(keys) == set(sizes.named)):
+        raise CkptEmaError("not a readable PyTorch checkpoint: its list of storages is not the storages its pickle names", path)
+    offsets: dict[str, int] = {}
+    position = f.tell()
+    for key in keys:
+        dtype, numel = sizes.named[key]
+        count = os.pread(f.fileno(), 8, position)
+        if len(count) != 8 or int.from_bytes(count, "little") != numel:
+            raise CkptEmaError(f"not a readable PyTorch checkpoint (truncated?): storage {key!r} does not start with the count of "
+                               f"{numel} elements its pickle gives", path)
+        offsets[key] = position + 8
+        position += 8 + numel * dtype.itemsize
+        if position > size:
+            raise CkptEmaError(f"not a readable PyTorch checkpoint (truncated?): storage {key!r} ends past the end "
+                                  "of the file", path)
+    if position != size:
+        raise CkptEmaError(f"not a readable PyTorch checkpoint: {size - position} bytes after its last storage", path)
+    f.seek(object_start)
+    storages = _Storages(lambda key, dtype, numel: offsets[key], map_privately(f, path, size), legacy=True)
+    return unpickle(f, storages, safe_globals=safe_globals, max_bytes=max_bytes)
+
+
+class _Storages:
+    """The unpickler's ``persistent_load``: storage id -> a view of the file's map at the offset ``locate(key,
+    dtype, numel)`` returns after checking it. The same key always names the same storage, of one dtype and size.
+    Without a map, storages of no memory (device ``meta``), to learn what the pickle names (:attr:`named`).
+
+    A storage id is ``('storage', storage type, key, location, numel)``; legacy files add a view (always None
+    since PyTorch 0.4). The location is ignored: every storage is read to the CPU.
+    """
+
+    def __init__(self, locate: Callable[[str, torch.dtype, int], int] | None, file_map: torch.UntypedStorage | None,
+                 legacy: bool = False) -> None:
+        self._locate = locate
+        self._map = file_map
+        self._fields = 6 if legacy else 5
+        self._built: dict[str, torch.storage.TypedStorage] = {}
+        self.named: dict[str, tuple[torch.dtype, int]] = {}
+
+    def __call__(self, pid: Any) -> torch.storage.TypedStorage:
+        dtype, key, numel = self._parse(pid)
+        if key in self.named:
+            if self.named[key] != (dtype, numel):
+                raise PickleCorrupt(f"storage {key!r} is described twice, differently")
+            return self._built[key]
+        self.named[key] = (dtype, numel)
+        nbytes = numel * dtype.itemsize
+        if self._map is None or self._locate is None:
+            untyped = torch.UntypedStorage(nbytes, device="meta")
+        else:
+            offset = self._locate(key, dtype, numel)
+            untyped = self._map[offset : offset + nbytes]
+            if offset % dtype.itemsize and nbytes:  # not aligned for its dtype (legacy files): a copy
+                untyped = torch.frombuffer(bytearray(nbytes), dtype=torch.uint8).untyped_storage().copy_(untyped)
+        self._built[key] = torch.storage.TypedStorage(wrap_storage=untyped, dtype=dtype, _internal=True)
+        return self._built[key]
+
+    def _parse(self, pid: Any) -> tuple[torch.dtype, str, int]:
+        if not (isinstance(pid, tuple) and len(pid) == self._fields and pid[0] in ("storage", b"storage")):
+            raise PickleCorrupt("a persistent id that is not a storage")
+        storage_type, key, _location, numel = pid[1:5]
+        if self._fields == 6 and pid[5] is not None:
+            raise PickleRefused("a storage view (written by PyTorch before 0.4): load and re-save it with torch.save")
+        if storage_type is torch.UntypedStorage:
+            dtype = torch.uint8
+        elif isinstance(getattr(storage_type, "dtype", None), torch.dtype):
+            dtype = storage_type.dtype
+        else:
+            raise PickleCorrupt("a storage without a dtype")
+        if not isinstance(key, str) or type(numel) is not int or numel < 0:
+            raise PickleCorrupt("a storage without a key and a size")
+        return dtype, key, numel
+
+
+def _no_storage(pid: Any) -> Any:
+    raise PickleCorrupt("a storage where torch.save writes none")
 
 
 def _is_state_dict(obj: Any) -> bool:
@@ -193,16 +342,63 @@ def find_state_dict(obj: Any, path: Path, key: str | None = None) -> tuple[Mappi
 
 
 def plain_metadata(obj: Any) -> dict[str, Any]:
-    """Top-level values that are plain data (numbers, strings, small dicts of them), e.g. step, epoch, arch."""
+    """Top-level values that are plain data (numbers, strings, small dicts of them), e.g. step, epoch, arch.
+    Strings that are not valid UTF-8 (a pickle can hold lone surrogates) are left out: the output's header could
+    not hold them."""
     if not isinstance(obj, Mapping):
         return {}
     meta: dict[str, Any] = {}
     for k, v in obj.items():
         if isinstance(v, argparse.Namespace):
             v = vars(v)
-        if isinstance(v, bool | int | float | str):
+        if isinstance(v, bool | int | float | str) and _is_utf8(k, v):
             meta[str(k)] = v
-        elif isinstance(v, Mapping) and v and all(isinstance(x, bool | int | float | str | None) for x in v.values()):
+        elif (isinstance(v, Mapping) and v and all(isinstance(x, bool | int | float | str | None) for x in v.values())
+              and _is_utf8(k, *v.keys(), *v.values())):
             meta[str(k)] = {str(a): b for a, b in v.items()}
     return meta
 
+
+def _is_utf8(*values: Any) -> bool:
+    try:
+        for value in values:
+            str(value).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def state_dict_tensors(state: Mapping[Any, Any], path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a state dict, by name, after checking each: a name that is a string of valid UTF-8 (it is
+    written into the output's header), and a dense tensor whose elements all lie inside its storage, each element
+    stored once (no broadcast view that would make a small record stand for a huge tensor). Other values (a
+    module's ``_extra_state``, ``_metadata``) are left out."""
+    tensors: dict[str, torch.Tensor] = {}
+    for name, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        if not isinstance(name, str):
+            raise CkptEmaError(f"a tensor is named {name!r}, a {type(name).__name__}: state dict names are strings", path)
+        if not _is_utf8(name):
+            raise CkptEmaError(f"the tensor name {name!r} is not valid UTF-8", path)
+        _check_tensor(name, value, path)
+        tensors[name] = value
+    return tensors
+
+
+def _check_tensor(name: str, t: torch.Tensor, path: Path) -> None:
+    if t.layout != torch.strided or t.is_quantized or t.device.type != "cpu":
+        raise CkptEmaError(f"tensor {name!r} is not a dense CPU tensor ({t.layout}, {t.device})", path)
+    if t.numel() == 0:
+        return
+    if t.untyped_storage().resizable():  # every storage read here is fixed-size: a map, or a copy of a record
+        raise CkptEmaError(f"tensor {name!r} is not a view of the data stored for it", path)
+    if t.storage_offset() < 0 or any(s < 0 for s in t.stride()):
+        raise CkptEmaError(f"tensor {name!r} has a negative stride or offset", path)
+    last = t.storage_offset() + sum((n - 1) * s for n, s in zip(t.shape, t.stride(), strict=True))
+    stored = t.untyped_storage().nbytes()
+    if (last + 1) * t.element_size() > stored:
+        raise CkptEmaError(f"tensor {name!r} extends past the data stored for it", path)
+    if t.numel() * t.element_size() > stored:
+        raise CkptEmaError(f"tensor {name!r} has more elements than its stored data (a broadcast view?); "
+                           "save it with .contiguous()", path)

@@ -1,0 +1,382 @@
+"""DeepSpeed ZeRO checkpoint folders (stages 1, 2 and 3), read without DeepSpeed, model code or a GPU.
+
+``engine.save_checkpoint(run)`` writes a tag folder ``run/global_stepN/`` and a ``run/latest`` file naming the
+newest tag. In the tag folder:
+
+* ``mp_rank_00_model_states.pt`` (ZeRO 1 and 2) holds the module's full state dict in the training dtype (16-bit
+  under bf16/fp16), the buffer names, the parameters' shapes per optimizer group (``param_shapes``), tied
+  parameters (``shared_params``), frozen parameters, and ``global_steps``; ZeRO-3 writes one
+  ``zero_pp_rank_R_mp_rank_00_model_states.pt`` per rank with empty placeholders for the partitioned parameters;
+* ``[bf16_]zero_pp_rank_R_mp_rank_00_optim_states.pt``, one per data-parallel rank, holds that rank's partition of
+  the full-precision master weights: under ZeRO 1/2 ``single_partition_of_fp32_groups`` (each group's parameters
+  flattened in ``param_shapes`` order, with ``param_alignment_paddings`` between them, cut into equal
+  partitions, one per rank); under ZeRO-3 ``fp32_flat_groups`` (each parameter padded to a multiple of the world
+  size and cut into equal partitions, rank R holding partition R of every parameter in turn).
+
+The reader reassembles each parameter from those partitions by this metadata (the layout DeepSpeed's own
+``zero_to_fp32.py`` consolidates), as views of the memory-mapped files: a piece of a parameter is a view of one
+rank's partition, or a copy of the few partitions it spans; nothing is loaded whole. It prefers the fp32 masters
+and says so; without optimizer files (ZeRO 1/2) it reads the module's own weights, in their dtype, and says
+that. Every count is checked before use: one optimizer file per rank, partitions of equal size, parameters that
+use up exactly the partitioned elements (up to DeepSpeed's alignment padding).
+
+The files pickle a few DeepSpeed types beside the tensors (the ZeRO stage enum, the loss scaler's record, the
+fragment addresses of the ZeRO-1/2 optimizer). They are loaded weights-only through :data:`DEEPSPEED_SAFE_GLOBALS`,
+stand-ins defined here under DeepSpeed's names: records that only receive attributes, never DeepSpeed's code.
+"""
+
+from __future__ import annotations
+
+import bisect
+import enum
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ckpt_ema.errors import CkptEmaError
+from ckpt_ema.formats.checkpoint import PartedCheckpoint
+from ckpt_ema.formats.torch_save import torch_load_safely
+
+LATEST_FILE = "latest"
+MODEL_STATES = "mp_rank_00_model_states.pt"  # ZeRO 1 and 2
+ZERO3_MODEL_STATES = re.compile(r"zero_pp_rank_(\d+)_mp_rank_00_model_states\.pt")
+OPTIM_STATES = re.compile(r"(?:bf16_|fp16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt")
+# Model or pipeline parallel layouts: model state files of other model-parallel ranks, or per-layer files.
+PARALLEL_STATES = re.compile(r"(?:zero_pp_rank_\d+_)?mp_rank_(?!00_)\d+_model_states\.pt|layer_\d+-model_states\.pt")
+
+
+class ZeroStageEnum(enum.IntEnum):
+    """Stand-in for ``deepspeed.runtime.zero.config.ZeroStageEnum``, an IntEnum of the ZeRO stage."""
+
+    disabled = 0
+    optimizer_states = 1
+    gradients = 2
+    weights = 3
+
+
+class LossScalerRecord:
+    """Stand-in for DeepSpeed's loss scalers: a record of the attributes pickled with it, never used."""
+
+
+class FragmentAddressRecord:
+    """Stand-in for ``deepspeed.utils.tensor_fragment.fragment_address`` (numel, start): a record, never used."""
+
+
+DEEPSPEED_SAFE_GLOBALS: list[Any] = [
+    (ZeroStageEnum, "deepspeed.runtime.zero.config.ZeroStageEnum"),
+    (LossScalerRecord, "deepspeed.runtime.fp16.loss_scaler.LossScaler"),
+    (LossScalerRecord, "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler"),
+    (FragmentAddressRecord, "deepspeed.utils.tensor_fragment.fragment_address"),
+]
+
+
+def is_tag_folder(folder: Path) -> bool:
+    """A DeepSpeed tag folder: it holds the model states of ZeRO 1/2 or of ZeRO-3's rank 0."""
+    return (folder / MODEL_STATES).is_file() or (folder / "zero_pp_rank_0_mp_rank_00_model_states.pt").is_file()
+
+
+def latest_tag(folder: Path) -> Path | None:
+    """The tag folder that ``folder/latest`` names (None without a ``latest`` file); an error when it names
+    nothing here, even if other tag folders are intact: the run's newest checkpoint is then lost or partial."""
+    latest = folder / LATEST_FILE
+    if not latest.is_file():
+        return None
+    try:
+        tag = latest.read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CkptEmaError(f"unreadable: {exc}", latest) from None
+    if not tag or "/" in tag or "\\" in tag or tag in (".", ".."):
+        raise CkptEmaError(f"holds {tag[:40]!r}, not the name of a checkpoint tag", latest)
+    if not is_tag_folder(folder / tag):
+        raise CkptEmaError(f"names the checkpoint {tag}, which is not in {folder} (missing or without its model "
+                           "states)", latest)
+    return folder / tag
+
+
+def load_deepspeed_file(path: Path) -> Any:
+    """One DeepSpeed ``.pt`` file, weights-only and mapped, with the DeepSpeed stand-ins allowed."""
+    return torch_load_safely(path, DEEPSPEED_SAFE_GLOBALS)
+
+
+@dataclass(frozen=True)
+class _Segment:
+    """A run of a parameter's elements held in one place: elements [start, start + len(source)) of the flat
+    parameter are ``source`` (a 1-d view of a mapped file)."""
+
+    start: int
+    source: torch.Tensor
+
+
+class DeepSpeedCheckpoint(PartedCheckpoint):
+    """The weights of one DeepSpeed checkpoint: a tag folder, or a folder whose ``latest`` names one (a Hugging
+    Face Trainer's ``checkpoint-N/`` under DeepSpeed)."""
+
+    def __init__(self, path: Path) -> None:
+        tag = path if is_tag_folder(path) else latest_tag(path)
+        if tag is None:
+            raise CkptEmaError(f"not a DeepSpeed checkpoint: no {MODEL_STATES} and no {LATEST_FILE} file", path)
+        files = {p.name: p for p in tag.iterdir() if p.is_file()}
+        parallel = sorted(n for n in files if PARALLEL_STATES.fullmatch(n))
+        if parallel:
+            raise CkptEmaError(f"a model- or pipeline-parallel DeepSpeed checkpoint ({parallel[0]}): only data-parallel "
+                               "ZeRO checkpoints are read", tag)
+        zero3 = _by_rank(files, ZERO3_MODEL_STATES, tag, "model states")
+        model_file = zero3[0] if zero3 else files[MODEL_STATES]
+        states = load_deepspeed_file(model_file)
+        module, groups, buffer_names, shared = _model_states(states, model_file)
+        for other in zero3[1:]:  # every rank's model states: a partial checkpoint is refused, not half read
+            if _model_states(load_deepspeed_file(other), other)[1] != groups:
+                raise CkptEmaError(f"its param_shapes differ from {model_file.name}'s", other)
+        meta = {"global_step": states["global_steps"]} if _is_count(states.get("global_steps")) else {}
+        super().__init__(path=path, names=[], metadata=meta)
+        self.tag = tag
+        self._shape: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        self._segments: dict[str, list[_Segment]] = {}
+        optim = _by_rank(files, OPTIM_STATES, tag, "optimizer states")
+        if optim:
+            parts = [_optimizer_part(load_deepspeed_file(f), f) for f in optim]
+            stage, world = _stage_and_world(parts, len(optim), tag)
+            if zero3 and (stage != 3 or len(zero3) != world):
+                raise CkptEmaError(f"{len(zero3)} ZeRO-3 model state files for {world} optimizer files of stage {stage}", tag)
+            if stage <= 2:
+                self._read_zero12(parts, groups, world, tag)
+            else:
+                self._read_zero3(parts, groups, world, tag)
+            self.weights_from = f"the fp32 master weights of ZeRO-{stage}'s optimizer partitions ({world} ranks)"
+        elif zero3:
+            raise CkptEmaError("no optimizer files (*_optim_states.pt): under ZeRO-3 the weights are partitioned "
+                               "there", tag)
+        else:
+            for name, shape in (item for group in groups for item in group):
+                self._whole(name, _module_tensor(module, name, shape, model_file))
+            self.weights_from = "the module's own weights (no optimizer files, so no fp32 masters)"
+        self._read_frozen(states, zero3, model_file)
+        for name in buffer_names:
+            self._whole(name, _module_tensor(module, name, None, model_file))
+        for alias, target in shared.items():
+            if target in self._segments and alias not in self._segments:
+                self._segments[alias] = self._segments[target]
+                self._shape[alias] = self._shape[target]
+        in_order = [n for n in module if n in self._segments]  # the module's own order, then anything else
+        self.names = in_order + [n for n in self._segments if n not in in_order]
+        self.nbytes = sum(s.source.numel() * s.source.element_size()
+                          for n in self._segments for s in self._segments[n])
+        missing = [n for n in module if n not in self._segments]
+        if missing:
+            raise CkptEmaError(f"the module holds {', '.join(missing[:3])}, which neither param_shapes, buffer_names, "
+                               "shared_params nor the frozen parameters account for", model_file)
+
+    def piece(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Elements [start, stop) of the flat parameter: a view of one partition, or a copy joining the few it
+        spans."""
+        segments = self._segments[name]
+        i = max(bisect.bisect_right([s.start for s in segments], start) - 1, 0)
+        parts = []
+        while start < stop:
+            segment = segments[i]
+            local = start - segment.start
+            take = min(segment.source.numel() - local, stop - start)
+            parts.append(segment.source[local : local + take])
+            start += take
+            i += 1
+        if len(parts) == 1:
+            return parts[0]
+        return torch.cat(parts) if parts else torch.empty(0, dtype=self._shape[name][1])
+
+    def _whole(self, name: str, t: torch.Tensor) -> None:
+        self._segments[name] = [_Segment(0, t.reshape(-1))]
+        self._shape[name] = (tuple(t.shape), t.dtype)
+
+    def _read_zero12(self, parts: list[dict], groups: list[list[tuple[str, tuple[int, ...]]]], world: int,
+                     tag: Path) -> None:
+        """ZeRO 1/2: group g's flat vector is the ranks' partitions end to end; its parameters follow one another
+        in it, in ``param_shapes`` order, with their alignment paddings between them."""
+        flats = [_tensor_list(p, "single_partition_of_fp32_groups", tag) for p in parts]
+        paddings = parts[0].get("param_alignment_paddings")
+        for g, params in enumerate(groups):
+            partitions = [f[g] if g < len(f) else None for f in flats]
+            size = _equal_partitions(partitions, f"group {g}", tag)
+            gaps = paddings[g] if isinstance(paddings, list) and g < len(paddings) else None
+            if gaps is not None and (len(gaps) != len(params) or not all(_is_count(x) for x in gaps)):
+                raise CkptEmaError(f"group {g} has {len(params)} parameters but {len(gaps)} alignment paddings", tag)
+            offset = 0
+            for k, (name, shape) in enumerate(params):
+                numel = math.prod(shape)
+                if offset + numel > size * world:
+                    raise CkptEmaError(f"{name} lies beyond the {size * world} elements of group {g}'s partitions", tag)
+                segments, at = [], offset
+                while at < offset + numel:
+                    rank, local = divmod(at, size)
+                    take = min(size - local, offset + numel - at)
+                    segments.append(_Segment(at - offset, partitions[rank][local : local + take]))
+                    at += take
+                self._segments[name] = segments
+                self._shape[name] = (shape, partitions[0].dtype)
+                offset += numel + (gaps[k] if gaps is not None else 0)
+            align = 2 * world  # ZeRO-2 pads each group to a multiple of 2 x world size (as zero_to_fp32 checks)
+            if -(-offset // align) != -(-(size * world) // align):
+                raise CkptEmaError(f"group {g}'s parameters fill {offset} of its {size * world} partitioned elements", tag)
+
+    def _read_zero3(self, parts: list[dict], groups: list[list[tuple[str, tuple[int, ...]]]], world: int,
+                    tag: Path) -> None:
+        """ZeRO-3: each parameter is padded to ceil(numel / world) x world elements and rank R holds partition R;
+        a rank's groups, end to end, hold its partition of every parameter in ``param_shapes`` order."""
+        flats = [_tensor_list(p, "fp32_flat_groups", tag) for p in parts]
+        group_sizes = [t.numel() for t in flats[0]]
+        for r, f in enumerate(flats):
+            if [t.numel() for t in f] != group_sizes:
+                raise CkptEmaError(f"rank {r}'s ZeRO-3 partitions differ in size from rank 0's", tag)
+        bounds = [0]
+        for n in group_sizes:
+            bounds.append(bounds[-1] + n)
+        offset = 0
+        for name, shape in (item for group in groups for item in group):
+            numel = math.prod(shape)
+            part = -(-numel // world)
+            if offset + part > bounds[-1]:
+                raise CkptEmaError(f"{name} lies beyond the {bounds[-1]} elements of each rank's partition", tag)
+            segments = []
+            for r in range(world):
+                lo, hi = r * part, min((r + 1) * part, numel)
+                segments += [_Segment(lo + s.start, s.source) for s in _span(flats[r], bounds, offset, hi - lo)]
+            self._segments[name] = segments
+            self._shape[name] = (shape, flats[0][0].dtype)
+            offset += part
+        if offset != bounds[-1]:
+            raise CkptEmaError(f"the parameters use {offset} of the {bounds[-1]} elements of each rank's partition", tag)
+
+    def _read_frozen(self, states: Mapping, zero3: list[Path], model_file: Path) -> None:
+        """Frozen parameters (not in the optimizer): whole in the model states under ZeRO 1/2; under ZeRO-3,
+        partitioned like the others, one fragment per rank's model states."""
+        shapes = states.get("frozen_param_shapes") or {}
+        if not shapes:
+            return
+        fragments = [load_deepspeed_file(f).get("frozen_param_fragments") or {} for f in zero3] if zero3 \
+            else [states.get("frozen_param_fragments") or {}]
+        for name, shape in shapes.items():
+            shape = _shape_of(shape, name, model_file)
+            pieces = [f.get(name) for f in fragments]
+            if not all(isinstance(p, torch.Tensor) for p in pieces):
+                raise CkptEmaError(f"no stored fragment of the frozen parameter {name}", model_file)
+            numel, segments, at = math.prod(shape), [], 0
+            for p in pieces:
+                take = min(p.numel(), numel - at)
+                if take > 0:
+                    segments.append(_Segment(at, p.reshape(-1)[:take]))
+                    at += take
+            if at != numel:
+                raise CkptEmaError(f"the fragments of the frozen parameter {name} hold {at} of its {numel} elements",
+                                   model_file)
+            self._segments[name] = segments
+            self._shape[name] = (shape, pieces[0].dtype)
+
+
+# ---------------------------------------------------------------------------------------------------- checks
+
+
+def _by_rank(files: dict[str, Path], pattern: re.Pattern, tag: Path, what: str) -> list[Path]:
+    """The files matching ``pattern`` ordered by their rank number, which must run 0, 1, ... without a gap."""
+    found = sorted((int(m.group(1)), p) for n, p in files.items() if (m := pattern.fullmatch(n)))
+    ranks = [r for r, _ in found]
+    if ranks != list(range(len(ranks))):
+        missing = sorted(set(range(max(ranks) + 1)) - set(ranks))
+        raise CkptEmaError(f"the {what} of rank {missing[0] if missing else ranks} are missing (found ranks "
+                           f"{', '.join(map(str, ranks))})", tag)
+    return [p for _, p in found]
+
+
+def _model_states(states: Any, path: Path) -> tuple[Mapping, list[list[tuple[str, tuple[int, ...]]]], list[str], dict[str, str]]:
+    """The module state dict, parameter shapes per group, buffer names and tied parameters of a model states file."""
+    if not isinstance(states, Mapping) or not isinstance(states.get("module"), Mapping) \
+            or not isinstance(states.get("param_shapes"), list):
+        raise CkptEmaError("not DeepSpeed model states (no module and param_shapes)", path)
+    groups = []
+    for group in states["param_shapes"]:
+        if not isinstance(group, Mapping):
+            raise CkptEmaError("param_shapes holds something other than a name -> shape mapping", path)
+        groups.append([(str(n), _shape_of(s, n, path)) for n, s in group.items()])
+    names = [n for g in groups for n, _ in g]
+    if len(set(names)) != len(names):
+        raise CkptEmaError("a parameter appears twice in param_shapes", path)
+    buffers, shared = states.get("buffer_names"), states.get("shared_params")
+    if not isinstance(buffers, list) or not isinstance(shared, Mapping):
+        raise CkptEmaError("no buffer_names list or shared_params mapping in the model states", path)
+    return states["module"], groups, [str(b) for b in buffers], {str(k): str(v) for k, v in shared.items()}
+
+
+def _optimizer_part(obj: Any, path: Path) -> dict:
+    part = obj.get("optimizer_state_dict") if isinstance(obj, Mapping) else None
+    if not isinstance(part, Mapping) or "zero_stage" not in part:
+        raise CkptEmaError("not a DeepSpeed ZeRO optimizer file (no optimizer_state_dict with a zero_stage)", path)
+    return dict(part)
+
+
+def _stage_and_world(parts: list[dict], files: int, tag: Path) -> tuple[int, int]:
+    """The ZeRO stage and data-parallel world size the optimizer files record; the world size must be the number
+    of files (one per rank)."""
+    stage = parts[0]["zero_stage"]
+    count = parts[0].get("partition_count")
+    world = max(count) if isinstance(count, list) and count else count
+    if not isinstance(stage, int) or stage not in (1, 2, 3) or not _is_count(world):
+        raise CkptEmaError(f"unknown ZeRO stage {stage!r} or partition count {count!r}", tag)
+    if isinstance(count, list) and len(set(count)) > 1:  # MoE: expert groups partitioned over fewer ranks
+        raise CkptEmaError(f"optimizer groups partitioned over different numbers of ranks ({count}): mixture-of-"
+                           "experts partitions are not read", tag)
+    if world != files:
+        raise CkptEmaError(f"the optimizer state was partitioned over {world} ranks, but {files} optimizer files "
+                           "are here", tag)
+    if any(p.get("zero_stage") != stage for p in parts):
+        raise CkptEmaError("the optimizer files record different ZeRO stages", tag)
+    return int(stage), int(world)
+
+
+def _tensor_list(part: dict, key: str, tag: Path) -> list[torch.Tensor]:
+    found = part.get(key)
+    if not isinstance(found, list) or not found or not all(isinstance(t, torch.Tensor) and t.is_floating_point()
+                                                          for t in found):
+        raise CkptEmaError(f"the optimizer files hold no {key}", tag)
+    return [t.reshape(-1) for t in found]
+
+
+def _equal_partitions(partitions: list[torch.Tensor | None], what: str, tag: Path) -> int:
+    if any(p is None for p in partitions):
+        raise CkptEmaError(f"some rank holds no partition of {what}", tag)
+    size = partitions[0].numel()  # type: ignore[union-attr]
+    if any(p.numel() != size for p in partitions):  # type: ignore[union-attr]
+        raise CkptEmaError(f"the ranks' partitions of {what} differ in size", tag)
+    return size
+
+
+def _span(groups: list[torch.Tensor], bounds: list[int], start: int, length: int) -> list[_Segment]:
+    """Elements [start, start + length) of a rank's groups laid end to end, as segments (relative starts)."""
+    out, at = [], start
+    g = bisect.bisect_right(bounds, start) - 1
+    while at < start + length:
+        local = at - bounds[g]
+        take = min(bounds[g + 1] - at, start + length - at)
+        out.append(_Segment(at - start, groups[g][local : local + take]))
+        at += take
+        g += 1
+    return out
+
+
+def _module_tensor(module: Mapping, name: str, shape: tuple[int, ...] | None, path: Path) -> torch.Tensor:
+    t = module.get(name)
+    if not isinstance(t, torch.Tensor) or (shape is not None and tuple(t.shape) != shape):
+        raise CkptEmaError(f"the module holds no tensor {name!r}" + (f" of shape {list(shape)}" if shape else ""), path)
+    return t
+
+
+def _shape_of(value: Any, name: str, path: Path) -> tuple[int, ...]:
+    if not isinstance(value, tuple | list) or not all(_is_count(x) for x in value):
+        raise CkptEmaError(f"the shape recorded for {name!r} is not a shape", path)
+    return tuple(value)
+
+
+def _is_count(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
