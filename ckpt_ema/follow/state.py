@@ -42,8 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from ckpt_ema.errors import CkptEmaError
-from ckpt_ema.formats.checkpoint import Checkpoint, open_checkpoint
-from ckpt_ema.formats.hf import weight_files_of
+from ckpt_ema.formats.checkpoint import Checkpoint, checkpoint_files, open_checkpoint
 from ckpt_ema.formats.safetensors import SafetensorsFile
 from ckpt_ema.output.atomic import close_on_disk
 from ckpt_ema.output.sinks import SafetensorsOutput, index_path_of
@@ -65,7 +64,7 @@ def listing_of(path: Path) -> tuple[int, int]:
     """(bytes, newest modification time in ns) of a checkpoint's weight files, from the file system's listing:
     how an input is recognised without being opened."""
     size, mtime = 0, 0
-    for file in weight_files_of(path):
+    for file in checkpoint_files(path):
         st = file.stat()
         size += st.st_size
         mtime = max(mtime, st.st_mtime_ns)

@@ -29,7 +29,7 @@ from ckpt_ema.discover import expand_inputs
 from ckpt_ema.errors import CkptEmaError
 from ckpt_ema.follow.state import StateFolder, listing_of
 from ckpt_ema.follow.update import FullInputsNeeded, NothingYet, Target, Update, update
-from ckpt_ema.formats.hf import weight_files_of
+from ckpt_ema.formats.checkpoint import checkpoint_files
 from ckpt_ema.formats.safetensors import safetensors_is_complete
 from ckpt_ema.formats.torch_save import zip_is_complete
 
@@ -44,7 +44,7 @@ def checkpoint_is_complete(path: Path) -> bool:
     """Whether every weight file of the checkpoint at ``path`` (a file, a folder, a sharded set) is whole by its
     format (see the module docstring); an old-style pickle counts as whole (nothing in it says otherwise)."""
     try:
-        files = weight_files_of(path)
+        files = checkpoint_files(path)
     except CkptEmaError:  # a folder whose weights or index are not there yet
         return False
     for file in files:
