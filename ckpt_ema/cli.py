@@ -134,7 +134,7 @@ def average_command(inputs: tuple[str, ...], output: str | None, decay: float | 
     world = world_from_env()
     quiet = quiet or world.rank != 0
     folder_output = output is not None and is_folder_output(output)  # a model folder: no state (not yet)
-    _check_follow_flags(keep_state and not folder_output, watch, until_step, poll, world, dry_run)
+    _check_follow_flags(keep_state, watch, until_step, poll, world, dry_run, folder_output)
     if output is not None and keep_state and not folder_output and not dry_run and not world.is_distributed:
         from ckpt_ema.follow.state import StateFolder, state_folder_of
         from ckpt_ema.follow.update import Target
@@ -166,9 +166,10 @@ def average_command(inputs: tuple[str, ...], output: str | None, decay: float | 
 
 
 def _check_follow_flags(keep_state: bool, watch: bool, until_step: int | None, poll: float, world: Any,
-                        dry_run: bool = False) -> None:
-    if watch and (not keep_state or dry_run or world.is_distributed):
-        why = "--no-state" if not keep_state else "--dry-run" if dry_run else "several processes (torchrun)"
+                        dry_run: bool = False, folder_output: bool = False) -> None:
+    if watch and (not keep_state or dry_run or world.is_distributed or folder_output):
+        why = ("--no-state" if not keep_state else "--dry-run" if dry_run else "a model folder as the output"
+               if folder_output else "several processes (torchrun)")
         raise click.UsageError(f"--watch keeps state beside the output: it does not go with {why}")
     if until_step is not None and not watch:
         raise click.UsageError("--until-step goes with --watch")
