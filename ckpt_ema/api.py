@@ -26,7 +26,7 @@ from ckpt_ema.errors import CkptEmaError
 from ckpt_ema.output.atomic import check_not_an_input, check_output_path, output_files
 from ckpt_ema.output.folder import FolderOutput, check_folder_output, is_folder_output, model_files_of
 from ckpt_ema.output.metadata import output_metadata
-from ckpt_ema.output.sinks import MemoryOutput, SafetensorsOutput
+from ckpt_ema.output.sinks import MemoryOutput, SafetensorsOutput, index_path_of
 from ckpt_ema.planning import Plan, make_plan, percent
 
 if TYPE_CHECKING:
@@ -62,6 +62,7 @@ class AverageResult:
     bytes_read: int = 0
     files: list[Path] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # e.g. stale temporary files of killed runs, removed
+    note: str | None = None  # with a state: what was appended, or why it averaged from the start
 
     @property
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -107,15 +108,34 @@ def plan(inputs: list[str | Path] | str | Path, options: AverageOptions | None =
 
 def average(inputs: list[str | Path] | str | Path, output: str | Path | None = None,
             options: AverageOptions | None = None, *, progress: bool = False, world: World | None = None,
-            **fields: Unpack[OptionFields]) -> AverageResult:
+            keep_state: bool = True, **fields: Unpack[OptionFields]) -> AverageResult:
     """Average checkpoints with timm's EMA recurrence (or a uniform mean of the newest ``last``); write the result
     to ``output`` (.safetensors) if given, else keep it in memory (``result.state_dict``).
 
+    With an output and ``keep_state``, what the average needs to go on is kept beside it (``OUT.ckpt-ema-state``),
+    and a later call folds in only the checkpoints that are new since (:mod:`ckpt_ema.follow`); ``result.note``
+    says what was reused. Several processes (``world``) keep no state.
+
     Raises :class:`~ckpt_ema.errors.CkptEmaError` on bad input, before anything is written.
     """
-    if output is not None:
-        check_output(output)  # before reading anything: a typo in -o should not cost a whole run
-    return run(plan(inputs, options, **fields), output, progress=progress, world=world)
+    if output is None:
+        return run(plan(inputs, options, **fields), progress=progress, world=world)
+    out = check_output(output)  # before reading anything: a typo in -o should not cost a whole run
+    if is_folder_output(output) or world is not None and world.is_distributed:
+        return run(plan(inputs, options, **fields), output, progress=progress, world=world)  # (no state kept)
+    from ckpt_ema.follow.state import StateFolder, state_folder_of
+
+    folder = StateFolder(state_folder_of(out))
+    if not keep_state:
+        result = run(plan(inputs, options, **fields), out, progress=progress, world=world)
+        folder.remove()  # it no longer describes the output
+        return result
+    from ckpt_ema.follow.update import Target, update
+
+    done = update(_input_list(inputs), [Target("average", resolve_options(options, dict(fields)), out)], folder,
+                  progress=progress)
+    return AverageResult(None, done.plans[0], {}, out, done.seconds, done.bytes_read,
+                         done.files[0] if done.files else output_files(out), note=done.message)
 
 
 def check_output(output: str | Path) -> Path:
@@ -162,15 +182,32 @@ def check_not_inside_an_input(path: Path, the_plan: Plan) -> None:
 def sweep(inputs: list[str | Path] | str | Path, outdir: str | Path, *, decays: list[float] = (),
           half_lives: list[float] = (), lasts: list[int] = (), sigma_rels: list[float] = (),
           options: AverageOptions | None = None, score: Scoring | Scorer | None = None, plot: bool = True,
-          progress: bool = False, world: World | None = None, **fields: Unpack[OptionFields]) -> SweepResult:
+          progress: bool = False, world: World | None = None, keep_state: bool = True,
+          **fields: Unpack[OptionFields]) -> SweepResult:
     """Many averages from one read of the checkpoints: one candidate per decay, half-life, sigma_rel (power EMA) and
     K of ``lasts``, each written to ``OUTDIR/<candidate>.safetensors``. With ``score`` (a
     :class:`~ckpt_ema.sweeping.Scoring`, or a function from a weights file's path to named scores, ranked by the first,
     higher being better), each candidate and the final model are scored and the best copied to
-    ``OUTDIR/best.safetensors`` if it beats the final model (see :func:`ckpt_ema.sweeping.run_sweep`)."""
-    from ckpt_ema.sweeping import Scoring, plan_sweep, run_sweep
+    ``OUTDIR/best.safetensors`` if it beats the final model (see :func:`ckpt_ema.sweeping.run_sweep`).
 
-    candidates = plan_sweep(_input_list(inputs), resolve_options(options, dict(fields)), decays=list(decays),
-                            half_lives=list(half_lives), lasts=list(lasts), sigma_rels=list(sigma_rels))
+    With ``keep_state`` (one process), the state of every candidate is kept in ``OUTDIR/ckpt-ema-state`` and a
+    later call folds in only the new checkpoints, as :func:`average` does; the first of ``result.notes`` says so."""
+    from ckpt_ema.sweeping import (Scoring, finish_sweep, output_folder, plan_sweep, run_sweep, sweep_result_of,
+                                   sweep_targets)
+
+    base = resolve_options(options, dict(fields))
     scoring = score if score is None or isinstance(score, Scoring) else Scoring(score)
+    if keep_state and (world is None or not world.is_distributed):
+        from ckpt_ema.follow.update import update
+
+        targets, folder = sweep_targets(Path(outdir), base, decays=list(decays), half_lives=list(half_lives),
+                                        lasts=list(lasts), sigma_rels=list(sigma_rels))
+        with output_folder(Path(outdir)):
+            done = update(_input_list(inputs), targets, folder, progress=progress,
+                          desc=f"sweeping {len(targets)} candidates")
+        result = sweep_result_of(targets, done)
+        finish_sweep(result, Path(outdir), score=scoring, plot=plot)
+        return result
+    candidates = plan_sweep(_input_list(inputs), base, decays=list(decays), half_lives=list(half_lives),
+                            lasts=list(lasts), sigma_rels=list(sigma_rels))
     return run_sweep(candidates, Path(outdir), score=scoring, plot=plot, progress=progress, world=world)

@@ -18,7 +18,7 @@ from typing import Any
 import click
 
 from ckpt_ema import __version__
-from ckpt_ema.cli_options import NumbersOption, averaging_options, options_from
+from ckpt_ema.cli_options import NumbersOption, averaging_options, follow_options, options_from
 from ckpt_ema.errors import CkptEmaError, OptionError
 from ckpt_ema.interrupts import Interrupted, signal_name, signals_as_interrupts
 
@@ -113,15 +113,18 @@ def main() -> None:
 @click.option("--sigma-rel", type=float, default=None,
               help="Instead of timm's EMA: EDM2's power-function EMA with this relative width (e.g. 0.05, 0.1).")
 @averaging_options()
+@follow_options()
 @click.option("--dry-run", is_flag=True, help="Print the checkpoints, steps and weights; read no tensor.")
 def average_command(inputs: tuple[str, ...], output: str | None, decay: float | None, half_life: float | None,
-                    last: int | None, sigma_rel: float | None, dry_run: bool, quiet: bool, **params: Any) -> None:
+                    last: int | None, sigma_rel: float | None, dry_run: bool, quiet: bool, keep_state: bool,
+                    watch: bool, until_step: int | None, poll: float, **params: Any) -> None:
     """Average checkpoints INPUTS (files, globs, folders) into one .safetensors file or a model folder.
 
     Checkpoints are taken in training-step order and folded into timm's EMA recurrence; with a checkpoint saved
     every step the result equals timm's ModelEmaV3 run online.
     """
     from ckpt_ema.api import check_output, plan, run
+    from ckpt_ema.output.folder import is_folder_output
 
     if output is None and not dry_run:
         raise click.UsageError("missing option '-o' / '--output' (or use --dry-run)")
@@ -130,6 +133,16 @@ def average_command(inputs: tuple[str, ...], output: str | None, decay: float | 
     options = options_from(params, decay=decay, half_life=half_life, last=last, sigma_rel=sigma_rel)
     world = world_from_env()
     quiet = quiet or world.rank != 0
+    folder_output = output is not None and is_folder_output(output)  # a model folder: no state (not yet)
+    _check_follow_flags(keep_state, watch, until_step, poll, world, dry_run, folder_output)
+    if output is not None and keep_state and not folder_output and not dry_run and not world.is_distributed:
+        from ckpt_ema.follow.state import StateFolder, state_folder_of
+        from ckpt_ema.follow.update import Target
+
+        out = Path(output)
+        _follow([Target("average", options, out)], StateFolder(state_folder_of(out)), list(inputs), watch,
+                until_step, poll, quiet)
+        return
     the_plan = plan(list(inputs), options)
     _print_notes(the_plan.discovery, quiet)
     for note in the_plan.notes:
@@ -146,6 +159,69 @@ def average_command(inputs: tuple[str, ...], output: str | None, decay: float | 
     for line in the_plan.warnings():  # after the run: a failing run's error stays its one line
         say(f"warning: {line}", quiet)
     say(result.summary(), quiet)
+    if output is not None and not folder_output and world.rank == 0:
+        from ckpt_ema.follow.state import StateFolder, state_folder_of
+
+        StateFolder(state_folder_of(Path(output))).remove()  # it no longer describes the output
+
+
+def _check_follow_flags(keep_state: bool, watch: bool, until_step: int | None, poll: float, world: Any,
+                        dry_run: bool = False, folder_output: bool = False) -> None:
+    if watch and (not keep_state or dry_run or world.is_distributed or folder_output):
+        why = ("--no-state" if not keep_state else "--dry-run" if dry_run else "a model folder as the output"
+               if folder_output else "several processes (torchrun)")
+        raise click.UsageError(f"--watch keeps state beside the output: it does not go with {why}")
+    if until_step is not None and not watch:
+        raise click.UsageError("--until-step goes with --watch")
+    if not poll > 0:
+        raise OptionError("poll", f"must be > 0 seconds, got {poll}")
+
+
+def _follow(targets: list[Any], folder: Any, inputs: list[str], watch: bool, until_step: int | None, poll: float,
+            quiet: bool, average: bool = True) -> Any:
+    """One update of ``targets`` from their state, or with ``watch`` one per new checkpoint until stopped; returns
+    the last update. One update of an ``average`` is said here (what was reused, warnings, the summary); a sweep's,
+    by the caller once the candidates are scored."""
+    from ckpt_ema.follow.update import update
+    from ckpt_ema.follow.watch import watch as follow_run
+
+    if not watch:
+        done = update(inputs, targets, folder, progress=show_progress(quiet),
+                      on_discovery=lambda found: _print_notes(found, quiet))
+        if not average:
+            return done
+        say(_update_line(done, targets), quiet)
+        if done.action != "up to date":  # its notes, warnings and summary, as without a state
+            from ckpt_ema.api import AverageResult
+
+            for note in done.plans[0].notes:
+                say(f"note: {note}", quiet)
+            for line in done.plans[0].warnings():
+                say(f"warning: {line}", quiet)
+            say(AverageResult(None, done.plans[0], {}, targets[0].output, done.seconds, done.bytes_read,
+                              done.files[0]).summary(), quiet)
+        return done
+    say(f"watching {', '.join(inputs)} (every {poll:g} s{'' if until_step is None else f', until step {until_step}'}); "
+        "Ctrl-C stops", quiet)
+    done = follow_run(inputs, targets, folder, poll=poll, until_step=until_step,
+                      on_update=lambda u: click.echo(_update_line(u, targets), err=True),
+                      on_note=lambda line: say(line, quiet))
+    if done is None:
+        say("stopped before any checkpoint was folded", quiet)
+    else:
+        say(f"stopped: {_where(targets)} holds steps {done.plans[0].sources[0].step}..{done.plans[0].sources[-1].step}"
+            f" ({len(done.plans[0].sources)} checkpoints)", quiet)
+    return done
+
+
+def _where(targets: list[Any]) -> str:
+    return str(targets[0].output) if len(targets) == 1 else f"{targets[0].output.parent}/ ({len(targets)} candidates)"
+
+
+def _update_line(done: Any, targets: list[Any]) -> str:
+    """One line per update: the newest step, what was done, the time, where."""
+    sources = done.plans[0].sources
+    return f"step {sources[-1].step}: {done.message}; {done.seconds:.2f} s -> {_where(targets)}"
 
 
 @main.command("sweep")
@@ -171,14 +247,16 @@ def average_command(inputs: tuple[str, ...], output: str | None, decay: float | 
 @click.option("--test-subset", type=int, default=None, help="With --eval: score on the first M test images only.")
 @click.option("--plot/--no-plot", default=True, show_default=True,
               help="Write weights.png (and the scores' picture when scored) to OUTDIR; needs matplotlib.")
+@follow_options()
 def sweep_command(inputs: tuple[str, ...], outdir: str, decays: tuple[float, ...], half_lives: tuple[float, ...],
                   sigma_rels: tuple[float, ...], lasts: tuple[int, ...], quiet: bool, eval_cmd: str | None,
                   maximize: bool, evaluate: bool, data: str | None, test_subset: int | None, plot: bool,
-                  **params: Any) -> None:
+                  keep_state: bool, watch: bool, until_step: int | None, poll: float, **params: Any) -> None:
     """Many averages of checkpoints INPUTS from one read: every --decay, --half-life, --sigma-rel and --last at
     once; with --eval-cmd, the best of them, or the final model."""
     from ckpt_ema.scoring import command_scorer
-    from ckpt_ema.sweeping import Scoring, plan_sweep, run_sweep, sweep_table, sweep_warnings
+    from ckpt_ema.sweeping import (Scoring, finish_sweep, output_folder, plan_sweep, run_sweep, sweep_result_of,
+                                   sweep_table, sweep_targets, sweep_warnings)
 
     folder = Path(outdir)
     world = world_from_env()
@@ -190,25 +268,45 @@ def sweep_command(inputs: tuple[str, ...], outdir: str, decays: tuple[float, ...
     if evaluate and eval_cmd is not None:
         raise click.UsageError("--eval is a shorthand for an --eval-cmd: give one of them")
     options = options_from(params)
+    _check_follow_flags(keep_state, watch, until_step, poll, world)
     scoring = None
     if evaluate:  # the demo's evaluation, as any user's: one command per weights file
         scoring = Scoring(command_scorer(demo_eval_command(data, test_subset, options.device)), "val_accuracy",
                           label="validation")
     elif eval_cmd is not None:
         scoring = Scoring(command_scorer(eval_cmd), maximize=maximize)
-    candidates = plan_sweep(list(inputs), options, decays=list(decays), half_lives=list(half_lives),
-                            lasts=list(lasts), sigma_rels=list(sigma_rels))
-    _print_notes(candidates[0].plan.discovery, quiet)
-    for note in candidates[0].plan.notes:
-        say(f"note: {note}", quiet)
-    for line in sweep_warnings(candidates):
-        say(f"warning: {line}", quiet)
-    result = run_sweep(candidates, folder, score=scoring, plot=plot, progress=show_progress(quiet), world=world)
-    if world.rank != 0:
-        return
-    reads = "once" if result.passes == 1 else f"{result.passes} times (the memory budget holds fewer candidates at once)"
-    say(f"read {len(candidates[0].plan.sources)} checkpoints {reads} for {len(candidates)} candidates in "
-        f"{result.seconds:.1f} s; wrote {folder}/<candidate>.safetensors", quiet)
+    if keep_state and not world.is_distributed:
+        targets, state = sweep_targets(folder, options, decays=list(decays), half_lives=list(half_lives),
+                                       lasts=list(lasts), sigma_rels=list(sigma_rels))
+        with output_folder(folder):
+            done = _follow(targets, state, list(inputs), watch, until_step, poll, quiet, average=False)
+        if done is None:
+            return
+        result = sweep_result_of(targets, done)
+        result.notes = []  # the update's line is said
+        finish_sweep(result, folder, score=scoring, plot=plot)
+        if not watch:
+            say(_update_line(done, targets), quiet)
+            if done.action != "up to date":
+                for note in result.candidates[0].plan.notes:
+                    say(f"note: {note}", quiet)
+                for line in sweep_warnings(result.candidates):
+                    say(f"warning: {line}", quiet)
+                say(f"read {len(done.new)} checkpoints {_reads(result.passes)} for {len(targets)} candidates in "
+                    f"{done.seconds:.1f} s; wrote {folder}/<candidate>.safetensors", quiet)
+    else:
+        candidates = plan_sweep(list(inputs), options, decays=list(decays), half_lives=list(half_lives),
+                                lasts=list(lasts), sigma_rels=list(sigma_rels))
+        _print_notes(candidates[0].plan.discovery, quiet)
+        for note in candidates[0].plan.notes:
+            say(f"note: {note}", quiet)
+        for line in sweep_warnings(candidates):
+            say(f"warning: {line}", quiet)
+        result = run_sweep(candidates, folder, score=scoring, plot=plot, progress=show_progress(quiet), world=world)
+        if world.rank != 0:
+            return
+        say(f"read {len(candidates[0].plan.sources)} checkpoints {_reads(result.passes)} for {len(candidates)} "
+            f"candidates in {result.seconds:.1f} s; wrote {folder}/<candidate>.safetensors", quiet)
     click.echo(sweep_table(result, scoring))
     if evaluate and result.scores and not any("val_accuracy" in s for s in result.scores.values()):
         say("note: the run kept no validation images (train --val-split N), so no candidate is chosen: "
@@ -220,9 +318,13 @@ def sweep_command(inputs: tuple[str, ...], outdir: str, decays: tuple[float, ...
             say(f"note: {note}", quiet)
     for picture in result.pictures:
         say(f"picture: {picture}", quiet)
-    for candidate in candidates:
+    for candidate in result.candidates:
         for line in candidate.plan.first_checkpoint_warnings():
             say(f"warning: {candidate.name}: {line}", quiet)
+
+
+def _reads(passes: int) -> str:
+    return "once" if passes == 1 else f"{passes} times (the memory budget holds fewer candidates at once)"
 
 
 def demo_eval_command(data: str | None, test_subset: int | None, device: str) -> str:

@@ -115,6 +115,22 @@ def averaging_options() -> Any:
     )
 
 
+def follow_options() -> Any:
+    """The flags of keeping an output current as the run grows (:mod:`ckpt_ema.follow`): ``average`` and ``sweep``."""
+    return stack(
+        click.option("--state/--no-state", "keep_state", default=True, show_default=True,
+                     help="Keep beside the output what a later run needs to fold in only the new checkpoints "
+                          "(OUT.ckpt-ema-state/; a sweep: OUTDIR/ckpt-ema-state/)."),
+        click.option("--watch", is_flag=True,
+                     help="Follow a run in progress: fold each new checkpoint once the trainer has written it, "
+                          "rewriting the output(s) after each; stop with Ctrl-C or --until-step."),
+        click.option("--until-step", type=int, default=None,
+                     help="With --watch: stop once a checkpoint at this step or later is folded."),
+        click.option("--poll", type=float, default=2.0, show_default=True,
+                     help="With --watch: seconds between two looks at the inputs."),
+    )
+
+
 def options_from(params: dict[str, Any], **weights: Any) -> AverageOptions:
     """The options object from Click's parsed ``params`` (consumed) and the weights (``decay=``, ``half_life=``,
     ``last=``, ``sigma_rel=``): built once, here, at the boundary."""

@@ -27,6 +27,7 @@ import glob
 import hashlib
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,9 @@ NOT_WEIGHTS_PATTERN = re.compile(
 # The metadata key every output of ckpt-ema carries.
 OWN_OUTPUT_KEY = "ckpt_ema_version"
 HF_FOLDER_PATTERN = re.compile(r"^checkpoint-\d+$")
+# What trainers write under a temporary name and rename once complete (Hugging Face's tmp-checkpoint-N folders,
+# *.tmp, *.partial), and hidden files: never a checkpoint, and maybe half written. (timm's tmp.pth.tar: below.)
+TEMPORARY_PATTERN = re.compile(r"^(\.|tmp-)|\.(tmp|partial)$")
 SHARD_PATTERN = re.compile(r"-\d{5}-of-\d{5}\.(safetensors|bin)$")
 
 
@@ -113,7 +117,8 @@ def _expand(inputs: list[str | Path]) -> tuple[list[Path], list[str]]:
         if path.exists():
             matches = [path]
         elif glob.has_magic(text):
-            matches = sorted((Path(m) for m in glob.glob(os.path.expanduser(text), recursive=True)), key=lambda p: natural_key(str(p)))
+            matches = sorted((Path(m) for m in glob.glob(os.path.expanduser(text), recursive=True)
+                              if not TEMPORARY_PATTERN.search(Path(m).name)), key=lambda p: natural_key(str(p)))
             if not matches:
                 raise CkptEmaError("no checkpoint matches this pattern", text)
         else:
@@ -146,6 +151,10 @@ def _scan_folder(folder: Path) -> tuple[list[Path], list[str]]:
     hf_run = holds_hf_checkpoints(folder)
     latest_tag(folder)  # a DeepSpeed run's `latest` must name a checkpoint that is here
     for entry in sorted(folder.iterdir(), key=lambda p: natural_key(p.name)):
+        if TEMPORARY_PATTERN.search(entry.name):
+            if not entry.name.startswith("."):
+                skipped.append(f"{entry}: a trainer's temporary name, maybe still being written")
+            continue
         if entry.is_dir():
             kind = folder_format(entry)
             if kind in ("dcp", "deepspeed") or (kind == "hf" and HF_FOLDER_PATTERN.match(entry.name)):
@@ -336,17 +345,26 @@ def _drop_own_outputs(sources: list[Source], skipped: list[str]) -> tuple[list[S
     return training, skipped
 
 
-def discover(inputs: list[str | Path], key: str | None = None, per_checkpoint: bool = False) -> Discovery:
+def discover(inputs: list[str | Path], key: str | None = None, per_checkpoint: bool = False,
+             known: Callable[[Path], Source | None] | None = None) -> Discovery:
     """Resolve ``inputs`` to the run's checkpoints, in training order, reading only their metadata.
 
     Order is by step; steps that repeat across different checkpoints are an error. When some checkpoint has no
     step (none in its metadata or its name), or ``per_checkpoint`` is set, every checkpoint counts as one update
     (steps 1, 2, ...) in natural name order.
+
+    ``known(path)``, if given, returns the source of a checkpoint recognised from its listing alone (one an earlier
+    run recorded, see :mod:`ckpt_ema.follow`), which is then not opened; its recorded step stands, and when steps
+    are counted per checkpoint the others are numbered after the newest of them.
     """
     paths, skipped = expand_inputs(inputs)
 
     sources: list[Source] = []
     for path in paths:
+        recorded = known(path) if known is not None else None
+        if recorded is not None:
+            sources.append(recorded)
+            continue
         meta, opened = probe(path, key)
         found = step_from_metadata(meta)
         if found is not None:
@@ -366,7 +384,8 @@ def discover(inputs: list[str | Path], key: str | None = None, per_checkpoint: b
     sources, skipped, notes = _resolve_trainer_files(sources, skipped, notes)
 
     unknown = [s for s in sources if s.step is None]
-    if per_checkpoint or unknown:
+    counted = [s for s in sources if s.step_from == "order"]  # recognised, from a run that counted checkpoints
+    if per_checkpoint or unknown or counted:
         if unknown and not per_checkpoint:
             notes.append(
                 f"no training step in the metadata or name of {unknown[0].path}"
@@ -374,8 +393,13 @@ def discover(inputs: list[str | Path], key: str | None = None, per_checkpoint: b
                 + ": counting one update per checkpoint, in name order"
             )
         sources.sort(key=lambda s: natural_key(str(s.path)))
-        for i, source in enumerate(sources):
-            source.step, source.step_from = i + 1, "order"
+        step = max((s.step for s in counted), default=0)
+        for source in sources:
+            if source.step_from != "order":
+                step += 1
+                source.step, source.step_from = step, "order"
+        if counted:
+            sources.sort(key=lambda s: s.step)
         return Discovery(sources, skipped, notes)
 
     sources.sort(key=lambda s: (s.step, natural_key(str(s.path))))

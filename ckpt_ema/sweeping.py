@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,6 +97,25 @@ def candidate_name(options: AverageOptions, half_life: float | None = None) -> s
     return f"ema-{options.schedule.decay:.6g}"
 
 
+def sweep_variants(base: AverageOptions, *, decays: list[float] = (), half_lives: list[float] = (),
+                   lasts: list[int] = (), sigma_rels: list[float] = ()) -> list[tuple[str, AverageOptions]]:
+    """(name, options) of each candidate: one per decay, half-life, sigma_rel and K; every other option is
+    ``base``'s (a uniform mean takes none of the EMA's)."""
+    if not (decays or half_lives or lasts or sigma_rels):
+        raise OptionError("decays", "are empty, as are half_lives, sigma_rels and lasts: give at least one candidate "
+                                    "to sweep")
+    variants = [(base.replaced(decay=d), None) for d in decays]
+    variants += [(base.replaced(half_life=h), h) for h in half_lives]
+    variants += [(base.replaced(sigma_rel=r), None) for r in sigma_rels]
+    variants += [(base.replaced(last=k), None) for k in lasts]
+    named = [(candidate_name(opts, h), opts) for opts, h in variants]
+    names = [name for name, _ in named]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise CkptEmaError(f"the sweep lists the same candidate twice: {twice[0]}")
+    return named
+
+
 def plan_sweep(inputs: list[str | Path], options: AverageOptions | None = None, *, decays: list[float] = (),
                half_lives: list[float] = (), lasts: list[int] = (), sigma_rels: list[float] = (),
                **fields: Any) -> list[Candidate]:
@@ -105,22 +125,10 @@ def plan_sweep(inputs: list[str | Path], options: AverageOptions | None = None, 
     mean takes none of the EMA's.
     """
     base = AverageOptions.build(**fields) if options is None else options.replaced(**fields)
-    if not (decays or half_lives or lasts or sigma_rels):
-        raise OptionError("decays", "are empty, as are half_lives, sigma_rels and lasts: give at least one candidate "
-                                    "to sweep")
+    variants = sweep_variants(base, decays=decays, half_lives=half_lives, lasts=lasts, sigma_rels=sigma_rels)
     found = discover_window(inputs, base)  # once, for every candidate
     steps = [s.step for s in found.sources]
-    variants = [(base.replaced(decay=d), None) for d in decays]
-    variants += [(base.replaced(half_life=h), h) for h in half_lives]
-    variants += [(base.replaced(sigma_rel=r), None) for r in sigma_rels]
-    variants += [(base.replaced(last=k), None) for k in lasts]
-    candidates = [Candidate(candidate_name(opts, h), Plan(found, weighting_for(opts, steps), opts))  # type: ignore[arg-type]
-                  for opts, h in variants]
-    names = [c.name for c in candidates]
-    twice = sorted({n for n in names if names.count(n) > 1})
-    if twice:
-        raise CkptEmaError(f"the sweep lists the same candidate twice: {twice[0]}")
-    return candidates
+    return [Candidate(name, Plan(found, weighting_for(opts, steps), opts)) for name, opts in variants]  # type: ignore[arg-type]
 
 
 def identical_candidates(candidates: list[Candidate]) -> list[str]:
@@ -152,6 +160,7 @@ class SweepResult:
     best_output: Path | None = None
     pictures: list[Path] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    update: Any = None  # with a state: the ckpt_ema.follow.update.Update (what was read, appended or redone)
 
 
 def candidates_per_pass(options: AverageOptions, wanted: int) -> int:
@@ -211,11 +220,57 @@ def _sweep_into(candidates: list[Candidate], outdir: Path, *, score: Scoring | N
     result.notes += identical_candidates(candidates) + [note for sink in sinks for note in sink.notes]
     if world is not None and world.rank != 0:
         return result  # under torchrun: scores, the choice and pictures come from rank 0
+    finish_sweep(result, outdir, score=score, plot=plot)
+    return result
+
+
+def sweep_targets(outdir: Path, base: AverageOptions, *, decays: list[float] = (), half_lives: list[float] = (),
+                  lasts: list[int] = (), sigma_rels: list[float] = ()) -> tuple[list[Any], Any]:
+    """The candidates as averages kept current from a state (:mod:`ckpt_ema.follow`): one target per candidate,
+    written to ``OUTDIR/<name>.safetensors``, and the state folder they share, ``OUTDIR/ckpt-ema-state``. The
+    folder is made if missing."""
+    from ckpt_ema.follow.state import SWEEP_STATE_FOLDER, StateFolder
+    from ckpt_ema.follow.update import Target
+
+    variants = sweep_variants(base, decays=decays, half_lives=half_lives, lasts=lasts, sigma_rels=sigma_rels)
+    if not outdir.parent.is_dir():
+        raise CkptEmaError("the output folder's parent does not exist", outdir)
+    targets = [Target(name, opts, outdir / f"{name}.safetensors") for name, opts in variants]
+    return targets, StateFolder(outdir / SWEEP_STATE_FOLDER)
+
+
+@contextmanager
+def output_folder(outdir: Path) -> Iterator[None]:
+    """Make ``outdir`` if missing for what runs inside; if that fails, remove it again when it is still empty."""
+    made = not outdir.exists()
+    outdir.mkdir(exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        if made and not any(outdir.iterdir()):
+            outdir.rmdir()
+        raise
+
+
+def sweep_result_of(targets: list[Any], done: Any) -> SweepResult:
+    """The sweep that an update of its targets (:func:`ckpt_ema.follow.update.update`) wrote."""
+    candidates = [Candidate(t.name, p, t.output) for t, p in zip(targets, done.plans)]
+    return SweepResult(candidates, done.seconds, done.passes, notes=[done.message], update=done)
+
+
+def finish_sweep(result: SweepResult, outdir: Path, *, score: Scoring | None = None, plot: bool = True) -> None:
+    """Once the candidates are written: with ``score``, score them and the final model (written beside them if the
+    fold did not) and choose; draw the pictures."""
     if score is not None:
+        if result.final_output is None:
+            from ckpt_ema.api import average
+
+            newest = result.candidates[0].plan
+            result.final_output = outdir / f"{FINAL_MODEL}.safetensors"
+            average([newest.sources[-1].path], result.final_output, newest.options.replaced(last=1), keep_state=False)
         choose(result, score, outdir)
     if plot:
         draw(result, outdir, score)
-    return result
 
 
 def choose(result: SweepResult, scoring: Scoring, outdir: Path) -> None:

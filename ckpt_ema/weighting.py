@@ -37,6 +37,19 @@ a copy of the model (``w_0 = prod_{j>0} F_j``); with it, the first checkpoint, a
 ``step`` these are exactly timm's lerp weights ``1 - F_i``; the same code serves every other weighting (a uniform
 mean of the newest K, other interpolations).
 
+**Appending** (:func:`ema_continuation`). The EMA up to checkpoint n goes on exactly from what the fold leaves:
+the running mean m_n (the engine's accumulator), its raw total weight R_n (1 without bias correction; 1 - prod d
+with it, the divisor of the correction, so that the uncorrected accumulator is R_n m_n), the step s_n and, for
+``linear``, theta_n itself (the next interval gives it the weight A). Appending checkpoints n+1..N, with
+tail_j = prod_{k>j} F_k over their intervals::
+
+    raw(m_n) = R_n * prod_{j>n} F_j,    raw(theta_n) = A_{n+1} tail_{n+1},    raw(theta_j) = B_j tail_j + A_{j+1} tail_{j+1}
+
+and m_N is their weighted mean, R_N their sum. A fresh start is the same with R = 0 and a first interval that
+copies (F = A = 0, B = 1) or, with bias correction, holds theta_0 from step 0: so :func:`ema_weighting` is the
+continuation of nothing, and an append gives the full rerun's weights. The uniform mean of the newest K has no
+such state: it needs the K newest checkpoints themselves.
+
 **Cost.** F, A and B of an interval take a few operations whatever its length (:meth:`DecaySchedule.run`): a
 step of 10^12, or Unix timestamps used as steps, costs what a step of 10 costs. Where d(s) is constant it is a
 closed form; timm's warmup, whose d(s) changes at every step, is summed step by step over up to 2^16 steps and in
@@ -84,8 +97,8 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from ckpt_ema.errors import OptionError
@@ -426,11 +439,14 @@ class Weighting:
     steps: tuple[int, ...]
     weights: tuple[float, ...]
     unresolved: float = 0.0  # of the per-step profile asked for, the share the checkpoints cannot place (docstring)
+    # The share of an earlier running mean that this one continues (appending, see ema_continuation): the weights
+    # and the prior sum to 1.
+    prior: float = 0.0
 
     @property
     def lerps(self) -> tuple[float, ...]:
-        """t_i = w_i / sum_{j<=i} w_j; 0 where a checkpoint adds nothing (it need not be read)."""
-        out, total = [], 0.0
+        """t_i = w_i / (prior + sum_{j<=i} w_j); 0 where a checkpoint adds nothing (it need not be read)."""
+        out, total = [], self.prior
         for w in self.weights:
             total += w
             out.append(w / total if w > 0 else 0.0)
@@ -460,32 +476,73 @@ def interval_coefficients(schedule: DecaySchedule, a: int, b: int, interpolate: 
     return run.survive, run.to_first / run.count, run.to_last / run.count
 
 
+@dataclass(frozen=True)
+class EmaState:
+    """Where an EMA over checkpoints stands after its newest checkpoint, besides the tensors (the running mean, and
+    that checkpoint's weights for ``linear``): enough to go on exactly (see "Appending" above)."""
+
+    step: int  # the newest checkpoint's step
+    total: float  # R: raw weight of the running mean; 1 without bias correction, 1 - prod d(s) with it, 0 before any
+
+
+def ema_continuation(steps: list[int], schedule: DecaySchedule, bias_correction: bool = False,
+                     interpolate: str = "linear", after: EmaState | None = None) -> tuple[Weighting, EmaState]:
+    """Weights of the EMA over checkpoints at ``steps`` (increasing), continuing the one ``after`` describes (None:
+    from the start); and the state after the newest. With ``after``, the weighting's first entry is the checkpoint
+    at ``after.step`` (whose weights ``linear`` needs again) and ``prior`` is the share of the earlier mean."""
+    weighting, state, _ = _ema_continuation(steps, schedule, bias_correction, interpolate, after)
+    return weighting, state
+
+
+def _ema_continuation(steps: list[int], schedule: DecaySchedule, bias_correction: bool, interpolate: str,
+                      after: EmaState | None) -> tuple[Weighting, EmaState, list[float]]:
+    """:func:`ema_continuation`, and F of each interval (the first, ending at the earlier newest: 1)."""
+    if interpolate not in INTERPOLATIONS:
+        raise OptionError("interpolate", f"must be one of {', '.join(INTERPOLATIONS)}, got {interpolate!r}")
+    if after is None:
+        # Interval i ends at checkpoint i; the first copies theta_0 (as timm starts from a copy of the model) or,
+        # with bias correction, runs from step 0 held at theta_0.
+        ends, prior_total = list(steps), 0.0
+        first = interval_coefficients(schedule, 0, steps[0], "step", True) if bias_correction else (0.0, 0.0, 1.0)
+        coefficients = [first]
+    else:
+        if steps and steps[0] <= after.step:
+            raise ValueError(f"step {steps[0]} is not after the newest step already folded, {after.step}")
+        ends, prior_total = [after.step, *steps], after.total
+        coefficients = [None]  # nothing ends at the earlier newest checkpoint: it is in the running mean
+    coefficients += [interval_coefficients(schedule, a, b, interpolate, bias_correction) for a, b in zip(ends, ends[1:])]
+    raw = [0.0] * len(ends)
+    tail = 1.0  # prod_{j>i} F_j: how much of what interval i left survives to the end
+    for i in range(len(ends) - 1, 0 if after is not None else -1, -1):
+        survive, older, newer = coefficients[i]  # type: ignore[misc]
+        raw[i] += newer * tail
+        if i > 0:
+            raw[i - 1] += older * tail
+        tail *= survive
+    prior = prior_total * tail
+    total = prior + sum(raw)
+    state = EmaState(ends[-1], total)
+    survive = [1.0 if c is None else c[0] for c in coefficients]
+    if total <= 0.0:
+        # Only with bias correction and no update at all (every step before update_after_step).
+        return Weighting(tuple(ends), tuple(0.0 for _ in ends)), state, survive
+    return Weighting(tuple(ends), tuple(w / total for w in raw), prior=prior / total), state, survive
+
+
+def ema_total(last_step: int, schedule: DecaySchedule, bias_correction: bool = False) -> float:
+    """R after the newest checkpoint, at ``last_step``, of an EMA from the start (see "Appending"): 1, or with bias
+    correction 1 - prod d(s) over every step (the intervals' F telescope)."""
+    return 1.0 - schedule.product(0, last_step, True) if bias_correction else 1.0
+
+
 def ema_weighting(steps: list[int], schedule: DecaySchedule, bias_correction: bool = False,
                   interpolate: str = "linear") -> Weighting:
     """Weights of the EMA over checkpoints at ``steps`` (increasing), the weights between saves interpolated."""
-    if interpolate not in INTERPOLATIONS:
-        raise OptionError("interpolate", f"must be one of {', '.join(INTERPOLATIONS)}, got {interpolate!r}")
-    # Interval i ends at checkpoint i; the first (bias correction only) runs from step 0, held at theta_0.
-    coefficients = [interval_coefficients(schedule, 0, steps[0], "step", bias_correction)]
-    coefficients += [interval_coefficients(schedule, a, b, interpolate, bias_correction)
-                     for a, b in zip(steps, steps[1:])]
-    raw = [0.0] * len(steps)
-    tail = 1.0  # prod_{j>i} F_j: how much of what interval i left survives to the end
-    for i in range(len(steps) - 1, -1, -1):
-        survive, older, newer = coefficients[i]
-        if i == 0 and not bias_correction:
-            raw[0] += tail  # timm starts from a copy of the model
-        else:
-            raw[i] += newer * tail
-            if i > 0:
-                raw[i - 1] += older * tail
-        tail *= survive
-    total = sum(raw)
-    if total <= 0.0:
-        # Only with bias correction and no update at all (every step before update_after_step).
-        return Weighting(tuple(steps), tuple(0.0 for _ in steps))
-    unresolved = ema_unresolved(steps, schedule, bias_correction, [c[0] for c in coefficients])
-    return Weighting(tuple(steps), tuple(w / total for w in raw), unresolved)
+    weighting, _, survive = _ema_continuation(steps, schedule, bias_correction, interpolate, None)
+    if not any(weighting.weights):
+        return weighting  # only with bias correction and no update at all (every step before update_after_step)
+    survive[0] = schedule.product(0, steps[0], bias_correction)  # the first interval, (0, a_0]
+    return replace(weighting, unresolved=ema_unresolved(steps, schedule, bias_correction, survive))
 
 
 def uniform_weighting(steps: list[int], last: int) -> Weighting:

@@ -67,6 +67,9 @@ def data_option(command: Any) -> Any:
     "--seed", type=int, default=0, show_default=True, help="Initialisation, data order, augmentation, val split."
 )
 @click.option("--save-every", type=int, default=None, help="Save a checkpoint every N steps [default: once per epoch].")
+@click.option("--keep-last", type=int, default=None,
+              help="Keep only the newest K checkpoints, deleting older ones after each save (as trainers' "
+                   "save_total_limit does) [default: keep all].")
 @click.option(
     "--val-split",
     type=int,

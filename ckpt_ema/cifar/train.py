@@ -76,6 +76,7 @@ class TrainConfig:
     weight_decay: float = 0.01  # AdamW's default, which the seed uses
     seed: int = 0
     save_every: int | None = None  # steps; None: once per epoch
+    keep_last: int | None = None  # keep only the newest K checkpoints on disk; None: all (not an hparam)
     val_split: int = 0
     augment: bool = True
     ema: DecaySchedule | None = None  # keep an online EMA with this schedule
@@ -95,6 +96,8 @@ class TrainConfig:
                 raise CkptEmaError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.save_every is not None and self.save_every < 1:
             raise CkptEmaError(f"--save-every must be >= 1 step, got {self.save_every}")
+        if self.keep_last is not None and self.keep_last < 1:
+            raise CkptEmaError(f"--keep-last must be >= 1 checkpoint, got {self.keep_last}")
         if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):
             raise CkptEmaError(f"need lr > 0 and 0 <= min_lr <= lr, got lr {self.lr}, min_lr {self.min_lr}")
         if self.lr_schedule not in ("cosine", "constant"):
@@ -318,6 +321,9 @@ def train(config: TrainConfig) -> TrainResult:
         path = checkpoint_path(run_dir, at_step)
         save_checkpoint(path, state.model, state.optimizer, state.ema_state, at_step, at_step // steps_per_epoch,
                         config.arch, hparams)
+        if config.keep_last is not None:
+            for older in sorted(run_dir.glob(CHECKPOINT_PATTERN))[: -config.keep_last]:
+                older.unlink(missing_ok=True)  # names are zero-padded: name order is step order
         return path
 
     result = TrainResult(run_dir=run_dir, start_step=state.step, final_step=state.step, total_steps=total_steps,

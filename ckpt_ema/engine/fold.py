@@ -15,6 +15,12 @@ checkpoint's matching slice is folded in before the next chunk starts. So
 * finished chunks go straight to the output writer, in the order of the output file.
 
 Non-float tensors (BatchNorm's ``num_batches_tracked``) are copied from the newest checkpoint.
+
+**Continuing an earlier fold** (appending new checkpoints to an average, :mod:`ckpt_ema.follow`): a candidate may
+start from an initial running mean instead of from nothing. Its accumulator chunk is first copied from that mean
+(a file the earlier fold wrote in the accumulator's dtype), and its lerp weights, computed with the earlier mean's
+share as ``prior`` (:func:`ckpt_ema.weighting.ema_continuation`), carry on from there: the same lerps as if the
+earlier checkpoints had been folded in this run.
 """
 
 from __future__ import annotations
@@ -75,6 +81,8 @@ def fold(
     on_bytes: Callable[[int], None] | None = None,
     on_layout: Callable[[Layout, int], None] | None = None,
     select: Callable[[Layout], Collection[str]] | None = None,
+    initial: Sequence[Checkpoint | None] | None = None,
+    newest_to: Sink | None = None,
 ) -> Layout:
     """Fold ``checkpoints`` (paths, or checkpoints already open) into one running mean per candidate and stream
     the results to ``sinks``.
@@ -85,13 +93,18 @@ def fold(
     files, size progress bars); ``on_bytes(n)`` as checkpoint bytes are folded in.
     ``select(layout)``, if given, names the only tensors to fold and write (this rank's share under torchrun);
     the checks that checkpoints hold the same tensors still cover all of them, so every rank fails alike.
+    ``initial[c]``, if given, is the running mean candidate c continues (see the module docstring): a checkpoint
+    with the same tensors, its float ones in ``accum_dtype``. ``newest_to``, if given, receives the newest
+    checkpoint's tensors as read (the copy a later append needs), chunk by chunk like the candidates' sinks.
     """
     if len(lerps) != len(sinks):
         raise ValueError("one sink per candidate")
+    initial = list(initial) if initial is not None else [None] * len(lerps)
     used = [i for i in range(len(checkpoints)) if any(c[i] > 0 for c in lerps)]
-    if not used:
+    if not used and not any(initial):
         raise CkptEmaError("no checkpoint carries any weight")
     opened, layout = open_run(checkpoints, checkpoints_read(lerps), key, strip_prefix)
+    starts = [None if init is None else _initial_views(init, layout, accum_dtype) for init in initial]
     names = None if select is None else select(layout)
     if on_layout is not None:
         on_layout(layout, len(used))
@@ -103,14 +116,24 @@ def fold(
         floats = [p for p in chunk if layout.is_float(p.name)]
         offsets = _offsets(floats)
         accs = [[buf[a:b] for a, b in offsets] for buf in buffers]
-        for i, sources in _staged_sources(floats, opened, used, stage, accum_dtype, on_bytes):
+        for acc, start in zip(accs, starts):
+            if start is not None:
+                torch._foreach_copy_(acc, stage([start.piece(p) for p in floats], accum_dtype))
+        newest_floats = None
+        for i, raw, sources in _staged_sources(floats, opened, used, stage, accum_dtype, on_bytes):
             _fold_one(accs, sources, [cand[i] for cand in lerps])
+            if i == len(checkpoints) - 1:
+                newest_floats = raw
         used_elems = offsets[-1][1] if offsets else 0
         for c, buf in enumerate(buffers):
-            _check_finite(buf[:used_elems], floats, opened, used, lerps[c])
+            _check_finite(buf[:used_elems], floats, opened, used, lerps[c], starts[c])
             folded = iter(accs[c])
             for p in chunk:
                 sinks[c].write(p.name, next(folded) if layout.is_float(p.name) else newest.piece(p))
+        if newest_to is not None:
+            read = dict(zip((p.name for p in floats), newest_floats or []))  # its float pieces, as read above
+            for p in chunk:
+                newest_to.write(p.name, read[p.name] if p.name in read else newest.piece(p))
     return layout
 
 
@@ -131,13 +154,15 @@ def chunk_elems_for(budget: int, candidates: int, itemsize: int) -> int:
 
 def _staged_sources(floats: list[Piece], opened: dict[int, FlatViews], used: list[int],
                     stage: Callable[[list[torch.Tensor], torch.dtype], list[torch.Tensor]], dtype: torch.dtype,
-                    on_bytes: Callable[[int], None] | None) -> Iterator[tuple[int, list[torch.Tensor]]]:
-    """For each used checkpoint i in order: (i, its pieces of the chunk, on the accumulators' device and dtype)."""
+                    on_bytes: Callable[[int], None] | None
+                    ) -> Iterator[tuple[int, list[torch.Tensor], list[torch.Tensor]]]:
+    """For each used checkpoint i in order: (i, its pieces of the chunk as read, the same on the accumulators'
+    device and in their dtype)."""
     for i in used:
         sources = [opened[i].piece(p) for p in floats]
         if on_bytes is not None:
             on_bytes(sum(s.numel() * s.element_size() for s in sources))
-        yield i, stage(sources, dtype)
+        yield i, sources, stage(sources, dtype)
 
 
 def _fold_one(accs: list[list[torch.Tensor]], sources: list[torch.Tensor], weights: list[float]) -> None:
@@ -159,14 +184,26 @@ def _fold_one(accs: list[list[torch.Tensor]], sources: list[torch.Tensor], weigh
 
 
 def _check_finite(acc: torch.Tensor, floats: list[Piece], opened: dict[int, FlatViews], used: list[int],
-                  lerps: Sequence[float]) -> None:
+                  lerps: Sequence[float], start: FlatViews | None = None) -> None:
     """Raise, naming the checkpoint and tensor, if a finished chunk holds NaN or Inf.
 
     A sum is NaN or Inf when any element is (or, rarely, when finite values overflow it: then look closer). One
     reduction over a chunk still in cache, no temporary mask.
     """
     if not bool(torch.isfinite(acc.sum())) and not bool(torch.isfinite(acc).all()):
-        _raise_non_finite(floats, opened, used, lerps)
+        _raise_non_finite(floats, ([start] if start is not None else []) + [opened[i] for i in used if lerps[i] > 0])
+
+
+def _initial_views(init: Checkpoint, layout: Layout, accum_dtype: torch.dtype) -> FlatViews:
+    """An initial running mean, checked to hold the layout's tensors with its float ones in the accumulator's dtype
+    (a mean of another precision or model is refused, never converted)."""
+    this = Layout.of(init)
+    layout.check_same(this)
+    wrong = [n for n, d in this.dtypes.items() if d.is_floating_point and d != accum_dtype]
+    if wrong:
+        raise CkptEmaError(f"tensor {wrong[0]!r} is {this.dtypes[wrong[0]]}, not the accumulator's {accum_dtype}",
+                           init.path)
+    return FlatViews(init)
 
 
 def checkpoints_read(lerps: Sequence[Sequence[float]]) -> list[int]:
@@ -233,15 +270,13 @@ def _stager(dev: torch.device) -> Callable[[list[torch.Tensor], torch.dtype], li
     return PinnedStager(dev)
 
 
-def _raise_non_finite(floats: list[Piece], opened: dict[int, FlatViews], used: list[int], lerps: Sequence[float]) -> None:
-    """Name the checkpoint and tensor that brought NaN or Inf into the average."""
-    for i in used:
-        if lerps[i] <= 0:
-            continue
+def _raise_non_finite(floats: list[Piece], weighed: list[FlatViews]) -> None:
+    """Name the checkpoint (or initial mean) and tensor that brought NaN or Inf into the average."""
+    for views in weighed:
         for p in floats:
-            piece = opened[i].piece(p)
+            piece = views.piece(p)
             if not bool(torch.isfinite(piece).all()):
                 kind = "NaN" if bool(torch.isnan(piece).any()) else "Inf"
-                raise CkptEmaError(f"tensor {p.name!r} contains {kind}", opened[i].ckpt.path)
+                raise CkptEmaError(f"tensor {p.name!r} contains {kind}", views.ckpt.path)
     name = floats[0].name if floats else "?"
     raise CkptEmaError(f"the average overflowed to Inf near tensor {name!r} (try --accum-dtype float64)")

@@ -92,6 +92,25 @@ class SafetensorsFile:
         return piece.view(dtype).reshape(shape)
 
 
+def safetensors_is_complete(path: Path) -> bool:
+    """Whether a safetensors file is whole: its header parses and the furthest tensor ends exactly at the end of the
+    file (a file still being written, or cut short, fails; so does one with bytes beyond its tensors)."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(8)
+            if len(head) < 8:
+                return False
+            (header_len,) = struct.unpack("<Q", head)
+            if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
+                return False
+            header = json.loads(f.read(header_len))
+        ends = [int(info["data_offsets"][1]) for name, info in header.items() if name != "__metadata__"]
+    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return False
+    return 8 + header_len + max(ends, default=0) == size
+
+
 class _Refused(Exception):
     pass
 

@@ -29,6 +29,7 @@ import argparse
 import io
 import os
 import pathlib
+import struct
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -88,6 +89,47 @@ LEGACY_PROTOCOL = 1001
 
 def is_torch_file(path: Path) -> bool:
     return path.name.endswith(TORCH_SUFFIXES)
+
+
+# The records that end a zip archive (torch.save writes the zip64 ones too): see zip_is_complete.
+ZIP_END = b"PK\x05\x06"
+ZIP64_END_LOCATOR = b"PK\x06\x07"
+ZIP64_END = b"PK\x06\x06"
+
+
+def zip_is_complete(path: Path) -> bool:
+    """Whether a zip archive (a torch.save file) is whole, from its last bytes: it must end with the
+    end-of-central-directory record (22 bytes and its comment), and the central directory it points at must end
+    exactly where that record (or torch's zip64 record before it) begins. The archive writer puts these last, so
+    a file still being written, or cut short, fails (a watcher must not read it yet)."""
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, 2)
+            tail_len = min(size, 22 + 0xFFFF)
+            f.seek(size - tail_len)
+            tail = f.read(tail_len)
+            at = tail.rfind(ZIP_END)
+            while at >= 0 and not (at + 22 <= len(tail)
+                                   and at + 22 + struct.unpack_from("<H", tail, at + 20)[0] == len(tail)):
+                at = tail.rfind(ZIP_END, 0, at)
+            if at < 0:
+                return False
+            end_at = size - tail_len + at
+            cd_size, cd_offset = struct.unpack_from("<II", tail, at + 12)
+            locator = at - 20
+            if locator >= 0 and tail[locator:locator + 4] == ZIP64_END_LOCATOR:
+                (record_at,) = struct.unpack_from("<Q", tail, locator + 8)
+                if record_at >= end_at:
+                    return False
+                f.seek(record_at)
+                record = f.read(56)
+                if len(record) < 56 or record[:4] != ZIP64_END:
+                    return False
+                cd_size, cd_offset = struct.unpack_from("<QQ", record, 40)
+                return cd_offset + cd_size == record_at
+            return cd_offset != 0xFFFFFFFF and cd_offset + cd_size == end_at
+    except OSError:
+        return False
 
 
 def torch_load_safely(path: Path, extra_safe_globals: Sequence[Any] = (), max_bytes: int = MAX_PICKLE_BYTES) -> Any:

@@ -1,0 +1,307 @@
+"""What an average keeps beside its output to go on later (appending, watching), and the order it is written in.
+
+The state folder (``OUT.ckpt-ema-state/`` beside ``OUT.safetensors``; ``OUTDIR/ckpt-ema-state/`` for a sweep) holds
+one generation of state, under an id that every output of the generation also records (metadata key
+``ckpt_ema_state``):
+
+* ``manifest.json``: the generation's id; each candidate's options, output and total weight R (see "Appending" in
+  :mod:`ckpt_ema.weighting`); each input folded so far as a listing shows it (absolute path, bytes, modification
+  time, step), so that it is recognised later without being opened; the dtypes of the run's tensors and the
+  newest checkpoint's training metadata, so that an output can be rewritten from the state alone;
+* ``<id>.mean-<k>.safetensors``: candidate k's running mean, its float tensors in the accumulator's dtype (the
+  output may be 16-bit; the mean goes on in full precision);
+* ``<id>.theta.safetensors``: the newest checkpoint's tensors, for the linear rule, which weighs that checkpoint
+  again in the next interval (the trainer may have deleted it by then).
+
+**Commit protocol.** An update writes a new generation beside the old one:
+
+1. the new state files and every output under temporary names, flushed to disk; the state files are then renamed
+   to their own names, which nothing refers to yet;
+2. with SIGINT and SIGTERM held back: ``manifest.json`` is replaced (a rename: the commit point), then every
+   output is renamed over the old one;
+3. the old generation's files are removed.
+
+A failure or signal before the commit point leaves the old generation with the old outputs. A kill between the
+commit point and the last output's rename (only SIGKILL or a power cut can land there) leaves outputs older than
+the state: the next run sees their id differ and rewrites them from the state, reading no checkpoint. Files of a
+generation the manifest does not name are leftovers of an interrupted update, removed when the folder is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import tempfile
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ckpt_ema.errors import CkptEmaError
+from ckpt_ema.formats.checkpoint import Checkpoint, checkpoint_files, open_checkpoint
+from ckpt_ema.formats.safetensors import SafetensorsFile
+from ckpt_ema.output.atomic import close_on_disk
+from ckpt_ema.output.sinks import SafetensorsOutput, index_path_of
+
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = 1
+# The metadata key of an output (and of the state's own files) naming the generation it belongs to.
+STATE_KEY = "ckpt_ema_state"
+STATE_SUFFIX = ".ckpt-ema-state"
+SWEEP_STATE_FOLDER = "ckpt-ema-state"
+
+
+def state_folder_of(output: Path) -> Path:
+    """Where the state of the average written to ``output`` lives: ``OUT.ckpt-ema-state`` beside it."""
+    return output.with_name(output.name[: -len(".safetensors")] + STATE_SUFFIX)
+
+
+def listing_of(path: Path) -> tuple[int, int]:
+    """(bytes, newest modification time in ns) of a checkpoint's weight files, from the file system's listing:
+    how an input is recognised without being opened."""
+    size, mtime = 0, 0
+    for file in checkpoint_files(path):
+        st = file.stat()
+        size += st.st_size
+        mtime = max(mtime, st.st_mtime_ns)
+    return size, mtime
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """One input the state has folded, as the listing showed it."""
+
+    path: str  # absolute
+    step: int
+    step_from: str
+    size: int
+    mtime_ns: int
+
+    def matches(self, listing: tuple[int, int]) -> bool:
+        return (self.size, self.mtime_ns) == listing
+
+
+@dataclass(frozen=True)
+class CandidateRecord:
+    """One average the state carries on: its options, output, and (an EMA) its running mean and total weight R."""
+
+    name: str
+    output: str  # absolute
+    options: dict[str, Any]  # AverageOptions.flat()
+    total: float | None  # R; None for a uniform mean of the newest K, which keeps no mean
+    mean: str | None  # file name in the state folder
+    weights: list[float]  # each input's final weight, as the output's metadata records it
+
+
+@dataclass(frozen=True)
+class Manifest:
+    generation: str
+    accum_dtype: str
+    inputs: list[Recorded]
+    candidates: list[CandidateRecord]
+    theta: str | None  # file name of the newest checkpoint's copy (linear rule)
+    dtypes: dict[str, str]  # the run's tensors' dtypes, in layout order
+    carried: dict[str, Any] = field(default_factory=dict)  # the newest checkpoint's training metadata
+    version: int = MANIFEST_VERSION
+
+    def to_json(self) -> str:
+        fields = {**vars(self), "inputs": [vars(r) for r in self.inputs],
+                  "candidates": [vars(c) for c in self.candidates]}  # (dataclasses.asdict: 10x slower)
+        return json.dumps(fields, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str, where: Path) -> Manifest:
+        """Parse and check every field's type; anything else is a one-line error naming the file."""
+        try:
+            raw = json.loads(text)
+            if raw.get("version") != MANIFEST_VERSION:
+                raise ValueError(f"version {raw.get('version')!r}, not {MANIFEST_VERSION}")
+            inputs = [Recorded(str(r["path"]), _int(r["step"]), str(r["step_from"]), _int(r["size"]),
+                               _int(r["mtime_ns"])) for r in raw["inputs"]]
+            candidates = [CandidateRecord(str(c["name"]), str(c["output"]), dict(c["options"]),
+                                          None if c["total"] is None else _finite(c["total"]),
+                                          None if c["mean"] is None else _file_name(c["mean"]),
+                                          [_finite(w) for w in c["weights"]])
+                          for c in raw["candidates"]]
+            manifest = cls(_file_name(raw["generation"]), str(raw["accum_dtype"]), inputs, candidates,
+                           None if raw["theta"] is None else _file_name(raw["theta"]),
+                           {str(k): str(v) for k, v in dict(raw["dtypes"]).items()}, dict(raw["carried"]))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise CkptEmaError(f"unreadable state manifest ({exc}); remove the folder to start over", where) from None
+        steps = [r.step for r in manifest.inputs]
+        if (not steps or steps != sorted(set(steps)) or not manifest.candidates
+                or any(len(c.weights) != len(steps) for c in manifest.candidates)):
+            raise CkptEmaError("unreadable state manifest (no inputs, or steps out of order); remove the folder to "
+                               "start over", where)
+        return manifest
+
+    def files(self) -> set[str]:
+        return {MANIFEST} | {c.mean for c in self.candidates if c.mean} | ({self.theta} if self.theta else set())
+
+
+def _int(x: Any) -> int:
+    if not isinstance(x, int) or isinstance(x, bool):
+        raise ValueError(f"{x!r} is not an integer")
+    return x
+
+
+def _finite(x: Any) -> float:
+    if not isinstance(x, int | float) or isinstance(x, bool) or not math.isfinite(x) or x < 0:
+        raise ValueError(f"{x!r} is not a weight")
+    return float(x)
+
+
+def _file_name(x: Any) -> str:
+    if not isinstance(x, str) or not x or "/" in x or x.startswith("."):
+        raise ValueError(f"{x!r} is not a file name")
+    return x
+
+
+class StateFolder:
+    """The state folder of one average or sweep: load the committed generation, write and commit the next."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._made = False  # whether this process made the folder (and should remove it if nothing is committed)
+
+    def load(self) -> Manifest | None:
+        """The committed generation (None: no state), its files checked to exist; leftovers of an interrupted update
+        (files of another generation, temporary files) are removed."""
+        manifest_path = self.path / MANIFEST
+        if not manifest_path.is_file():
+            return None
+        try:
+            manifest = Manifest.from_json(manifest_path.read_text(), manifest_path)
+        except OSError as exc:
+            raise CkptEmaError(f"cannot read: {exc.strerror or exc}", manifest_path) from None
+        for name in manifest.files():
+            if not (self.path / name).is_file():
+                raise CkptEmaError(f"the state file {name} that the manifest names is missing; remove the folder to "
+                                   "start over", self.path)
+        self.remove_leftovers(manifest)
+        return manifest
+
+    def remove_leftovers(self, manifest: Manifest | None) -> None:
+        keep = manifest.files() if manifest is not None else set()
+        if not self.path.is_dir():
+            return
+        for entry in self.path.iterdir():
+            if entry.name not in keep and entry.is_file():
+                entry.unlink(missing_ok=True)
+
+    def open(self, name: str) -> Checkpoint:
+        """One of the state's tensor files, read (and validated) like any safetensors checkpoint."""
+        return open_checkpoint(self.path / name)
+
+    def new_file(self, generation: str, role: str) -> SafetensorsOutput:
+        """A sink for one state file of a new generation, renamed to its name in :meth:`commit`."""
+        self._make()
+        return SafetensorsOutput(self.path / f"{generation}.{role}.safetensors", {STATE_KEY: generation}, None)
+
+    def commit(self, manifest: Manifest, state_files: Sequence[SafetensorsOutput],
+               outputs: Sequence[SafetensorsOutput]) -> list[list[Path]]:
+        """Make the new generation and its outputs current, in the order of the module docstring; returns the
+        files each output wrote. The sinks must be written (not prepared); on failure they are left for the caller
+        to abort."""
+        self._make()
+        for sink in [*state_files, *outputs]:
+            sink.prepare()
+        for sink in state_files:
+            sink.publish_shards()  # their own new names: nothing refers to them yet
+        with signals_held():
+            _write_file_atomically(self.path / MANIFEST, manifest.to_json().encode())  # the commit point
+            for sink in outputs:
+                sink.retire_previous()
+                sink.publish_shards()
+                sink.publish_index()
+                sink.remove_stale()
+            _fsync_folder(self.path)
+            for folder in {s.path.parent for s in outputs}:
+                _fsync_folder(folder)
+        self.remove_leftovers(manifest)
+        return [sink.written for sink in outputs]
+
+    def _make(self) -> None:
+        if not self.path.is_dir():
+            self.path.mkdir()
+            self._made = True
+
+    def discard_if_made(self) -> None:
+        """After a failed update: remove the folder if this process made it and nothing was committed to it."""
+        if self._made and self.path.is_dir() and not (self.path / MANIFEST).exists():
+            self.remove()
+        self._made = False
+
+    def remove(self) -> None:
+        """Remove the state altogether (an average that keeps none, written over one that did)."""
+        if self.path.is_dir():
+            for entry in self.path.iterdir():
+                entry.unlink(missing_ok=True)
+            self.path.rmdir()
+
+
+def new_generation() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+def output_generation(output: Path) -> str | None:
+    """The generation an output belongs to (its ``ckpt_ema_state`` metadata), None when it has none or is gone."""
+    index = index_path_of(output)
+    try:
+        if index.is_file():
+            return json.loads(index.read_text()).get("metadata", {}).get(STATE_KEY)
+        if output.is_file():
+            return SafetensorsFile(output).metadata.get(STATE_KEY)
+    except (OSError, ValueError, AttributeError, CkptEmaError):
+        return None
+    return None
+
+
+@contextmanager
+def signals_held() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM back (they are delivered on leaving), so that the renames of a commit are not
+    split by Ctrl-C or a polite kill. Only the main thread can do this; elsewhere nothing is held."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    try:
+        before = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    except (ValueError, OSError, AttributeError):
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
+def _write_file_atomically(path: Path, data: bytes) -> None:
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(name)
+    try:
+        f = os.fdopen(fd, "wb")
+        f.write(data)
+        close_on_disk(f, tmp)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise CkptEmaError(f"cannot write the state: {exc.strerror or exc}", path) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make the renames in ``folder`` durable (where the platform allows opening a folder)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
