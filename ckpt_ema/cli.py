@@ -188,6 +188,8 @@ def _follow(targets: list[Any], folder: Any, inputs: list[str], watch: bool, unt
     if not watch:
         done = update(inputs, targets, folder, progress=show_progress(quiet),
                       on_discovery=lambda found: _print_notes(found, quiet))
+        for note in done.notes:
+            say(f"note: {note}", quiet)
         if not average:
             return done
         say(_update_line(done, targets), quiet)
