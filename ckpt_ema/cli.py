@@ -188,6 +188,8 @@ def _follow(targets: list[Any], folder: Any, inputs: list[str], watch: bool, unt
     if not watch:
         done = update(inputs, targets, folder, progress=show_progress(quiet),
                       on_discovery=lambda found: _print_notes(found, quiet))
+        for note in done.notes:
+            say(f"note: {note}", quiet)
         if not average:
             return done
         say(_update_line(done, targets), quiet)
@@ -255,8 +257,8 @@ def sweep_command(inputs: tuple[str, ...], outdir: str, decays: tuple[float, ...
     """Many averages of checkpoints INPUTS from one read: every --decay, --half-life, --sigma-rel and --last at
     once; with --eval-cmd, the best of them, or the final model."""
     from ckpt_ema.scoring import command_scorer
-    from ckpt_ema.sweeping import (Scoring, finish_sweep, output_folder, plan_sweep, run_sweep, sweep_result_of,
-                                   sweep_table, sweep_targets, sweep_warnings)
+    from ckpt_ema.sweeping import (Scoring, finish_sweep, identical_candidates, output_folder, plan_sweep, run_sweep,
+                                   sweep_result_of, sweep_table, sweep_targets, sweep_warnings)
 
     folder = Path(outdir)
     world = world_from_env()
@@ -283,7 +285,7 @@ def sweep_command(inputs: tuple[str, ...], outdir: str, decays: tuple[float, ...
         if done is None:
             return
         result = sweep_result_of(targets, done)
-        result.notes = []  # the update's line is said
+        result.notes = identical_candidates(result.candidates)  # (the update's line and its notes are said)
         finish_sweep(result, folder, score=scoring, plot=plot)
         if not watch:
             say(_update_line(done, targets), quiet)

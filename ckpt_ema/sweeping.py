@@ -255,7 +255,8 @@ def output_folder(outdir: Path) -> Iterator[None]:
 def sweep_result_of(targets: list[Any], done: Any) -> SweepResult:
     """The sweep that an update of its targets (:func:`ckpt_ema.follow.update.update`) wrote."""
     candidates = [Candidate(t.name, p, t.output) for t, p in zip(targets, done.plans)]
-    return SweepResult(candidates, done.seconds, done.passes, notes=[done.message], update=done)
+    return SweepResult(candidates, done.seconds, done.passes,
+                       notes=[done.message, *identical_candidates(candidates), *done.notes], update=done)
 
 
 def finish_sweep(result: SweepResult, outdir: Path, *, score: Scoring | None = None, plot: bool = True) -> None:

@@ -93,6 +93,7 @@ class Update:
     bytes_read: int = 0
     seconds: float = 0.0
     passes: int = 1  # reads of the checkpoints: more than one when the memory budget holds fewer candidates
+    notes: list[str] = field(default_factory=list)  # e.g. stale temporary files of killed runs, removed
 
 
 def update(inputs: Sequence[str | Path], targets: Sequence[Target], folder: StateFolder, *, progress: bool = False,
@@ -355,8 +356,9 @@ def _fold_and_commit(manifest: Manifest | None, found: Discovery, new: list[Sour
     finally:
         for sink in [*outputs, *state_files]:
             sink.abort()
+    notes = [note for sink in [*outputs, *state_files] for note in sink.notes]
     return Update("averaged" if manifest is None else "appended", message, plans, list(new), files, read,
-                  time.perf_counter() - started, passes)
+                  time.perf_counter() - started, passes, notes)
 
 
 def _newest_positions(k: int, n: int, appending: tuple[int, int] | None) -> list[int]:
