@@ -307,8 +307,8 @@ def _identity(path: Path) -> object:
     """The file itself, whatever its name: symlinks and hard links (timm's milestone-N and last copies) count once."""
     try:
         st = path.stat()
-    except OSError:
-        return path.resolve()  # unreadable: reading it later says why
+    except OSError as exc:  # a dangling link, a symlink loop
+        raise CkptEmaError(f"cannot read: {exc.strerror or exc}", path) from None
     return st.st_dev, st.st_ino
 
 

@@ -650,9 +650,11 @@ def _rising_excess(a: torch.Tensor, b: torch.Tensor, mass: torch.Tensor, step_we
     return float(torch.where(rises, excess, torch.zeros_like(excess)).clamp(min=0).sum())
 
 
-# Up to this many steps before the decay settles, U's part there is summed step by step (fastest for short runs);
-# beyond, interval by interval (:func:`_unsettled_excess`), whose cost does not grow with the steps.
-_WALK_STEPS = 1 << 18
+# Up to this many steps before the decay settles, and this many per interval there, U's part there is summed step
+# by step (fastest for many short intervals); beyond, interval by interval (:func:`_unsettled_excess`, about as
+# costly as walking 5,000 steps per interval), whose cost does not grow with the steps.
+_WALK_STEPS = 1 << 22
+_WALK_PER_INTERVAL = 5_000
 # A stretch of steps this short is compared with its interval's mean step by step.
 _EXCESS_STEPS = 4096
 
@@ -754,7 +756,8 @@ def ema_unresolved(steps: list[int], schedule: DecaySchedule, bias_correction: b
         else:  # d = 0: all of an interval's weight on its last step
             excess += float((st * (1 - 1 / (sb - sa))).sum())
     unsettled = (~settled).nonzero().flatten().tolist()
-    if unsettled and steps[unsettled[-1]] <= _WALK_STEPS:  # step by step, in vectorised chunks from the newest back
+    walk = unsettled and steps[unsettled[-1]] <= min(_WALK_STEPS, _WALK_PER_INTERVAL * len(unsettled))
+    if walk:  # step by step, in vectorised chunks from the newest back
         last = unsettled[-1]
         mean = m[: last + 1] / (b[: last + 1] - a[: last + 1])
         log_after = math.log(tails[last]) if tails[last] > 0 else -math.inf  # sum of log d beyond the block

@@ -624,3 +624,21 @@ def test_plain_ckpt_ema_shows_the_help_not_an_error() -> None:
     res = CliRunner().invoke(main, [])
     assert res.exit_code == 0
     assert res.output.startswith("Usage: ") and "average" in res.output and "error" not in res.output
+
+
+@pytest.mark.parametrize("kind", ["loop", "dangling"])
+def test_a_broken_link_in_a_run_folder_is_one_line(tmp_path: Path, kind: str) -> None:
+    """A symlink loop (or a link to nothing) named like a checkpoint: one line naming it, not a traceback."""
+    run = tmp_path / "run"
+    run.mkdir()
+    for step in (1, 2):
+        torch.save({"w": torch.full((3,), float(step))}, run / f"step_{step}.pt")
+    if kind == "loop":
+        (run / "a.pt").symlink_to(run / "b.pt")
+        (run / "b.pt").symlink_to(run / "a.pt")
+    else:
+        (run / "a.pt").symlink_to(run / "gone.pt")
+    result = CliRunner().invoke(main, ["average", str(run), "--dry-run"])
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"ckpt-ema: error: {run / 'a.pt'}: cannot read:"), result.output
