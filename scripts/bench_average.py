@@ -37,6 +37,7 @@ import argparse
 import json
 import os
 import statistics
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -147,8 +148,8 @@ def run_dd(out: Path, nbytes: int) -> dict[str, float]:
 def run_worker(method: str, files: list[Path], out: Path, **options: object) -> dict[str, float]:
     # Each run writes a new output, from a quiet disk: replacing the previous run's output, or starting while the
     # disk still writes or discards it, would add costs of the benchmark's repetition rather than of averaging.
-    for earlier in out.parent.glob(f"{out.stem}*"):
-        earlier.unlink()
+    for earlier in out.parent.glob(f"{out.stem}*"):  # the output, its shards, the state kept beside it
+        shutil.rmtree(earlier) if earlier.is_dir() else earlier.unlink()
     os.sync()
     done = subprocess.run(
         [sys.executable, "-c", WORKER, method, json.dumps([str(f) for f in files]), str(out), json.dumps(options)],
