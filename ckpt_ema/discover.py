@@ -27,6 +27,7 @@ import glob
 import hashlib
 import os
 import re
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -197,12 +198,10 @@ def _drop_second_names(paths: list[Path]) -> tuple[list[Path], list[str]]:
             skipped.append(f"{path}: given twice, counted once")
         else:
             names.append(path)
-    families: dict[str, int] = {}
-    for path in paths:
-        families[family(path)] = families.get(family(path), 0) + 1
+    families = Counter(map(family, paths)) if any(len(names) > 1 for names in groups.values()) else Counter()
     kept = []
     for names in groups.values():
-        keep = preferred(names, families)
+        keep = preferred(names, families) if len(names) > 1 else names[0]
         kept.append(keep)
         skipped += [f"{p}: the same file as {keep}" for p in names if p != keep]
     order = {p: i for i, p in enumerate(paths)}
@@ -243,13 +242,16 @@ def _drop_copies(sources: list[Source], skipped: list[str]) -> list[Source]:
     """One checkpoint per content: of byte-identical copies that are second names (:func:`_second_name`: timm's
     aliases where hard links fail, ``latest.pt``, a milestone copy), keep the periodic name; the others are named
     in ``skipped``."""
-    families: dict[str, int] = {}
+    by_size: dict[int, list[Source]] = {}
     for s in sources:
-        families[family(s.path)] = families.get(family(s.path), 0) + 1
+        by_size.setdefault(s.nbytes, []).append(s)
     groups: dict[tuple, list[Source]] = {}
-    for s in sources:
-        groups.setdefault(fingerprint(s.path), []).append(s)
+    for same_size in by_size.values():
+        if len(same_size) > 1 and _may_hold_second_names(same_size):  # else no file is opened (an append's old ones)
+            for s in same_size:
+                groups.setdefault(fingerprint(s.path), []).append(s)
     dropped: list[Source] = []
+    families = Counter(family(s.path) for s in sources) if groups else Counter()
     for group in groups.values():
         while len(group) > 1:
             keep = next(s for s in group if s.path == preferred([t.path for t in group], families))
@@ -260,7 +262,16 @@ def _drop_copies(sources: list[Source], skipped: list[str]) -> list[Source]:
                                f"{copy.path}: the same bytes as {keep.path}, counted once")
             dropped += copies
             group = [s for s in group if s is not keep and s not in copies]
-    return [s for s in sources if s not in dropped]
+    gone = {id(s) for s in dropped}
+    return [s for s in sources if id(s) not in gone]
+
+
+def _may_hold_second_names(group: list[Source]) -> bool:
+    """Whether any checkpoint of ``group`` could be a second name of another (:func:`_second_name`): not when they
+    are periodic checkpoints of one family at distinct known steps, the usual run, whose bytes are then not read."""
+    steps = [s.step for s in group]
+    return (None in steps or len(set(steps)) < len(steps) or len({family(s.path) for s in group}) > 1
+            or any(ALIAS_PATTERN.match(s.path.name) for s in group))
 
 
 def _second_name(copy: Source, keep: Source) -> bool:
@@ -283,7 +294,7 @@ def _resolve_trainer_files(sources: list[Source], skipped: list[str],
             skipped.append(f"{s.path}: a timm recovery snapshot, taken inside epoch {epoch} (after checkpoint-"
                            f"{epoch - 1}) at a step no name or metadata gives: not averaged (pass recovery files "
                            "alone to average them, in their order)")
-        sources = [s for s in sources if s not in recovery]
+        sources = [s for s in sources if not RECOVERY_PATTERN.match(s.path.name)]
     elif recovery:
         for s in recovery:  # recovery files alone: one update each, in (epoch, batch) order
             s.step, s.step_from = None, "name"
@@ -309,7 +320,8 @@ def _resolve_trainer_files(sources: list[Source], skipped: list[str],
         else:
             skipped.append(f"{alias.path}: an alias of a periodic checkpoint without a step of its own, not "
                            "averaged a second time")
-    return sorted(kept, key=sources.index), skipped, notes
+    order = {id(s): i for i, s in enumerate(sources)}  # (by identity: comparing Sources field by field is slow)
+    return sorted(kept, key=lambda s: order[id(s)]), skipped, notes
 
 
 def _identity(path: Path) -> object:

@@ -772,18 +772,40 @@ def constant_from(schedule: DecaySchedule, bias_corrected: bool = False) -> floa
     return hi
 
 
+def ema_unresolved_continued(unresolved: float, newest: int, new_steps: list[int], schedule: DecaySchedule,
+                             bias_correction: bool = False) -> float:
+    """U of a run appended to: ``unresolved`` was U of the checkpoints up to step ``newest``, and ``new_steps``
+    come after it. At a cost independent of the checkpoints before.
+
+    U is a sum over intervals of excesses proportional to the weight e_s, and sum_s e_s = 1 - F over the whole run
+    (the sum telescopes; F the product of every d(s)). The steps after ``newest`` multiply every earlier e_s by
+    their F_new, so the old intervals' excess becomes ``unresolved`` (1 - F_old) F_new, the new intervals add theirs,
+    and the total becomes 1 - F_old F_new.
+    """
+    if not new_steps:
+        return unresolved
+    f_old = schedule.product(0, newest, bias_correction)
+    f_new = schedule.product(newest, new_steps[-1], bias_correction)
+    total = 1 - f_old * f_new
+    if total <= 0:
+        return 0.0
+    added = ema_unresolved(new_steps, schedule, bias_correction, start=newest) * (1 - f_new)
+    return (unresolved * (1 - f_old) * f_new + added) / total
+
+
 def ema_unresolved(steps: list[int], schedule: DecaySchedule, bias_correction: bool = False,
-                   survive: list[float] | None = None) -> float:
+                   survive: list[float] | None = None, start: int = 0) -> float:
     """U of the EMA's per-step profile e_s = (1 - d(s)) prod_{r>s} d(r) (divided by its sum under bias correction).
 
     Where the decay is constant over an interval, e_s rises geometrically in it and its share of U is closed form
     (:func:`_rising_excess`); the intervals before that (warmup, the copy at step k+1) are summed step by step, in
     chunks from the newest back: the cost is the steps until the decay settles, at most the run's. ``survive``:
-    F of each interval (0, a_0], (a_0, a_1], ..., when the caller has them.
+    F of each interval (0, a_0], (a_0, a_1], ..., when the caller has them. ``start``: the first interval begins
+    after this step instead (the checkpoints after an earlier part of the run: U of those intervals alone).
     """
     import torch
 
-    starts = [0, *steps[:-1]]
+    starts = [start, *steps[:-1]]
     if survive is None:
         survive = [schedule.product(a, b, bias_correction) for a, b in zip(starts, steps)]
     tails, tail = [], 1.0
@@ -813,14 +835,14 @@ def ema_unresolved(steps: list[int], schedule: DecaySchedule, bias_correction: b
         else:  # d = 0: all of an interval's weight on its last step
             excess += float((st * (1 - 1 / (sb - sa))).sum())
     unsettled = (~settled).nonzero().flatten().tolist()
-    walk = unsettled and steps[unsettled[-1]] <= min(_WALK_STEPS, _WALK_PER_INTERVAL * len(unsettled))
+    walk = unsettled and steps[unsettled[-1]] - start <= min(_WALK_STEPS, _WALK_PER_INTERVAL * len(unsettled))
     if walk:  # step by step, in vectorised chunks from the newest back
         last = unsettled[-1]
         mean = m[: last + 1] / (b[: last + 1] - a[: last + 1])
         log_after = math.log(tails[last]) if tails[last] > 0 else -math.inf  # sum of log d beyond the block
         hi = steps[last]
-        while hi >= 1:
-            lo = max(1, hi - _CHUNK + 1)
+        while hi > start:
+            lo = max(start + 1, hi - _CHUNK + 1)
             d = schedule.decays(lo, hi, bias_correction)
             logs = torch.log(d)
             suffix = torch.flip(torch.cumsum(torch.flip(logs, [0]), 0), [0])  # sum_{r=s..hi} log d(r)

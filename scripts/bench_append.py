@@ -9,7 +9,7 @@ hard-linked into one folder per N). Two ways to get the average of all N + 1 wit
 * ``full rerun``: ``ckpt_ema.average(run, out, keep_state=False)``, every checkpoint read;
 * ``append``: the state of the first N already beside the output (from an earlier ``average``), then
   ``ckpt_ema.average(run, out)``, which recognises the N from their listing and reads only the new one (plus the
-  state: the running mean and the newest checkpoint's copy).
+  state: the running mean, which is the float32 output itself, and the link to the newest checkpoint).
 
 Before every timed run every file involved (checkpoints, state, output) is dropped from the page cache
 (``posix_fadvise(POSIX_FADV_DONTNEED)`` after an ``os.sync()``), so that what is read comes from the disk; each

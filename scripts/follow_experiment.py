@@ -55,7 +55,7 @@ def main() -> None:
     parser.add_argument("--data", default=None, help="CIFAR-10 folder (default: $CKPT_EMA_DATA)")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--keep-last", type=int, default=10)
-    parser.add_argument("--poll", type=float, default=2.0)
+    parser.add_argument("--poll", type=float, default=0.5)
     parser.add_argument("--val-split", type=int, default=5000)
     parser.add_argument("--train-subset", type=int, default=None, help="(quick trials)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
@@ -77,10 +77,16 @@ def main() -> None:
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     started = time.perf_counter()
+    # The watcher's lines go to a file (a pipe nobody reads until the end would fill and stall it), and training
+    # starts once it is watching, so that it sees the first checkpoint.
+    log_path = args.run.with_name(args.run.name + "-watch.log")
+    log = open(log_path, "w")
     watcher = subprocess.Popen(
         [*cli, "sweep", str(args.run), "--watch", "--until-step", str(final_step), "--poll", str(args.poll),
          "--warmup", "--decay", *DECAYS, "--no-plot", "-o", str(sweep_dir)],
-        stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        stderr=log, stdout=subprocess.DEVNULL, text=True)
+    while not log_path.read_text().startswith("watching") and watcher.poll() is None:
+        time.sleep(0.1)
     train = [*cli, "train", "-o", str(args.run), "--model", "net", "--epochs", str(args.epochs), "--save-every", "10",
              "--keep-last", str(args.keep_last), "--lr-schedule", "constant", "--no-augment", "--val-split",
              str(args.val_split), "--ema-decay", "0.9998", "--ema-warmup", "--no-eval", "--quiet", *data]
@@ -91,19 +97,23 @@ def main() -> None:
         watcher.kill()
         sys.exit(f"train failed: {trained.stderr}")
     train_seconds = time.perf_counter() - started
-    _, watch_log = watcher.communicate(timeout=600)
+    watcher.wait(timeout=600)
+    log.close()
     stop.set()
     sampler.join()
+    watch_log = log_path.read_text()
     if watcher.returncode:
         sys.exit(f"the watching sweep failed: {watch_log}")
     updates = [line for line in watch_log.splitlines() if line.startswith("step ")]
     missed = [line for line in watch_log.splitlines() if "deleted before it could be read" in line]
-    print(f"trained {final_step} steps in {train_seconds:.0f} s beside the watching sweep: {len(updates)} updates, "
-          f"{len(missed)} checkpoints missed; {watch_log.splitlines()[-1]}")
+    saves = final_step // 10 + 1
+    folded = len(json.loads((sweep_dir / "ckpt-ema-state" / "manifest.json").read_text())["inputs"])
+    print(f"trained {final_step} steps in {train_seconds:.0f} s beside the watching sweep (polling every "
+          f"{args.poll} s): {len(updates)} updates folded {folded} of the {saves} checkpoints saved "
+          f"({len(missed)} seen but deleted before they could be read)")
 
     final = args.run / f"step_{final_step:08d}.pt"
     checkpoint_bytes = final.stat().st_size
-    saves = final_step // 10 + 1
     all_kept = checkpoint_bytes * saves + bytes_on_disk([args.run]) - checkpoint_bytes * args.keep_last
     eval_data = EvalData(args.data, None)
     hp = json.loads((args.run / "run.json").read_text())["hparams"]
@@ -127,7 +137,7 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "peak_bytes": peak[0], "all_kept_bytes": all_kept,
                                          "train_seconds": train_seconds, "updates": len(updates),
-                                         "missed": len(missed)}, indent=2))
+                                         "folded": folded, "saved": saves, "missed": len(missed)}, indent=2))
 
 
 if __name__ == "__main__":

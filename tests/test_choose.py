@@ -29,7 +29,7 @@ from safetensors.torch import load_file
 
 import ckpt_ema
 from ckpt_ema.cli import main
-from ckpt_ema.weighting import (SIGMA_REL_MAX, DecaySchedule, ema_unresolved, gamma_of, power_weighting,
+from ckpt_ema.weighting import (SIGMA_REL_MAX, DecaySchedule, ema_unresolved, ema_unresolved_continued, gamma_of, power_weighting,
                                 sigma_rel_of)
 from helpers import (edm2_gamma, max_abs_diff, per_step_profile, power_reference, power_weights,
                      train_and_checkpoint, unresolved_reference, write_run)
@@ -149,6 +149,18 @@ def test_ema_unresolved_share_equals_a_loop_over_every_step(schedule: DecaySched
         got = ckpt_ema.weighting.ema_weighting(steps, schedule, bias_correction).unresolved
         assert got == pytest.approx(want, abs=1e-12), steps
         assert ema_unresolved(steps, schedule, bias_correction) == pytest.approx(want, abs=1e-12)
+
+
+@pytest.mark.parametrize("schedule,bias_correction", SCHEDULES, ids=str)
+def test_ema_unresolved_share_continues_over_appended_checkpoints(schedule: DecaySchedule,
+                                                                  bias_correction: bool) -> None:
+    """An append computes U from the earlier U and the new checkpoints alone: equal to U of the whole run."""
+    for steps in [s for s in SPARSE if len(s) > 1] + [[5, 90_000, 90_001, 2_000_000]]:
+        for cut in range(1, len(steps)):
+            before = ema_unresolved(steps[:cut], schedule, bias_correction)
+            got = ema_unresolved_continued(before, steps[cut - 1], steps[cut:], schedule, bias_correction)
+            assert got == pytest.approx(ema_unresolved(steps, schedule, bias_correction), rel=1e-9, abs=1e-13), \
+                (steps, cut)
 
 
 @pytest.mark.parametrize("sigma_rel", SIGMAS)

@@ -7,6 +7,7 @@ float64 references of tests/helpers.py (timm's recurrence run at every step).
 
 from __future__ import annotations
 
+import builtins
 import json
 import random
 
@@ -170,8 +171,9 @@ def test_appending_gives_the_full_rerun(tmp_path, case):
     assert [s.step for s in third.plan.sources] == STEPS
     got = load_file(out)
     full = ckpt_ema.average(keep, None, **options).state_dict
-    weights_full = ckpt_ema.plan(keep, **options).weighting.weights
-    assert max(abs(a - b) for a, b in zip(third.plan.weighting.weights, weights_full)) < 1e-12
+    planned = ckpt_ema.plan(keep, **options).weighting
+    assert max(abs(a - b) for a, b in zip(third.plan.weighting.weights, planned.weights)) < 1e-12
+    assert third.plan.weighting.unresolved == pytest.approx(planned.unresolved, rel=1e-9, abs=1e-13)
     mean = load_file(next(state_folder_of(out).glob("*.mean-0.safetensors")))
     for name, want in _reference(saved, options).items():
         assert mean[name].dtype == torch.float32
@@ -197,9 +199,11 @@ def test_an_append_opens_only_the_new_checkpoints(tmp_path, monkeypatch):
     opened: list[str] = []
     real = checkpoint._read_weight_file
     monkeypatch.setattr(checkpoint, "_read_weight_file", lambda file, key: (opened.append(file.name), real(file, key))[1])
+    real_open = builtins.open  # any byte of a file, e.g. to tell copies apart
+    monkeypatch.setattr(builtins, "open", lambda file, *a, **k: (opened.append(Path(file).name), real_open(file, *a, **k))[1])
     again = ckpt_ema.average(run, out, decay=0.9)
     assert again.note.startswith("appended 2")
-    checkpoints_opened = sorted(n for n in opened if n.startswith("ckpt_"))
+    checkpoints_opened = sorted({n for n in opened if n.startswith("ckpt_")})
     assert checkpoints_opened == ["ckpt_41.pt", "ckpt_42.pt"]
     assert again.bytes_read < 3 * (run / "ckpt_41.pt").stat().st_size + 2 * out.stat().st_size
 
@@ -298,12 +302,14 @@ def _files_in(folder: Path) -> set[str]:
     return {p.name for p in folder.rglob("*") if p.is_file()}
 
 
-@pytest.mark.parametrize("fails", ["replace", "fsync"])
+@pytest.mark.parametrize("fails", ["replace", "fsync", "link"])
 @pytest.mark.parametrize("exception", [OSError, KeyboardInterrupt])
 def test_an_update_interrupted_at_any_step_resumes_or_redoes_cleanly(tmp_path, monkeypatch, fails, exception):
-    """Fail (an I/O error, or Ctrl-C) at every rename and every flush of an append of a sweep, in turn. After each:
-    every output is whole and is the old or the new result, no temporary file is left, and the next run gives
-    the full rerun's result (it appends again, or rewrites outputs the committed state is ahead of)."""
+    """Fail (an I/O error, or Ctrl-C) at every rename, every flush and every hard link (the state's running mean
+    to its output, the newest checkpoint into the state) of an append of a sweep, in turn. After each: every output
+    is whole and is the old or the new result, no temporary file is left, and the next run gives the full rerun's
+    result (it appends again, or rewrites outputs the committed state is ahead of). A link that fails with an I/O
+    error (a file system without hard links) is a copy instead."""
     run, outdir = tmp_path / "run", tmp_path / "sweep"
     write_run(run, STEPS[:5])
     kwargs = dict(decays=[0.8], lasts=[2], warmup=True, plot=False)
@@ -320,7 +326,7 @@ def test_an_update_interrupted_at_any_step_resumes_or_redoes_cleanly(tmp_path, m
     shutil.copytree(outdir, backup)
     ckpt_ema.api.sweep(run, outdir, **kwargs)  # a dry run of the append, to count the calls
     points = len(calls)
-    assert points >= 4
+    assert points >= {"replace": 3, "fsync": 4, "link": 2}[fails]  # (link: the mean and the newest checkpoint)
     for k in range(points):
         shutil.rmtree(outdir)
         shutil.copytree(backup, outdir)
@@ -336,7 +342,8 @@ def test_an_update_interrupted_at_any_step_resumes_or_redoes_cleanly(tmp_path, m
         failed = True
         try:
             ckpt_ema.api.sweep(run, outdir, **kwargs)
-            assert fails == "fsync", k  # only the folders' fsync, after the commit, is best effort
+            # only the folders' fsync, after the commit, is best effort; a failed link is a copy
+            assert fails == "fsync" or (fails == "link" and exception is OSError), k
             failed = False
         except (CkptEmaError, exception):
             pass
@@ -529,3 +536,80 @@ def test_an_update_naming_part_of_the_run_never_averages_that_part_alone(tmp_pat
         update([run / "ckpt_40.pt"], target, StateFolder(state_folder_of(out)), whole_run=False)
     done = update([run], target, StateFolder(state_folder_of(out)))
     assert done.message.startswith("averaged 6 checkpoints from the start")
+
+
+def test_a_checkpoint_deleted_while_settling_is_noted_and_the_newer_ones_go_on(tmp_path):
+    """A trainer keeping its last K can delete a checkpoint between the watcher's two listings of it: that one is
+    said to be missed, and the checkpoints after it are folded in the same poll (they used to wait behind the gone
+    one forever, so that a fast trainer was never caught up with)."""
+    from ckpt_ema.follow.update import Target
+    from ckpt_ema.follow.watch import Watcher
+
+    run, out = tmp_path / "run", tmp_path / "ema.safetensors"
+    write_run(run, [10, 20, 30])
+    target = [Target("average", ckpt_ema.api.resolve_options(None, dict(decay=0.9)), out)]
+    notes: list[str] = []
+    watcher = Watcher([run], target, StateFolder(state_folder_of(out)), poll=0.01, on_note=notes.append)
+    watcher.stop.wait = lambda timeout=None: (run / "ckpt_10.pt").unlink(missing_ok=True)  # the trainer, meanwhile
+    watcher.step()
+    assert notes == [f"{run / 'ckpt_10.pt'} was deleted before it could be read: its interval is interpolated from "
+                     "its neighbours"]
+    assert watcher.last is not None and [s.step for s in watcher.last.plans[0].sources] == [20, 30]
+    want = ckpt_ema.average(run, None, decay=0.9).state_dict
+    got = load_file(out)
+    assert all(max_abs_diff(got[k], want[k]) < TOLERANCE for k in want)
+
+
+@pytest.mark.parametrize("links", [True, False], ids=["hard-links", "no-hard-links"])
+def test_the_state_links_instead_of_copying_and_refuses_a_link_rewritten_in_place(tmp_path, monkeypatch, links):
+    """A float32 output is its running mean and the newest checkpoint is kept by a hard link (no byte written
+    twice); where links fail, copies. Appending with --strip-prefix reads both right (the copy holds the names as
+    averaged, the link the checkpoint's own); an output or a newest checkpoint rewritten in place since (the same
+    file, new bytes: a link would now hold them) is refused in one line, never folded."""
+    if not links:
+        monkeypatch.setattr(os, "link", lambda *a, **k: (_ for _ in ()).throw(OSError(1, "not permitted")))
+    run, out = tmp_path / "run", tmp_path / "ema.safetensors"
+    saved = write_run(run, STEPS[:4])
+    for s in STEPS:
+        saved.setdefault(s, make_state(s))
+    prefixed = {s: {f"model.{k}": v for k, v in saved[s].items()} for s in STEPS}
+    for s in STEPS[:4]:
+        torch.save(prefixed[s], run / f"ckpt_{s}.pt")
+    options = dict(decay=0.9, warmup=True, strip_prefix="model.")
+    ckpt_ema.average(run, out, **options)
+    state = state_folder_of(out)
+    mean = next(state.glob("*.mean-0.safetensors"))
+    theta = next(state.glob("*.theta.*"))
+    assert (mean.stat().st_ino == out.stat().st_ino) is links
+    assert (theta.stat().st_ino == (run / "ckpt_20.pt").stat().st_ino) is links
+    assert theta.name.endswith(".pt" if links else ".safetensors")
+    for s in STEPS[4:6]:
+        torch.save(prefixed[s], run / f"ckpt_{s}.pt")
+    (run / "ckpt_20.pt").unlink()  # the trainer deletes the newest averaged: its interval needs it again
+    appended = ckpt_ema.average(run, out, **options)
+    assert appended.note.startswith("appended 2")
+    want = _reference({s: saved[s] for s in STEPS[:6]}, dict(decay=0.9, warmup=True))
+    got = load_file(out)
+    assert all(max_abs_diff(got[k], want[k]) < TOLERANCE for k in want)
+    if not links:
+        return
+    # The output rewritten in place (a script saving over it): the state's mean changed with it. The state cannot
+    # go on: averaging from the start needs ckpt_20.pt, which is gone.
+    with open(out, "r+b") as f:
+        f.seek(-4, os.SEEK_END)
+        f.write(b"\0\0\0\0")
+    torch.save(prefixed[STEPS[6]], run / f"ckpt_{STEPS[6]}.pt")
+    with pytest.raises(CkptEmaError, match=r"cannot go on from the state \(an output was rewritten in place since, "
+                                           r"and the state's link to it with it\), and averaging from the start "
+                                           r"needs .*ckpt_20.pt"):
+        ckpt_ema.average(run, out, **options)
+    # With every checkpoint there, it averages from the start; then the trainer rewrites the newest in place.
+    torch.save(prefixed[20], run / "ckpt_20.pt")
+    redone = ckpt_ema.average(run, out, **options)
+    assert redone.note.startswith("averaged 7 checkpoints from the start (the state cannot go on: an output was "
+                                  "rewritten in place since")
+    time.sleep(0.01)
+    torch.save({k: v + 1 for k, v in prefixed[STEPS[6]].items()}, run / f"ckpt_{STEPS[6]}.pt")  # the same file
+    redone = ckpt_ema.average(run, out, **options)
+    assert redone.note.startswith(f"averaged 7 checkpoints from the start (the state cannot go on: the newest "
+                                  f"checkpoint averaged, {run / f'ckpt_{STEPS[6]}.pt'}, was rewritten in place")

@@ -288,8 +288,8 @@ def test_a_failed_sharded_run_leaves_nothing_behind(pt_run: Path, tmp_path: Path
     if existing:
         earlier = ckpt_ema.average([run], out, decay=0.5, max_shard_size="40000B")
         assert len(earlier.files) >= 4
-    before = snapshot(out_dir)
     message = failure(run, monkeypatch)
+    before = snapshot(out_dir)  # (after the failure is set up: the state's link to ckpt_200.pt sees it rewritten)
     shards_begun = []
     real_init = ckpt_ema.output.writer.StreamingWriter.__init__
 

@@ -9,9 +9,15 @@ one generation of state, under an id that every output of the generation also re
   time, step), so that it is recognised later without being opened; the dtypes of the run's tensors and the
   newest checkpoint's training metadata, so that an output can be rewritten from the state alone;
 * ``<id>.mean-<k>.safetensors``: candidate k's running mean, its float tensors in the accumulator's dtype (the
-  output may be 16-bit; the mean goes on in full precision);
-* ``<id>.theta.safetensors``: the newest checkpoint's tensors, for the linear rule, which weighs that checkpoint
-  again in the next interval (the trainer may have deleted it by then).
+  output may be 16-bit; the mean goes on in full precision). When the output is one file holding exactly those
+  tensors (a float32 run's output), the mean is a hard link to it: written and flushed once, no second copy;
+* ``<id>.theta.<suffix>``: the newest checkpoint, for the linear rule, which weighs that checkpoint again in the
+  next interval (the trainer may have deleted it by then). A checkpoint of one weight file is hard-linked (no
+  copy: deleting the checkpoint leaves the link), and its listing recorded: a link that no longer matches it (the
+  file rewritten in place) is refused. Otherwise (a folder of several files, another file system) its tensors are
+  copied, as averaged, to ``<id>.theta.safetensors``.
+
+Where hard links are not supported, each is a copy, written atomically.
 
 **Commit protocol.** An update writes a new generation beside the old one:
 
@@ -32,19 +38,21 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import tempfile
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from ckpt_ema.errors import CkptEmaError
-from ckpt_ema.formats.checkpoint import Checkpoint, checkpoint_files, open_checkpoint
+from ckpt_ema.formats.checkpoint import Checkpoint, checkpoint_files, is_weight_file, open_checkpoint
 from ckpt_ema.formats.safetensors import SafetensorsFile
-from ckpt_ema.output.atomic import close_on_disk
+from ckpt_ema.formats.torch_save import TORCH_SUFFIXES
+from ckpt_ema.output.atomic import close_on_disk, create_temporary
 from ckpt_ema.output.sinks import SafetensorsOutput, index_path_of
 
 MANIFEST = "manifest.json"
@@ -95,6 +103,7 @@ class CandidateRecord:
     total: float | None  # R; None for a uniform mean of the newest K, which keeps no mean
     mean: str | None  # file name in the state folder
     weights: list[float]  # each input's final weight, as the output's metadata records it
+    unresolved: float | None = None  # the average's unresolved share, continued by an append (ema_unresolved_continued)
 
 
 @dataclass(frozen=True)
@@ -103,13 +112,20 @@ class Manifest:
     accum_dtype: str
     inputs: list[Recorded]
     candidates: list[CandidateRecord]
-    theta: str | None  # file name of the newest checkpoint's copy (linear rule)
+    theta: str | None  # file name of the newest checkpoint's link or copy (linear rule)
     dtypes: dict[str, str]  # the run's tensors' dtypes, in layout order
     carried: dict[str, Any] = field(default_factory=dict)  # the newest checkpoint's training metadata
+    # The state files that are hard links (to an output, or the newest checkpoint's weight file) and their
+    # (bytes, modification time) when linked: a link that no longer matches was rewritten in place, and is refused.
+    # ``theta`` in here is the checkpoint itself (read like any input); otherwise a copy of its tensors as averaged.
+    links: dict[str, list[int]] = field(default_factory=dict)
     version: int = MANIFEST_VERSION
+    # Why this state cannot go on although it is whole (set by StateFolder.load, never written): an update averages
+    # from the start instead, as when a checkpoint changed.
+    broken: str | None = field(default=None, compare=False)
 
     def to_json(self) -> str:
-        fields = {**vars(self), "inputs": [vars(r) for r in self.inputs],
+        fields = {**{k: v for k, v in vars(self).items() if k != "broken"}, "inputs": [vars(r) for r in self.inputs],
                   "candidates": [vars(c) for c in self.candidates]}  # (dataclasses.asdict: 10x slower)
         return json.dumps(fields, separators=(",", ":"))
 
@@ -125,11 +141,15 @@ class Manifest:
             candidates = [CandidateRecord(str(c["name"]), str(c["output"]), dict(c["options"]),
                                           None if c["total"] is None else _finite(c["total"]),
                                           None if c["mean"] is None else _file_name(c["mean"]),
-                                          [_finite(w) for w in c["weights"]])
+                                          [_finite(w) for w in c["weights"]],
+                                          None if c.get("unresolved") is None else _finite(c["unresolved"]))
                           for c in raw["candidates"]]
             manifest = cls(_file_name(raw["generation"]), str(raw["accum_dtype"]), inputs, candidates,
                            None if raw["theta"] is None else _file_name(raw["theta"]),
-                           {str(k): str(v) for k, v in dict(raw["dtypes"]).items()}, dict(raw["carried"]))
+                           {str(k): str(v) for k, v in dict(raw["dtypes"]).items()}, dict(raw["carried"]),
+                           {_file_name(k): [_int(x) for x in v] for k, v in dict(raw.get("links", {})).items()})
+            if any(len(v) != 2 for v in manifest.links.values()) or not set(manifest.links) <= manifest.files():
+                raise ValueError("a link that is not a state file")
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise CkptEmaError(f"unreadable state manifest ({exc}); remove the folder to start over", where) from None
         steps = [r.step for r in manifest.inputs]
@@ -182,6 +202,14 @@ class StateFolder:
             if not (self.path / name).is_file():
                 raise CkptEmaError(f"the state file {name} that the manifest names is missing; remove the folder to "
                                    "start over", self.path)
+        for name, listing in manifest.links.items():
+            st = (self.path / name).stat()
+            if [st.st_size, st.st_mtime_ns] != listing:
+                what = (f"the newest checkpoint averaged, {manifest.inputs[-1].path}," if name == manifest.theta else
+                        "an output")
+                manifest = replace(manifest, broken=f"{what} was rewritten in place since, and the state's link to "
+                                                    "it with it")
+                break
         self.remove_leftovers(manifest)
         return manifest
 
@@ -193,14 +221,41 @@ class StateFolder:
             if entry.name not in keep and entry.is_file():
                 entry.unlink(missing_ok=True)
 
-    def open(self, name: str) -> Checkpoint:
-        """One of the state's tensor files, read (and validated) like any safetensors checkpoint."""
-        return open_checkpoint(self.path / name)
+    def open(self, name: str, key: str | None = None) -> Checkpoint:
+        """One of the state's tensor files, read (and validated) like any checkpoint (``key``: a linked input's)."""
+        return open_checkpoint(self.path / name, key)
 
     def new_file(self, generation: str, role: str) -> SafetensorsOutput:
         """A sink for one state file of a new generation, renamed to its name in :meth:`commit`."""
         self._make()
         return SafetensorsOutput(self.path / f"{generation}.{role}.safetensors", {STATE_KEY: generation}, None)
+
+    def new_mean(self, generation: str, k: int, output: SafetensorsOutput) -> MeanFile:
+        """A sink for candidate k's running mean, a link to ``output`` where it holds the same bytes."""
+        self._make()
+        return MeanFile(self.path / f"{generation}.mean-{k}.safetensors", {STATE_KEY: generation}, output)
+
+    def link_input(self, generation: str, checkpoint: Path, listing: tuple[int, int] | None) -> InputLink | None:
+        """The newest checkpoint ``checkpoint`` (listed as ``listing`` when it was averaged) hard-linked into the
+        state as ``<generation>.theta<suffix>``; None when it is not one weight file, the link cannot be made (no
+        hard links, another file system) or the file is no longer the one listed."""
+        files = checkpoint_files(checkpoint) if listing is not None else []
+        if len(files) != 1 or not is_weight_file(files[0]):
+            return None
+        file = files[0]
+        suffix = next(x for x in (".pth.tar", ".safetensors", *TORCH_SUFFIXES) if file.name.endswith(x))
+        self._make()
+        link = self.path / f"{generation}.theta{suffix}"
+        try:
+            os.link(file, link)
+            st = link.stat()
+        except OSError:
+            link.unlink(missing_ok=True)
+            return None
+        if (st.st_size, st.st_mtime_ns) != listing:
+            link.unlink(missing_ok=True)
+            return None
+        return InputLink(link)
 
     def commit(self, manifest: Manifest, state_files: Sequence[SafetensorsOutput],
                outputs: Sequence[SafetensorsOutput]) -> list[list[Path]]:
@@ -212,6 +267,9 @@ class StateFolder:
             sink.prepare()
         for sink in state_files:
             sink.publish_shards()  # their own new names: nothing refers to them yet
+            if isinstance(sink, InputLink) or (isinstance(sink, MeanFile) and sink.linked):
+                st = sink.path.stat()
+                manifest.links[sink.path.name] = [st.st_size, st.st_mtime_ns]
         with signals_held():
             _write_file_atomically(self.path / MANIFEST, manifest.to_json().encode())  # the commit point
             for sink in outputs:
@@ -242,6 +300,72 @@ class StateFolder:
             for entry in self.path.iterdir():
                 entry.unlink(missing_ok=True)
             self.path.rmdir()
+
+
+@dataclass
+class InputLink:
+    """The newest checkpoint's weight file, hard-linked into the state folder under its own name (a state file
+    that needs no writing: see :meth:`StateFolder.link_input`)."""
+
+    path: Path
+    notes: list[str] = field(default_factory=list)
+    published: bool = False
+
+    def prepare(self) -> None:
+        pass
+
+    def publish_shards(self) -> None:
+        self.published = True
+
+    def abort(self) -> None:
+        if not self.published:  # the update failed before its commit began
+            self.path.unlink(missing_ok=True)
+
+
+class MeanFile(SafetensorsOutput):
+    """A candidate's running mean. When its output is one file holding exactly the mean's tensors and dtypes (every
+    float tensor in the accumulator's dtype), nothing is written: the output's file, once flushed, is hard-linked
+    (or, where links fail, copied) to the mean's name. Otherwise it is a file of its own."""
+
+    def __init__(self, path: Path, metadata: dict[str, str], output: SafetensorsOutput) -> None:
+        super().__init__(path, metadata, None)
+        self.output = output
+        self.linked = False
+
+    def open(self, shapes, dtypes, **kwargs) -> None:  # noqa: ANN001
+        self.linked = self.output.single_file_of(shapes, dtypes) is not None
+        if not self.linked:
+            super().open(shapes, dtypes, **kwargs)
+
+    def write(self, name: str, piece) -> None:  # noqa: ANN001
+        if not self.linked:
+            super().write(name, piece)
+
+    def prepare(self) -> None:
+        if not self.linked:
+            super().prepare()
+
+    def publish_shards(self) -> None:
+        """Link (or copy) the output's prepared file to the mean's name; the output is renamed after this."""
+        if not self.linked:
+            return super().publish_shards()
+        source = self.output.single_file_of(*self.output._layout)  # type: ignore[misc]
+        assert source is not None and source.exists(), "the mean is published before its output"
+        try:
+            os.link(source, self.path)
+            return
+        except OSError:
+            pass
+        fd, tmp = create_temporary(self.path)
+        self._temporaries.append(tmp)
+        try:
+            with open(source, "rb") as src, os.fdopen(fd, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 24)
+                close_on_disk(dst, tmp)
+            os.replace(tmp, self.path)
+            self._temporaries.remove(tmp)
+        except OSError as exc:
+            raise CkptEmaError(f"cannot write the state: {exc.strerror or exc}", self.path) from None
 
 
 def new_generation() -> str:

@@ -33,6 +33,7 @@ from ckpt_ema.engine.runner import DTYPES, check_device, chunk_elems
 from ckpt_ema.errors import CkptEmaError
 from ckpt_ema.follow.state import (
     CandidateRecord,
+    InputLink,
     Manifest,
     Recorded,
     StateFolder,
@@ -47,8 +48,8 @@ from ckpt_ema.output.atomic import check_not_an_input, output_files
 from ckpt_ema.output.metadata import CARRIED_METADATA, output_metadata
 from ckpt_ema.output.sinks import SafetensorsOutput
 from ckpt_ema.planning import Plan, weighting_for, within_window
-from ckpt_ema.weighting import (EmaState, Weighting, ema_continuation, ema_total, ema_unresolved, ema_weighting,
-                                uniform_weighting)
+from ckpt_ema.weighting import (EmaState, Weighting, ema_continuation, ema_total, ema_unresolved,
+                                ema_unresolved_continued, ema_weighting, uniform_weighting)
 
 # Options that do not change the running means: how the outputs are written (a change rewrites them from the
 # state), and where and within what memory the fold runs.
@@ -108,7 +109,7 @@ def update(inputs: Sequence[str | Path], targets: Sequence[Target], folder: Stat
     base = targets[0].options
     check_device(base.device)
     manifest = folder.load()
-    reason = None if manifest is None else _options_differ(manifest, targets)
+    reason = None if manifest is None else manifest.broken or _options_differ(manifest, targets)
     if manifest is not None and reason is None:
         lister = _Lister(manifest)
         found = _discover(inputs, base, lister)
@@ -277,7 +278,7 @@ def _fold_and_commit(manifest: Manifest | None, found: Discovery, new: list[Sour
     sources = found.sources if manifest is None else _sources_so_far(manifest, found, new)
     steps = [s.step for s in sources]
     reread = [] if manifest is None else _reread(manifest, sources, new, targets)
-    job = _Job(_checkpoints(manifest, folder, sources, new, reread))
+    job = _Job(_checkpoints(manifest, folder, sources, new, reread, base))
     n = len(job.checkpoints)
     plans: list[Plan] = []
     totals: list[float | None] = []
@@ -304,8 +305,10 @@ def _fold_and_commit(manifest: Manifest | None, found: Discovery, new: list[Sour
                                         after)
             old = [x * w.prior for x in record.weights]
             old[-1] += w.weights[0]  # the newest folded before: its share of the next interval (linear rule)
-            weighting = Weighting(tuple(steps), tuple(old) + w.weights[1:],
-                                  ema_unresolved(steps, opts.schedule, opts.bias_correction))
+            unresolved = (ema_unresolved(steps, opts.schedule, opts.bias_correction) if record.unresolved is None
+                          else ema_unresolved_continued(record.unresolved, manifest.inputs[-1].step,
+                                                        [s.step for s in new], opts.schedule, opts.bias_correction))
+            weighting = Weighting(tuple(steps), tuple(old) + w.weights[1:], unresolved)
             lerps = list(w.lerps) if manifest.theta else (list(w.lerps[1:]) or [0.0])  # no copy: no slot
             job.lerps.append([0.0] * len(reread) + lerps)
             job.initial.append(folder.open(record.mean) if w.prior > 0 and record.mean else None)
@@ -324,18 +327,21 @@ def _fold_and_commit(manifest: Manifest | None, found: Discovery, new: list[Sour
     try:
         for k, (target, out) in enumerate(zip(targets, outputs)):
             if target.keeps_mean:
-                mean = folder.new_file(generation, f"mean-{k}")
+                mean = folder.new_mean(generation, k, out)
                 state_files.append(mean)
                 job.sinks.append(_Tee(out, mean))
                 job.files.append([(out, "output"), (mean, "accum")])
             else:
                 job.sinks.append(out)
                 job.files.append([(out, "output")])
-        theta = None
+        theta: SafetensorsOutput | InputLink | None = None
         if base.interpolate == "linear" and any(t.keeps_mean for t in targets):
-            theta = folder.new_file(generation, "theta")  # the newest checkpoint, copied as read
+            # the newest checkpoint: linked where it is one file, else copied as read
+            theta = (folder.link_input(generation, new[-1].path, listings.get(new[-1].path)) if new else None) \
+                or folder.new_file(generation, "theta")
             state_files.append(theta)
-        dtypes, passes = _run(job, theta, base, None if manifest is None else manifest.dtypes, progress, desc)
+        copy = theta if isinstance(theta, SafetensorsOutput) else None
+        dtypes, passes = _run(job, copy, base, None if manifest is None else manifest.dtypes, progress, desc)
         records = {} if manifest is None else {r.path: r for r in manifest.inputs}
         next_manifest = Manifest(
             generation=generation,
@@ -343,9 +349,9 @@ def _fold_and_commit(manifest: Manifest | None, found: Discovery, new: list[Sour
             inputs=[records.get(str(s.path.absolute())) or _record(s, listings.get(s.path)) for s in sources],
             candidates=[CandidateRecord(t.name, str(t.output.absolute()), t.options.flat(), total,
                                         f"{generation}.mean-{k}.safetensors" if t.keeps_mean else None,
-                                        list(p.weighting.weights))
+                                        list(p.weighting.weights), p.weighting.unresolved)
                         for k, (t, p, total) in enumerate(zip(targets, plans, totals))],
-            theta=f"{generation}.theta.safetensors" if theta is not None else None,
+            theta=theta.path.name if theta is not None else None,
             dtypes=dtypes,
             carried={k: v for k, v in sources[-1].metadata.items() if k in CARRIED_METADATA},
         )
@@ -395,17 +401,23 @@ def _reread(manifest: Manifest, sources: list[Source], new: list[Source], target
 
 
 def _checkpoints(manifest: Manifest | None, folder: StateFolder, sources: list[Source], new: list[Source],
-                 reread: list[Source]) -> list[Path | Checkpoint]:
-    """What the fold reads, in order: from the start, every checkpoint; appending, those ``reread``, the copy of
-    the newest folded before (linear rule), then the new ones. With nothing new and no copy, the first running
-    mean stands in as the newest checkpoint (the layout and the non-float tensors), weighed by none."""
+                 reread: list[Source], options: AverageOptions) -> list[Path | Checkpoint]:
+    """What the fold reads, in order: from the start, every checkpoint; appending, those ``reread``, the newest
+    folded before (linear rule: its link or copy in the state), then the new ones. With nothing new and no copy,
+    the first running mean stands in as the newest checkpoint (the layout and the non-float tensors), weighed by
+    none. The fold strips ``--strip-prefix`` from every checkpoint: state files, which hold the names as averaged,
+    get it back first; a linked checkpoint is read like any input."""
     if manifest is None:
         return [s.opened or s.path for s in sources]
     prior: list[Path | Checkpoint] = []
-    if manifest.theta:
+    if manifest.theta in manifest.links:
+        prior = [folder.open(manifest.theta, options.key)]
+    elif manifest.theta:
         prior = [folder.open(manifest.theta)]
     elif not new:
         prior = [folder.open(next(c.mean for c in manifest.candidates if c.mean))]
+    if options.strip_prefix and prior and manifest.theta not in manifest.links:
+        prior = [prior[0].with_prefix(options.strip_prefix)]
     return [s.path for s in reread] + prior + [s.opened or s.path for s in new]
 
 

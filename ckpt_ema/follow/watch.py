@@ -75,7 +75,8 @@ class Watcher:
         self.last: Update | None = None
         self._seen: dict[Path, tuple[int, int]] = {}  # listing at the previous poll of what is not folded yet
         self._ours = {t.output.absolute() for t in targets}
-        self._noted: set[str] = set()
+        self._noted: set[str] = set()  # the skipped-file lines said
+        self._missed_paths: set[Path] = set()
 
     def run(self) -> Update | None:
         """Poll and update until stopped; returns the last update (None: nothing was ever folded)."""
@@ -117,8 +118,7 @@ class Watcher:
                     raise
                 for path in gone:  # deleted by the trainer meanwhile: look again
                     if path in ready:
-                        self.on_note(f"{path} was deleted before it could be read: its interval is interpolated "
-                                     "from its neighbours")
+                        self._missed(path, folded)
         else:
             return False
         for path in ready:
@@ -150,7 +150,10 @@ class Watcher:
             try:
                 listing = listing_of(path)
             except (OSError, CkptEmaError):
-                continue  # deleted meanwhile, or a folder still being filled
+                if path.exists():
+                    break  # a folder still being filled: newer ones wait behind it
+                self._missed(path, folded)
+                continue
             if folded.get(str(path.absolute())) == listing:
                 present.append(path)
                 continue
@@ -169,9 +172,20 @@ class Watcher:
                     if listing_of(path) != listing:
                         break
                 except (OSError, CkptEmaError):
-                    break
+                    if path.exists():
+                        break
+                    self._missed(path, folded)  # whole but deleted while settling: the next ones can go on
+                    continue
                 ready.append(path)
         return present, ready
+
+    def _missed(self, path: Path, folded: dict[str, tuple[int, int]]) -> None:
+        """Say (once) that a checkpoint the trainer deleted before it could be read is not in the averages."""
+        self._seen.pop(path, None)
+        if str(path.absolute()) in folded or path in self._missed_paths:
+            return
+        self._missed_paths.add(path)
+        self.on_note(f"{path} was deleted before it could be read: its interval is interpolated from its neighbours")
 
 
 def watch(inputs: Sequence[str | Path], targets: Sequence[Target], folder: StateFolder, **kwargs: object

@@ -106,6 +106,13 @@ class Checkpoint:
                        _tensors={n[cut:]: t for n, t in self._tensors.items()},
                        _safetensors={n[cut:]: h for n, h in self._safetensors.items()})
 
+    def with_prefix(self, prefix: str) -> Checkpoint:
+        """The same checkpoint with ``prefix`` put before every tensor name: the inverse of :meth:`without_prefix`
+        (a state file holds the names as averaged; the fold strips the prefix from every checkpoint it reads)."""
+        return replace(self, names=[prefix + n for n in self.names],
+                       _tensors={prefix + n: t for n, t in self._tensors.items()},
+                       _safetensors={prefix + n: h for n, h in self._safetensors.items()})
+
 
 class PartedCheckpoint(Checkpoint):
     """A checkpoint whose tensors are stored in parts (DCP's chunks, DeepSpeed's partitions) and assembled on read:

@@ -69,6 +69,7 @@ class SafetensorsOutput:
         self._index_tmp: Path | None = None
         self._writeback_from: dict[BinaryIO, int] = {}  # per file: where the bytes not yet sent to disk begin
         self.notes: list[str] = []  # stale temporary files of killed runs, removed or left alone
+        self._layout: tuple[dict, dict] | None = None  # (shapes, dtypes) once opened
 
     def open(self, shapes: Mapping[str, tuple[int, ...]], dtypes: Mapping[str, torch.dtype], *,
              partition: Sequence[Sequence[str]] | None = None, rank: int = 0) -> None:
@@ -78,6 +79,7 @@ class SafetensorsOutput:
         writes only the shards of ``partition[rank]``. Every rank derives the same global shard names and index
         from the same partition, so no names need to be exchanged; rank 0 writes the index.
         """
+        self._layout = ({n: tuple(shape) for n, shape in shapes.items()}, dict(dtypes))
         shards, mine = self._shards(shapes, dtypes, partition, rank)
         if len(shards) == 1 and partition is None:
             self._finals = [self.path]
@@ -140,6 +142,15 @@ class SafetensorsOutput:
             f.flush()
             disk.start_writeback(f.fileno(), start, end - start)
             self._writeback_from[f] = end
+
+    def single_file_of(self, shapes: Mapping[str, tuple[int, ...]], dtypes: Mapping[str, torch.dtype]) -> Path | None:
+        """This output's temporary file, when the output (opened) is that one file holding exactly these tensors in
+        these dtypes, in this order; else None."""
+        if (self._layout is None or self.index_path is not None or len(self._files) != 1
+                or list(self._layout[0].items()) != [(n, tuple(s)) for n, s in shapes.items()]
+                or self._layout[1] != dict(dtypes)):
+            return None
+        return self._files[0][0]
 
     def commit(self) -> list[Path]:
         """Flush everything to disk, then rename: shards first, the index (the commit point) last."""
