@@ -330,10 +330,14 @@ class MeanFile(SafetensorsOutput):
     def __init__(self, path: Path, metadata: dict[str, str], output: SafetensorsOutput) -> None:
         super().__init__(path, metadata, None)
         self.output = output
-        self.linked = False
+        self._source: Path | None = None  # the output's temporary file, when the mean is it
+
+    @property
+    def linked(self) -> bool:
+        return self._source is not None
 
     def open(self, shapes, dtypes, **kwargs) -> None:  # noqa: ANN001
-        self.linked = self.output.single_file_of(shapes, dtypes) is not None
+        self._source = self.output.single_file_of(shapes, dtypes)
         if not self.linked:
             super().open(shapes, dtypes, **kwargs)
 
@@ -349,7 +353,7 @@ class MeanFile(SafetensorsOutput):
         """Link (or copy) the output's prepared file to the mean's name; the output is renamed after this."""
         if not self.linked:
             return super().publish_shards()
-        source = self.output.single_file_of(*self.output._layout)  # type: ignore[misc]
+        source = self._source
         assert source is not None and source.exists(), "the mean is published before its output"
         try:
             os.link(source, self.path)
