@@ -47,8 +47,10 @@ tail_j = prod_{k>j} F_k over their intervals::
 
 and m_N is their weighted mean, R_N their sum. A fresh start is the same with R = 0 and a first interval that
 copies (F = A = 0, B = 1) or, with bias correction, holds theta_0 from step 0: so :func:`ema_weighting` is the
-continuation of nothing, and an append gives the full rerun's weights. The uniform mean of the newest K has no
-such state: it needs the K newest checkpoints themselves.
+continuation of nothing, and an append gives the full rerun's weights. The power EMA goes on the same way
+(:func:`power_continuation`): its weight on an interval is P(b) - P(a) against the newest step, whatever comes
+after, so m_n weighs P(s_n) and no total need be kept. The uniform mean of the newest K has no such state: it
+needs the K newest checkpoints themselves.
 
 **Cost.** F, A and B of an interval take a few operations whatever its length (:meth:`DecaySchedule.run`): a
 step of 10^12, or Unix timestamps used as steps, costs what a step of 10 costs. Where d(s) is constant it is a
@@ -666,14 +668,45 @@ def power_weighting(steps: list[int], sigma_rel: float, interpolate: str = "line
     return Weighting(tuple(steps), tuple(weights.tolist()), _power_unresolved(steps, gamma, mass))
 
 
-def _power_unresolved(steps: list[int], gamma: float, mass: torch.Tensor) -> float:
-    """U of the power profile. P is convex, so e_s rises within every interval: see :func:`_rising_excess`."""
+def power_continuation(steps: list[int], sigma_rel: float, interpolate: str, newest: int,
+                       unresolved: float | None = None) -> Weighting:
+    """Weights of the power EMA over checkpoints at ``steps`` (increasing, after ``newest``), continuing the mean of
+    the checkpoints up to step ``newest``: the weighting's first entry is the checkpoint at ``newest`` (whose
+    weights ``linear`` needs again for the next interval), ``prior`` the earlier mean's share. ``unresolved``, U
+    of the earlier mean, gives U of the whole (else 0).
+
+    The profile's weight on an interval, relative to the newest step, is P(b) - P(a) with P(x) = (x / newest)^(g):
+    it does not depend on what comes after, only on the step it is measured against. The earlier mean holds the
+    intervals up to ``newest``, whose total is P(newest) measured against the new newest step: that is its share,
+    and the new intervals are split between their ends as from the start. The cost is that of the new intervals.
+    """
+    if interpolate not in INTERPOLATIONS:
+        raise OptionError("interpolate", f"must be one of {', '.join(INTERPOLATIONS)}, got {interpolate!r}")
+    if not steps or steps[0] <= newest:
+        raise ValueError(f"the new steps must come after the newest step already folded, {newest}")
+    gamma = gamma_of(sigma_rel)
+    ends = [newest, *steps]
+    mass, newer = power_intervals(ends, gamma)
+    if interpolate == "step":
+        newer = mass.clone()
+    raw = newer.clone()
+    raw[0] = 0.0  # the interval (0, newest] is in the earlier mean
+    raw[:-1] += (mass - newer)[1:]  # the older end of interval i is checkpoint i-1
+    prior = float(mass[0])
+    total = prior + float(raw.sum())
+    u = 0.0 if unresolved is None else unresolved * prior + _power_unresolved(steps, gamma, mass[1:], newest)
+    return Weighting(tuple(ends), tuple((raw / total).tolist()), u / total, prior=prior / total)
+
+
+def _power_unresolved(steps: list[int], gamma: float, mass: torch.Tensor, start: int = 0) -> float:
+    """U of the power profile. P is convex, so e_s rises within every interval: see :func:`_rising_excess`.
+    ``start``: the first interval begins after this step (the intervals after an earlier part of the run)."""
     import torch
 
     g = gamma + 1
     final = float(steps[-1])
     b = torch.tensor(steps, dtype=torch.float64)
-    a = torch.cat([torch.zeros(1, dtype=torch.float64), b[:-1]])
+    a = torch.cat([torch.full((1,), float(start), dtype=torch.float64), b[:-1]])
 
     def step_weight(s: torch.Tensor) -> torch.Tensor:  # e_s = P(s) (1 - (1 - 1/s)^g)
         s = s.clamp(min=1)

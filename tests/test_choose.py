@@ -29,8 +29,8 @@ from safetensors.torch import load_file
 
 import ckpt_ema
 from ckpt_ema.cli import main
-from ckpt_ema.weighting import (SIGMA_REL_MAX, DecaySchedule, ema_unresolved, ema_unresolved_continued, gamma_of, power_weighting,
-                                sigma_rel_of)
+from ckpt_ema.weighting import (SIGMA_REL_MAX, DecaySchedule, ema_unresolved, ema_unresolved_continued, gamma_of,
+                                power_continuation, power_weighting, sigma_rel_of)
 from helpers import (edm2_gamma, max_abs_diff, per_step_profile, power_reference, power_weights,
                      train_and_checkpoint, unresolved_reference, write_run)
 
@@ -161,6 +161,23 @@ def test_ema_unresolved_share_continues_over_appended_checkpoints(schedule: Deca
             got = ema_unresolved_continued(before, steps[cut - 1], steps[cut:], schedule, bias_correction)
             assert got == pytest.approx(ema_unresolved(steps, schedule, bias_correction), rel=1e-9, abs=1e-13), \
                 (steps, cut)
+
+
+@pytest.mark.parametrize("sigma_rel", SIGMAS)
+@pytest.mark.parametrize("interpolate", ["linear", "step"])
+def test_power_ema_continues_over_appended_checkpoints(sigma_rel: float, interpolate: str) -> None:
+    """An append weighs the earlier mean by ``prior`` and the new checkpoints as the whole run does: the final
+    weights and U equal the whole run's, wherever the run is cut (an append's cost is the new intervals')."""
+    for steps in [s for s in SPARSE if len(s) > 1] + [[0, 4095, 4096, 4300, 9000], [5, 90_000, 90_001, 10**9]]:
+        for cut in range(1, len(steps)):
+            before = power_weighting(steps[:cut], sigma_rel, interpolate)
+            w = power_continuation(steps[cut:], sigma_rel, interpolate, steps[cut - 1], before.unresolved)
+            weights = [x * w.prior for x in before.weights]
+            weights[-1] += w.weights[0]
+            weights += w.weights[1:]
+            whole = power_weighting(steps, sigma_rel, interpolate)
+            assert weights == pytest.approx(whole.weights, rel=1e-9, abs=1e-13), (steps, cut)
+            assert w.unresolved == pytest.approx(whole.unresolved, rel=1e-9, abs=1e-13), (steps, cut)
 
 
 @pytest.mark.parametrize("sigma_rel", SIGMAS)

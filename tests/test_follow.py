@@ -502,24 +502,29 @@ def test_the_demo_trainer_keeps_its_last_k(cifar_dir, tmp_path):
     assert [s.step for s in avg.plan.sources] == [4, 6, 8]
 
 
-def test_a_power_ema_candidate_is_averaged_from_the_start_each_time(tmp_path):
-    """A power EMA (sigma_rel) keeps no running mean yet: an update says so and redoes the sweep from the start,
-    with the full rerun's result (and fails in one line once a checkpoint it needs is gone)."""
+@pytest.mark.parametrize("interpolate", ["linear", "step"])
+def test_a_power_ema_candidate_appends_like_an_ema(tmp_path, interpolate):
+    """A power EMA (sigma_rel) goes on from its running mean: appends read only the new checkpoints, survive the
+    old ones' deletion, and give the full rerun's result and unresolved share."""
     run, outdir = tmp_path / "run", tmp_path / "sweep"
-    write_run(run, STEPS[:5])
-    kwargs = dict(decays=[0.9], sigma_rels=[0.1], plot=False)
+    write_run(run, STEPS[:4])
+    kwargs = dict(decays=[0.9], sigma_rels=[0.05, 0.2], interpolate=interpolate, plot=False)
     ckpt_ema.api.sweep(run, outdir, **kwargs)
-    write_run(run, STEPS[5:])
-    again = ckpt_ema.api.sweep(run, outdir, **kwargs)
-    assert again.notes[0] == ("averaged 10 checkpoints from the start (the state cannot go on: power-0.1 is a power "
-                              "EMA, which is averaged from the start each time)")
+    keep = tmp_path / "all"
+    write_run(keep, STEPS)
+    for lo, hi in ((4, 7), (7, 10)):
+        write_run(run, STEPS[lo:hi])
+        again = ckpt_ema.api.sweep(run, outdir, **kwargs)
+        assert again.notes[0].startswith(f"appended {hi - lo} new checkpoints"), again.notes
+        for s in STEPS[: hi - 2]:
+            (run / f"ckpt_{s}.pt").unlink(missing_ok=True)  # the trainer keeps its last 2
+    assert again.notes[0].endswith("(5 of them since deleted)"), again.notes
     for candidate in again.candidates:
-        full = ckpt_ema.average(run, None, candidate.plan.options).state_dict
+        full = ckpt_ema.average(keep, None, candidate.plan.options)
         got = load_file(candidate.output)
-        assert all(max_abs_diff(got[k], full[k]) < TOLERANCE for k in full), candidate.name
-    (run / "ckpt_0.pt").unlink()
-    with pytest.raises(CkptEmaError, match="is a power EMA, which is averaged from the start each time.*ckpt_0.pt"):
-        ckpt_ema.api.sweep(run, outdir, **kwargs)
+        assert all(max_abs_diff(got[k], full.state_dict[k]) < TOLERANCE for k in full.state_dict), candidate.name
+        assert candidate.plan.weighting.weights == pytest.approx(full.plan.weighting.weights, abs=1e-12)
+        assert candidate.plan.weighting.unresolved == pytest.approx(full.plan.weighting.unresolved, rel=1e-9)
 
 
 def test_an_update_naming_part_of_the_run_never_averages_that_part_alone(tmp_path):

@@ -49,7 +49,7 @@ from ckpt_ema.output.metadata import CARRIED_METADATA, output_metadata
 from ckpt_ema.output.sinks import SafetensorsOutput
 from ckpt_ema.planning import Plan, weighting_for, within_window
 from ckpt_ema.weighting import (EmaState, Weighting, ema_continuation, ema_total, ema_unresolved,
-                                ema_unresolved_continued, ema_weighting, uniform_weighting)
+                                ema_unresolved_continued, ema_weighting, power_continuation, uniform_weighting)
 
 # Options that do not change the running means: how the outputs are written (a change rewrites them from the
 # state), and where and within what memory the fold runs.
@@ -77,9 +77,9 @@ class Target:
 
     @property
     def keeps_mean(self) -> bool:
-        """timm's EMA, which goes on from its running mean; a uniform mean of the newest K reads them again, and a
-        power EMA (``sigma_rel``) is averaged from the start each time (its continuation is not written yet)."""
-        return self.options.last is None and self.options.sigma_rel is None
+        """timm's EMA and the power EMA (``sigma_rel``), which go on from their running means; a uniform mean of
+        the newest K reads them again."""
+        return self.options.last is None
 
 
 @dataclass
@@ -147,9 +147,6 @@ def _options_differ(manifest: Manifest, targets: Sequence[Target]) -> str | None
     """Why the state's means cannot go on under these targets' options (None: they can)."""
     if [(c.name, c.output) for c in manifest.candidates] != [(t.name, str(t.output.absolute())) for t in targets]:
         return "the averages asked for are not those the state carries"
-    power = [t.name for t in targets if t.options.sigma_rel is not None]
-    if power:
-        return f"{power[0]} is a power EMA, which is averaged from the start each time"
     for record, target in zip(manifest.candidates, targets):
         now = target.options.flat()
         differ = sorted(k for k in set(now) | set(record.options)
@@ -286,33 +283,38 @@ def _fold_and_commit(manifest: Manifest | None, found: Discovery, new: list[Sour
         opts = target.options
         total = None
         if manifest is None:  # from the start: the full weighting
-            if target.keeps_mean:
+            if target.keeps_mean and opts.sigma_rel is None:
                 weighting = ema_weighting(steps, opts.schedule, opts.bias_correction, opts.interpolate)
                 total = ema_total(steps[-1], opts.schedule, opts.bias_correction)
-            else:
+            else:  # a power EMA needs no total: its earlier mean's share follows from the steps alone
                 weighting = weighting_for(opts, steps)
             job.lerps.append(list(weighting.lerps))
             job.initial.append(None)
-        elif not target.keeps_mean:  # a uniform mean (a power EMA is never appended to)
+        elif not target.keeps_mean:  # a uniform mean of the newest K
             weighting = uniform_weighting(steps, opts.last)  # type: ignore[arg-type]
             newest = _newest_positions(opts.last, n, (len(reread), len(new)))  # type: ignore[arg-type]
             job.lerps.append(list(Weighting(tuple(range(n)), tuple(float(i in newest) for i in range(n))).lerps))
             job.initial.append(None)
         else:
             record = manifest.candidates[k]
-            after = EmaState(manifest.inputs[-1].step, record.total or 0.0)
-            w, state = ema_continuation([s.step for s in new], opts.schedule, opts.bias_correction, opts.interpolate,
-                                        after)
+            newest, new_steps = manifest.inputs[-1].step, [s.step for s in new]
+            if opts.sigma_rel is not None:
+                w = (power_continuation(new_steps, opts.sigma_rel, opts.interpolate, newest, record.unresolved)
+                     if new else Weighting((newest,), (0.0,), record.unresolved or 0.0, prior=1.0))
+                unresolved = w.unresolved
+            else:
+                w, state = ema_continuation(new_steps, opts.schedule, opts.bias_correction, opts.interpolate,
+                                            EmaState(newest, record.total or 0.0))
+                unresolved = (ema_unresolved(steps, opts.schedule, opts.bias_correction) if record.unresolved is None
+                              else ema_unresolved_continued(record.unresolved, newest, new_steps, opts.schedule,
+                                                            opts.bias_correction))
+                total = state.total
             old = [x * w.prior for x in record.weights]
             old[-1] += w.weights[0]  # the newest folded before: its share of the next interval (linear rule)
-            unresolved = (ema_unresolved(steps, opts.schedule, opts.bias_correction) if record.unresolved is None
-                          else ema_unresolved_continued(record.unresolved, manifest.inputs[-1].step,
-                                                        [s.step for s in new], opts.schedule, opts.bias_correction))
             weighting = Weighting(tuple(steps), tuple(old) + w.weights[1:], unresolved)
             lerps = list(w.lerps) if manifest.theta else (list(w.lerps[1:]) or [0.0])  # no copy: no slot
             job.lerps.append([0.0] * len(reread) + lerps)
             job.initial.append(folder.open(record.mean) if w.prior > 0 and record.mean else None)
-            total = state.total
         plans.append(Plan(Discovery(sources, found.skipped, found.notes), weighting, opts))
         totals.append(total)
     if not any(any(w > 0 for w in p.weighting.weights) for p in plans):
