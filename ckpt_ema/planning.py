@@ -70,10 +70,14 @@ class Plan:
                 "lies in their shape between checkpoints, which the checkpoints cannot place")
 
     def warnings(self) -> list[str]:
-        """The traps this plan falls into, one line each: checkpoints too far apart for the average asked for,
-        and a first checkpoint that holds a large share of the weight (:meth:`first_checkpoint_warnings`)."""
+        """The traps this plan falls into, one line each: a single checkpoint, checkpoints too far apart for the
+        average asked for, and a first checkpoint that holds a large share of the weight
+        (:meth:`first_checkpoint_warnings`)."""
         lines = self.first_checkpoint_warnings()
-        if self.weighting.too_sparse():
+        if len(self.sources) == 1:  # no average at all, whatever the spacing would need
+            lines.insert(0, f"only one checkpoint, {self.sources[0].path}: the result is its weights, not an average; "
+                            "give the run's folder (or a glob) to average its checkpoints")
+        elif self.weighting.too_sparse():
             lines.insert(0, f"the checkpoints are too far apart for this average: "
                             f"{percent(self.weighting.unresolved)} of its per-step weights are unresolved and the "
                             f"newest {self.weighting.effective_window()} checkpoints carry 99% of it; save checkpoints "

@@ -359,7 +359,10 @@ def sweep_table(result: SweepResult, scoring: Scoring | None = None) -> str:
 
 def sweep_warnings(candidates: list[Candidate]) -> list[str]:
     """One line naming the candidates whose checkpoints are too far apart for what they ask (see
-    :meth:`ckpt_ema.weighting.Weighting.too_sparse`)."""
+    :meth:`ckpt_ema.weighting.Weighting.too_sparse`), or saying that there is only one checkpoint."""
+    if candidates and len(candidates[0].plan.sources) == 1:
+        return [f"only one checkpoint, {candidates[0].plan.sources[0].path}: every candidate is its weights, not an "
+                "average; give the run's folder (or a glob) to average its checkpoints"]
     poor = [c for c in candidates if c.plan.weighting.too_sparse()]
     if not poor:
         return []

@@ -329,6 +329,9 @@ def _dcp_worker(rank: int, out: str, init: str) -> None:
             state["l2t"] = distribute_tensor(tp.l2t.detach(), mesh, [Shard(1)])  # 7 columns: 4 and 3
             dcp.save({**state, "train_state": {"step": step * 100}, "dataloader": {"position": step}},
                      checkpoint_id=f"{out}/tp/step-{step * 100}")
+        # Both ranks done before either tears gloo down: a rank whose peer closed the connections first died once in
+        # the teardown ("terminate called without an active exception", SIGABRT).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -215,6 +215,12 @@ def test_dry_run_summary_and_metadata_show_the_unresolved_share_and_warn(tmp_pat
     warnings = [line for line in poor.stderr.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and "too far apart" in warnings[0], poor.stderr
 
+    # One checkpoint: no average at all, said as that, not as checkpoints too far apart.
+    for command in (["average"], ["sweep", "--decay", "0.97", "0.9", "--no-plot", "-o", tmp_path / "one-sweep"]):
+        one = ok(cli(*command, tmp_path / "run" / "ckpt_400.pt", *([] if command[0] == "sweep" else ["--dry-run"])))
+        warnings = [line for line in one.stderr.splitlines() if line.startswith("warning:")]
+        assert len(warnings) == 1 and warnings[0].startswith("warning: only one checkpoint"), one.stderr
+
     out = tmp_path / "power.safetensors"
     res = ok(cli("average", tmp_path / "run", "--sigma-rel", "0.2", "-o", out))
     with safe_open(str(out), "pt") as f:
