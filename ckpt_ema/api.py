@@ -112,7 +112,8 @@ def average(inputs: list[str | Path] | str | Path, output: str | Path | None = N
     """Average checkpoints with timm's EMA recurrence (or a uniform mean of the newest ``last``); write the result
     to ``output`` (.safetensors) if given, else keep it in memory (``result.state_dict``).
 
-    With an output and ``keep_state``, what the average needs to go on is kept beside it (``OUT.ckpt-ema-state``),
+    With an output and ``keep_state``, what the average needs to go on is kept beside it (``OUT.ckpt-ema-state``;
+    beside a model folder too),
     and a later call folds in only the checkpoints that are new since (:mod:`ckpt_ema.follow`); ``result.note``
     says what was reused. Several processes (``world``) keep no state.
 
@@ -121,21 +122,22 @@ def average(inputs: list[str | Path] | str | Path, output: str | Path | None = N
     if output is None:
         return run(plan(inputs, options, **fields), progress=progress, world=world)
     out = check_output(output)  # before reading anything: a typo in -o should not cost a whole run
-    if is_folder_output(output) or world is not None and world.is_distributed:
+    if world is not None and world.is_distributed:
         return run(plan(inputs, options, **fields), output, progress=progress, world=world)  # (no state kept)
     from ckpt_ema.follow.state import StateFolder, state_folder_of
 
     folder = StateFolder(state_folder_of(out))
     if not keep_state:
-        result = run(plan(inputs, options, **fields), out, progress=progress, world=world)
+        result = run(plan(inputs, options, **fields), output, progress=progress, world=world)
         folder.remove()  # it no longer describes the output
         return result
     from ckpt_ema.follow.update import Target, update
 
-    done = update(_input_list(inputs), [Target("average", resolve_options(options, dict(fields)), out)], folder,
-                  progress=progress)
-    return AverageResult(None, done.plans[0], {}, out, done.seconds, done.bytes_read,
-                         done.files[0] if done.files else output_files(out), note=done.message)
+    target = Target("average", resolve_options(options, dict(fields)), out, folder=is_folder_output(output))
+    done = update(_input_list(inputs), [target], folder, progress=progress)
+    files = done.files[0] if done.files else output_files(target.weights)
+    return AverageResult(None, done.plans[0], {}, target.weights if target.folder else out, done.seconds,
+                         done.bytes_read, files, note=done.message)
 
 
 def check_output(output: str | Path) -> Path:

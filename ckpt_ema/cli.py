@@ -133,15 +133,14 @@ def average_command(inputs: tuple[str, ...], output: str | None, decay: float | 
     options = options_from(params, decay=decay, half_life=half_life, last=last, sigma_rel=sigma_rel)
     world = world_from_env()
     quiet = quiet or world.rank != 0
-    folder_output = output is not None and is_folder_output(output)  # a model folder: no state (not yet)
-    _check_follow_flags(keep_state, watch, until_step, poll, world, dry_run, folder_output)
-    if output is not None and keep_state and not folder_output and not dry_run and not world.is_distributed:
+    _check_follow_flags(keep_state, watch, until_step, poll, world, dry_run)
+    if output is not None and keep_state and not dry_run and not world.is_distributed:
         from ckpt_ema.follow.state import StateFolder, state_folder_of
         from ckpt_ema.follow.update import Target
 
         out = Path(output)
-        _follow([Target("average", options, out)], StateFolder(state_folder_of(out)), list(inputs), watch,
-                until_step, poll, quiet)
+        _follow([Target("average", options, out, folder=is_folder_output(output))], StateFolder(state_folder_of(out)),
+                list(inputs), watch, until_step, poll, quiet)
         return
     the_plan = plan(list(inputs), options)
     _print_notes(the_plan.discovery, quiet)
@@ -159,17 +158,16 @@ def average_command(inputs: tuple[str, ...], output: str | None, decay: float | 
     for line in the_plan.warnings():  # after the run: a failing run's error stays its one line
         say(f"warning: {line}", quiet)
     say(result.summary(), quiet)
-    if output is not None and not folder_output and world.rank == 0:
+    if output is not None and world.rank == 0:
         from ckpt_ema.follow.state import StateFolder, state_folder_of
 
         StateFolder(state_folder_of(Path(output))).remove()  # it no longer describes the output
 
 
 def _check_follow_flags(keep_state: bool, watch: bool, until_step: int | None, poll: float, world: Any,
-                        dry_run: bool = False, folder_output: bool = False) -> None:
-    if watch and (not keep_state or dry_run or world.is_distributed or folder_output):
-        why = ("--no-state" if not keep_state else "--dry-run" if dry_run else "a model folder as the output"
-               if folder_output else "several processes (torchrun)")
+                        dry_run: bool = False) -> None:
+    if watch and (not keep_state or dry_run or world.is_distributed):
+        why = "--no-state" if not keep_state else "--dry-run" if dry_run else "several processes (torchrun)"
         raise click.UsageError(f"--watch keeps state beside the output: it does not go with {why}")
     if until_step is not None and not watch:
         raise click.UsageError("--until-step goes with --watch")

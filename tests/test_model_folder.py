@@ -123,3 +123,36 @@ def test_config_is_the_newest_checkpoints(llama_run: Path, tmp_path: Path) -> No
         config.write_text(original)
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "out" / "config.json").read_text())["marker"] == 6
+
+
+@pytest.mark.parametrize("adapter", [False, True], ids=["model", "adapter"])
+def test_a_model_folder_output_appends_and_keeps_its_state_beside_it(llama_run: Path, lora_run: Path,
+                                                                       tmp_path: Path, adapter: bool) -> None:
+    """-o DIR/ keeps its state in DIR.ckpt-ema-state (the folder holds only what loaders read): a later run reads
+    only the new checkpoint, and the folder then holds the full rerun's average, loadable as before."""
+    import shutil
+
+    import ckpt_ema
+
+    source = lora_run if adapter else llama_run
+    run, out = tmp_path / "run", tmp_path / "avg"
+    run.mkdir()
+    for s in STEPS[:2]:
+        shutil.copytree(source / f"checkpoint-{s}", run / f"checkpoint-{s}")
+    first = run_cli("average", run, "--decay", "0.5", "-o", f"{out}/")
+    assert first.exit_code == 0, first.output
+    assert (tmp_path / "avg.ckpt-ema-state" / "manifest.json").is_file()
+    shutil.copytree(source / f"checkpoint-{STEPS[2]}", run / f"checkpoint-{STEPS[2]}")
+    shutil.rmtree(run / f"checkpoint-{STEPS[0]}")  # a trainer keeping its last 2
+    again = run_cli("average", run, "--decay", "0.5", "-o", f"{out}/")
+    assert again.exit_code == 0, again.output
+    assert f"step {STEPS[2]}: appended 1 new checkpoint (step {STEPS[2]}) to the state of 2 (1 of them since deleted)" \
+        in again.stderr, again.stderr
+    weights = "adapter_model.safetensors" if adapter else "model.safetensors"
+    names = {p.name for p in out.iterdir()}
+    assert weights in names and not names & TRAINER_FILES and not any("ckpt-ema" in n for n in names)
+    want = ckpt_ema.average(source, None, decay=0.5).state_dict
+    got = load_file(out / weights)
+    assert set(got) == set(want) and all(max_abs_diff(got[k], want[k]) < 1e-6 for k in want)
+    if not adapter:
+        assert_loaded(transformers.LlamaForCausalLM.from_pretrained(out), want)

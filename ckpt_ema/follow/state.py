@@ -1,6 +1,7 @@
 """What an average keeps beside its output to go on later (appending, watching), and the order it is written in.
 
-The state folder (``OUT.ckpt-ema-state/`` beside ``OUT.safetensors``; ``OUTDIR/ckpt-ema-state/`` for a sweep) holds
+The state folder (``OUT.ckpt-ema-state/`` beside ``OUT.safetensors`` or a model folder ``OUT/``;
+``OUTDIR/ckpt-ema-state/`` for a sweep) holds
 one generation of state, under an id that every output of the generation also records (metadata key
 ``ckpt_ema_state``):
 
@@ -64,8 +65,10 @@ SWEEP_STATE_FOLDER = "ckpt-ema-state"
 
 
 def state_folder_of(output: Path) -> Path:
-    """Where the state of the average written to ``output`` lives: ``OUT.ckpt-ema-state`` beside it."""
-    return output.with_name(output.name[: -len(".safetensors")] + STATE_SUFFIX)
+    """Where the state of the average written to ``output`` lives: ``OUT.ckpt-ema-state`` beside ``OUT.safetensors``;
+    ``DIR.ckpt-ema-state`` beside a model folder ``DIR/`` (outside it: the folder holds only what loaders read)."""
+    stem = output.name[: -len(".safetensors")] if output.name.endswith(".safetensors") else output.name
+    return output.with_name(stem + STATE_SUFFIX)
 
 
 def listing_of(path: Path) -> tuple[int, int]:

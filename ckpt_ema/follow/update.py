@@ -46,6 +46,7 @@ from ckpt_ema.formats.checkpoint import Checkpoint
 from ckpt_ema.options import AverageOptions
 from ckpt_ema.output.atomic import check_not_an_input, output_files
 from ckpt_ema.output.metadata import CARRIED_METADATA, output_metadata
+from ckpt_ema.output.folder import ADAPTER_WEIGHTS, MODEL_WEIGHTS, FolderOutput, model_files_of
 from ckpt_ema.output.sinks import SafetensorsOutput
 from ckpt_ema.planning import Plan, weighting_for, within_window
 from ckpt_ema.weighting import (EmaState, Weighting, ema_continuation, ema_total, ema_unresolved,
@@ -69,11 +70,28 @@ class NothingYet(CkptEmaError):
 
 @dataclass(frozen=True)
 class Target:
-    """One average kept current: its name (a sweep's candidate), options and output file."""
+    """One average kept current: its name (a sweep's candidate), options and output: a .safetensors file, or with
+    ``folder`` a model folder (:mod:`ckpt_ema.output.folder`)."""
 
     name: str
     options: AverageOptions
     output: Path
+    folder: bool = False
+
+    @property
+    def weights(self) -> Path:
+        """The output's weights: the file itself, or the model folder's (adapter) weights file."""
+        if not self.folder:
+            return self.output
+        adapter = self.output / ADAPTER_WEIGHTS
+        return adapter if output_files(adapter) else self.output / MODEL_WEIGHTS
+
+    def sink(self, plan: Plan, metadata: dict[str, str]) -> SafetensorsOutput:
+        """What writes the output; a model folder takes its model files from the newest checkpoint's folder."""
+        if self.folder:
+            return FolderOutput(self.output, model_files_of(plan.sources[-1].path), metadata,
+                                self.options.max_shard_size)
+        return SafetensorsOutput(self.output, metadata, self.options.max_shard_size)
 
     @property
     def keeps_mean(self) -> bool:
@@ -207,7 +225,7 @@ def _append(manifest: Manifest, found: Discovery, new: list[Source], targets: Se
             folder: StateFolder, progress: bool, desc: str, started: float,
             listings: dict[Path, tuple[int, int]]) -> Update:
     stale = [t for t, c in zip(targets, manifest.candidates)
-             if output_generation(t.output) != manifest.generation or _output_options_differ(c, t)]
+             if output_generation(t.weights) != manifest.generation or _output_options_differ(c, t)]
     if not new and not stale:
         plans = _plans_from_state(manifest, found, targets)
         return Update("up to date", f"up to date: no new checkpoint after step {manifest.inputs[-1].step}", plans, [],
@@ -319,12 +337,17 @@ def _fold_and_commit(manifest: Manifest | None, found: Discovery, new: list[Sour
         totals.append(total)
     if not any(any(w > 0 for w in p.weighting.weights) for p in plans):
         raise NothingYet("no checkpoint carries any weight yet")
-    check_not_an_input([f for t in targets for f in output_files(t.output)], plans[0].input_files())
+    outputs = [t.sink(p, {**output_metadata(p), STATE_KEY: generation}) for t, p in zip(targets, plans)]
+    check_not_an_input([f for out in outputs for f in _replaced_by(out)], plans[0].input_files())
+    if any(t.folder for t in targets):
+        from ckpt_ema.api import check_not_inside_an_input  # (the api imports this module)
+
+        for t, out in zip(targets, outputs):
+            if t.folder:
+                check_not_inside_an_input(out.path, plans[0])
 
     state_read = [c for c in [*job.checkpoints, *job.initial] if isinstance(c, Checkpoint) and c.path.parent == folder.path]
     read = sum(s.nbytes for s in [*new, *reread]) + sum(c.path.stat().st_size for c in state_read)
-    outputs = [SafetensorsOutput(t.output, {**output_metadata(p), STATE_KEY: generation}, t.options.max_shard_size)
-               for t, p in zip(targets, plans)]
     state_files: list[SafetensorsOutput] = []
     try:
         for k, (target, out) in enumerate(zip(targets, outputs)):
@@ -367,6 +390,12 @@ def _fold_and_commit(manifest: Manifest | None, found: Discovery, new: list[Sour
     notes = [note for sink in [*outputs, *state_files] for note in sink.notes]
     return Update("averaged" if manifest is None else "appended", message, plans, list(new), files, read,
                   time.perf_counter() - started, passes, notes)
+
+
+def _replaced_by(out: SafetensorsOutput) -> list[Path]:
+    """The files writing ``out`` replaces: its weights' files and, for a model folder, the model files."""
+    model = [out.folder / f.name for f in out.model_files] if isinstance(out, FolderOutput) else []
+    return output_files(out.path) + model
 
 
 def _newest_positions(k: int, n: int, appending: tuple[int, int] | None) -> list[int]:
