@@ -39,7 +39,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import signal
 import tempfile
 import uuid
@@ -50,10 +49,11 @@ from pathlib import Path
 from typing import Any
 
 from ckpt_ema.errors import CkptEmaError
-from ckpt_ema.formats.checkpoint import Checkpoint, checkpoint_files, is_weight_file, open_checkpoint
+from ckpt_ema.formats.checkpoint import (SAFETENSORS_SUFFIX, Checkpoint, checkpoint_files, is_weight_file,
+                                         open_checkpoint)
 from ckpt_ema.formats.safetensors import SafetensorsFile
 from ckpt_ema.formats.torch_save import TORCH_SUFFIXES
-from ckpt_ema.output.atomic import close_on_disk, create_temporary
+from ckpt_ema.output.atomic import close_on_disk, copy_on_disk
 from ckpt_ema.output.sinks import SafetensorsOutput, index_path_of
 
 MANIFEST = "manifest.json"
@@ -246,7 +246,7 @@ class StateFolder:
         if len(files) != 1 or not is_weight_file(files[0]):
             return None
         file = files[0]
-        suffix = next(x for x in (".pth.tar", ".safetensors", *TORCH_SUFFIXES) if file.name.endswith(x))
+        suffix = next(x for x in (SAFETENSORS_SUFFIX, *TORCH_SUFFIXES) if file.name.endswith(x))
         self._make()
         link = self.path / f"{generation}.theta{suffix}"
         try:
@@ -363,12 +363,9 @@ class MeanFile(SafetensorsOutput):
             return
         except OSError:
             pass
-        fd, tmp = create_temporary(self.path)
-        self._temporaries.append(tmp)
         try:
-            with open(source, "rb") as src, os.fdopen(fd, "wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 24)
-                close_on_disk(dst, tmp)
+            f, tmp = self._temporary(self.path)
+            copy_on_disk(source, f, tmp)
             os.replace(tmp, self.path)
             self._temporaries.remove(tmp)
         except OSError as exc:

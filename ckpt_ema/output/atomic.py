@@ -72,6 +72,13 @@ def close_on_disk(f: BinaryIO, tmp: Path) -> None:
     os.chmod(tmp, 0o666 & ~_umask())
 
 
+def copy_on_disk(source: Path, f: BinaryIO, tmp: Path) -> None:
+    """Copy the file ``source`` into the new temporary file ``f`` (at ``tmp``), flushed to disk and closed."""
+    with open(source, "rb") as src:
+        shutil.copyfileobj(src, f, 1 << 24)
+    close_on_disk(f, tmp)
+
+
 def _writer_tag() -> str:
     """``<pid>@<host>``: who writes a temporary file (the host shortened to HOST_BYTES safe characters)."""
     host = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())[:HOST_BYTES]

@@ -14,14 +14,13 @@ removed again if the run fails before anything is in it.
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 
 from ckpt_ema.errors import CkptEmaError
-from ckpt_ema.output.atomic import close_on_disk
+from ckpt_ema.output.atomic import copy_on_disk
 from ckpt_ema.output.sinks import SafetensorsOutput
 
 # The files that describe a model beside its weights, as transformers, tokenizers and PEFT save them.
@@ -98,9 +97,7 @@ class FolderOutput(SafetensorsOutput):
         try:
             for source in self.model_files:
                 f, tmp = self._temporary(self.folder / source.name)
-                with open(source, "rb") as src:
-                    shutil.copyfileobj(src, f)
-                close_on_disk(f, tmp)
+                copy_on_disk(source, f, tmp)
                 self._copies.append((tmp, self.folder / source.name))
         except OSError as exc:
             raise CkptEmaError(f"cannot copy the model files: {exc.strerror or exc}", self.folder) from None
