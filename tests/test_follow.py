@@ -618,3 +618,30 @@ def test_the_state_links_instead_of_copying_and_refuses_a_link_rewritten_in_plac
     redone = ckpt_ema.average(run, out, **options)
     assert redone.note.startswith(f"averaged 7 checkpoints from the start (the state cannot go on: the newest "
                                   f"checkpoint averaged, {run / f'ckpt_{STEPS[6]}.pt'}, was rewritten in place")
+
+
+@pytest.mark.parametrize("mutation", ["dtype not a dtype", "dtype a torch attribute", "dtypes of other tensors",
+                                      "a link to no state file", "a link of three numbers"])
+def test_a_corrupt_manifest_is_refused_in_one_line(tmp_path, mutation):
+    """The manifest's dtypes and links are checked before use (a flipped byte in a dtype gave a traceback)."""
+    run, out = tmp_path / "run", tmp_path / "ema.safetensors"
+    write_run(run, STEPS[:3])
+    ckpt_ema.average(run, out, decay=0.9)
+    write_run(run, STEPS[3:4])
+    path = state_folder_of(out) / MANIFEST
+    m = json.loads(path.read_text())
+    first = next(iter(m["dtypes"]))
+    if mutation == "dtype not a dtype":
+        m["dtypes"][first] = "float3;"
+    elif mutation == "dtype a torch attribute":
+        m["dtypes"][first] = "nn"
+    elif mutation == "dtypes of other tensors":
+        m["dtypes"] = {f"other.{k}": v for k, v in m["dtypes"].items()}
+    elif mutation == "a link to no state file":
+        m["links"] = {"elsewhere.pt": [1, 2]}
+    else:
+        m["links"] = {m["theta"]: [1, 2, 3]}
+    path.write_text(json.dumps(m))
+    with pytest.raises(CkptEmaError) as refused:
+        ckpt_ema.average(run, out, decay=0.9)
+    assert "\n" not in str(refused.value) and "remove the folder to start over" in str(refused.value)

@@ -48,6 +48,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ckpt_ema.errors import CkptEmaError
 from ckpt_ema.formats.checkpoint import (SAFETENSORS_SUFFIX, Checkpoint, checkpoint_files, is_weight_file,
                                          open_checkpoint)
@@ -149,7 +151,7 @@ class Manifest:
                           for c in raw["candidates"]]
             manifest = cls(_file_name(raw["generation"]), str(raw["accum_dtype"]), inputs, candidates,
                            None if raw["theta"] is None else _file_name(raw["theta"]),
-                           {str(k): str(v) for k, v in dict(raw["dtypes"]).items()}, dict(raw["carried"]),
+                           {str(k): _dtype_name(v) for k, v in dict(raw["dtypes"]).items()}, dict(raw["carried"]),
                            {_file_name(k): [_int(x) for x in v] for k, v in dict(raw.get("links", {})).items()})
             if any(len(v) != 2 for v in manifest.links.values()) or not set(manifest.links) <= manifest.files():
                 raise ValueError("a link that is not a state file")
@@ -176,6 +178,12 @@ def _finite(x: Any) -> float:
     if not isinstance(x, int | float) or isinstance(x, bool) or not math.isfinite(x) or x < 0:
         raise ValueError(f"{x!r} is not a weight")
     return float(x)
+
+
+def _dtype_name(x: Any) -> str:
+    if not isinstance(x, str) or not isinstance(getattr(torch, x, None), torch.dtype):
+        raise ValueError(f"{x!r} is not a dtype")
+    return x
 
 
 def _file_name(x: Any) -> str:

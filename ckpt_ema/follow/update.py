@@ -366,7 +366,8 @@ def _fold_and_commit(manifest: Manifest | None, found: Discovery, new: list[Sour
                 or folder.new_file(generation, "theta")
             state_files.append(theta)
         copy = theta if isinstance(theta, SafetensorsOutput) else None
-        dtypes, passes = _run(job, copy, base, None if manifest is None else manifest.dtypes, progress, desc)
+        dtypes, passes = _run(job, copy, base, None if manifest is None else manifest.dtypes, folder.path, progress,
+                              desc)
         records = {} if manifest is None else {r.path: r for r in manifest.inputs}
         next_manifest = Manifest(
             generation=generation,
@@ -460,9 +461,10 @@ def _record(source: Source, listing: tuple[int, int] | None) -> Recorded:
 
 
 def _run(job: _Job, theta: SafetensorsOutput | None, options: AverageOptions, recorded: dict[str, str] | None,
-         progress: bool, desc: str) -> tuple[dict[str, str], int]:
+         state: Path, progress: bool, desc: str) -> tuple[dict[str, str], int]:
     """Run the job's fold (in as few passes as the memory budget allows), the newest checkpoint copied to
-    ``theta`` in the first; returns the run's tensor dtypes and the number of passes."""
+    ``theta`` in the first; returns the run's tensor dtypes and the number of passes. ``recorded``: the dtypes the
+    state's manifest (in ``state``) lists, which must name the tensors read."""
     accum = DTYPES[options.accum_dtype]
     out_dtype = DTYPES[options.out_dtype] if options.out_dtype else None
     from ckpt_ema.sweeping import candidates_per_pass  # (sweeping.py imports this module)
@@ -473,6 +475,9 @@ def _run(job: _Job, theta: SafetensorsOutput | None, options: AverageOptions, re
 
     def opener(group: range, copy: bool):  # noqa: ANN202
         def on_layout(layout: Layout, n_used: int) -> None:
+            if recorded is not None and list(recorded) != list(layout.shapes):
+                raise CkptEmaError("the state's manifest does not list the tensors its files hold; remove the folder "
+                                   "to start over", state)
             dtypes = ({k: getattr(torch, v) for k, v in recorded.items()} if recorded is not None
                       else dict(layout.dtypes))
             seen.update({k: str(v).removeprefix("torch.") for k, v in dtypes.items()})
