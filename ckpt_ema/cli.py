@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib
 import shlex
 import sys
-from pathlib import Path
 from typing import Any
 
 import click
@@ -94,6 +93,13 @@ def world_from_env() -> Any:
     return World.from_env()
 
 
+def reporter(quiet: bool) -> Any:
+    """What the API says, on stderr: progress bars only for a person watching, nothing with --quiet."""
+    from ckpt_ema.api import Reporter
+
+    return Reporter(progress=show_progress(quiet), say=None if quiet else lambda text: click.echo(text, err=True))
+
+
 @click.group(cls=CkptEmaGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="ckpt-ema")
 def main() -> None:
@@ -123,105 +129,29 @@ def average_command(inputs: tuple[str, ...], output: str | None, decay: float | 
     Checkpoints are taken in training-step order and folded into timm's EMA recurrence; with a checkpoint saved
     every step the result equals timm's ModelEmaV3 run online.
     """
-    from ckpt_ema.api import check_output, plan, run
-    from ckpt_ema.output.folder import is_folder_output
+    from ckpt_ema import api
 
     if output is None and not dry_run:
         raise click.UsageError("missing option '-o' / '--output' (or use --dry-run)")
-    if output is not None:
-        check_output(output)
+    if dry_run and watch:
+        raise click.UsageError("--dry-run reads no tensor: it does not go with --watch")
     options = options_from(params, decay=decay, half_life=half_life, last=last, sigma_rel=sigma_rel)
     world = world_from_env()
-    quiet = quiet or world.rank != 0
-    _check_follow_flags(keep_state, watch, until_step, poll, world, dry_run)
-    if output is not None and keep_state and not dry_run and not world.is_distributed:
-        from ckpt_ema.follow.state import StateFolder, state_folder_of
-        from ckpt_ema.follow.update import Target
-
-        out = Path(output)
-        _follow([Target("average", options, out, folder=is_folder_output(output))], StateFolder(state_folder_of(out)),
-                list(inputs), watch, until_step, poll, quiet)
-        return
-    the_plan = plan(list(inputs), options)
-    _print_notes(the_plan.discovery, quiet)
-    for note in the_plan.notes:
-        say(f"note: {note}", quiet)
+    report = reporter(quiet or world.rank != 0)
     if dry_run:
+        if output is not None:
+            api.check_output(output)
+        the_plan = api.plan(list(inputs), options)
+        report.discovery(the_plan.discovery)
+        for note in the_plan.notes:
+            report.note(note)
         for line in the_plan.warnings():
-            say(f"warning: {line}", quiet)
+            report.warning(line)
         if world.rank == 0:
             click.echo(the_plan.table())
         return
-    result = run(the_plan, output, progress=show_progress(quiet), world=world)
-    for note in result.notes:
-        say(f"note: {note}", quiet)
-    for line in the_plan.warnings():  # after the run: a failing run's error stays its one line
-        say(f"warning: {line}", quiet)
-    say(result.summary(), quiet)
-    if output is not None and world.rank == 0:
-        from ckpt_ema.follow.state import StateFolder, state_folder_of
-
-        StateFolder(state_folder_of(Path(output))).remove()  # it no longer describes the output
-
-
-def _check_follow_flags(keep_state: bool, watch: bool, until_step: int | None, poll: float, world: Any,
-                        dry_run: bool = False) -> None:
-    if watch and (not keep_state or dry_run or world.is_distributed):
-        why = "--no-state" if not keep_state else "--dry-run" if dry_run else "several processes (torchrun)"
-        raise click.UsageError(f"--watch keeps state beside the output: it does not go with {why}")
-    if until_step is not None and not watch:
-        raise click.UsageError("--until-step goes with --watch")
-    if not poll > 0:
-        raise OptionError("poll", f"must be > 0 seconds, got {poll}")
-
-
-def _follow(targets: list[Any], folder: Any, inputs: list[str], watch: bool, until_step: int | None, poll: float,
-            quiet: bool, average: bool = True) -> Any:
-    """One update of ``targets`` from their state, or with ``watch`` one per new checkpoint until stopped; returns
-    the last update. One update of an ``average`` is said here (what was reused, warnings, the summary); a sweep's,
-    by the caller once the candidates are scored."""
-    from ckpt_ema.follow.update import update
-    from ckpt_ema.follow.watch import watch as follow_run
-
-    if not watch:
-        done = update(inputs, targets, folder, progress=show_progress(quiet),
-                      on_discovery=lambda found: _print_notes(found, quiet))
-        for note in done.notes:
-            say(f"note: {note}", quiet)
-        if not average:
-            return done
-        say(_update_line(done, targets), quiet)
-        if done.action != "up to date":  # its notes, warnings and summary, as without a state
-            from ckpt_ema.api import AverageResult
-
-            for note in done.plans[0].notes:
-                say(f"note: {note}", quiet)
-            for line in done.plans[0].warnings():
-                say(f"warning: {line}", quiet)
-            say(AverageResult(None, done.plans[0], {}, targets[0].output, done.seconds, done.bytes_read,
-                              done.files[0]).summary(), quiet)
-        return done
-    say(f"watching {', '.join(inputs)} (every {poll:g} s{'' if until_step is None else f', until step {until_step}'}); "
-        "Ctrl-C stops", quiet)
-    done = follow_run(inputs, targets, folder, poll=poll, until_step=until_step,
-                      on_update=lambda u: click.echo(_update_line(u, targets), err=True),
-                      on_note=lambda line: say(line, quiet))
-    if done is None:
-        say("stopped before any checkpoint was folded", quiet)
-    else:
-        say(f"stopped: {_where(targets)} holds steps {done.plans[0].sources[0].step}..{done.plans[0].sources[-1].step}"
-            f" ({len(done.plans[0].sources)} checkpoints)", quiet)
-    return done
-
-
-def _where(targets: list[Any]) -> str:
-    return str(targets[0].output) if len(targets) == 1 else f"{targets[0].output.parent}/ ({len(targets)} candidates)"
-
-
-def _update_line(done: Any, targets: list[Any]) -> str:
-    """One line per update: the newest step, what was done, the time, where."""
-    sources = done.plans[0].sources
-    return f"step {sources[-1].step}: {done.message}; {done.seconds:.2f} s -> {_where(targets)}"
+    api.average(list(inputs), output, options, keep_state=keep_state, world=world, report=report, watch=watch,
+                poll=poll, until_step=until_step)
 
 
 @main.command("sweep")
@@ -254,77 +184,43 @@ def sweep_command(inputs: tuple[str, ...], outdir: str, decays: tuple[float, ...
                   keep_state: bool, watch: bool, until_step: int | None, poll: float, **params: Any) -> None:
     """Many averages of checkpoints INPUTS from one read: every --decay, --half-life, --sigma-rel and --last at
     once; with --eval-cmd, the best of them, or the final model."""
+    from ckpt_ema import api
     from ckpt_ema.scoring import command_scorer
-    from ckpt_ema.sweeping import (Scoring, finish_sweep, identical_candidates, output_folder, plan_sweep, run_sweep,
-                                   sweep_result_of, sweep_table, sweep_targets, sweep_warnings)
+    from ckpt_ema.sweeping import Scoring, sweep_table
 
-    folder = Path(outdir)
-    world = world_from_env()
-    quiet = quiet or world.rank != 0
-    if not folder.parent.is_dir():
-        raise CkptEmaError("the output folder's parent does not exist", folder)
     if not (decays or half_lives or lasts or sigma_rels):
         raise click.UsageError("give at least one --decay, --half-life, --sigma-rel or --last to sweep")
     if evaluate and eval_cmd is not None:
         raise click.UsageError("--eval is a shorthand for an --eval-cmd: give one of them")
     options = options_from(params)
-    _check_follow_flags(keep_state, watch, until_step, poll, world)
+    world = world_from_env()
+    quiet = quiet or world.rank != 0
     scoring = None
     if evaluate:  # the demo's evaluation, as any user's: one command per weights file
         scoring = Scoring(command_scorer(demo_eval_command(data, test_subset, options.device)), "val_accuracy",
                           label="validation")
     elif eval_cmd is not None:
         scoring = Scoring(command_scorer(eval_cmd), maximize=maximize)
-    if keep_state and not world.is_distributed:
-        targets, state = sweep_targets(folder, options, decays=list(decays), half_lives=list(half_lives),
-                                       lasts=list(lasts), sigma_rels=list(sigma_rels))
-        with output_folder(folder):
-            done = _follow(targets, state, list(inputs), watch, until_step, poll, quiet, average=False)
-        if done is None:
-            return
-        result = sweep_result_of(targets, done)
-        result.notes = identical_candidates(result.candidates)  # (the update's line and its notes are said)
-        finish_sweep(result, folder, score=scoring, plot=plot)
-        if not watch:
-            say(_update_line(done, targets), quiet)
-            if done.action != "up to date":
-                for note in result.candidates[0].plan.notes:
-                    say(f"note: {note}", quiet)
-                for line in sweep_warnings(result.candidates):
-                    say(f"warning: {line}", quiet)
-                say(f"read {len(done.new)} checkpoints {_reads(result.passes)} for {len(targets)} candidates in "
-                    f"{done.seconds:.1f} s; wrote {folder}/<candidate>.safetensors", quiet)
-    else:
-        candidates = plan_sweep(list(inputs), options, decays=list(decays), half_lives=list(half_lives),
-                                lasts=list(lasts), sigma_rels=list(sigma_rels))
-        _print_notes(candidates[0].plan.discovery, quiet)
-        for note in candidates[0].plan.notes:
-            say(f"note: {note}", quiet)
-        for line in sweep_warnings(candidates):
-            say(f"warning: {line}", quiet)
-        result = run_sweep(candidates, folder, score=scoring, plot=plot, progress=show_progress(quiet), world=world)
-        if world.rank != 0:
-            return
-        say(f"read {len(candidates[0].plan.sources)} checkpoints {_reads(result.passes)} for {len(candidates)} "
-            f"candidates in {result.seconds:.1f} s; wrote {folder}/<candidate>.safetensors", quiet)
+    report = reporter(quiet)
+    result = api.sweep(list(inputs), outdir, decays=decays, half_lives=half_lives, lasts=lasts, sigma_rels=sigma_rels,
+                       options=options, score=scoring, plot=plot, keep_state=keep_state, world=world, report=report,
+                       watch=watch, poll=poll, until_step=until_step)
+    if result is None or world.rank != 0:
+        return
     click.echo(sweep_table(result, scoring))
     if evaluate and result.scores and not any("val_accuracy" in s for s in result.scores.values()):
-        say("note: the run kept no validation images (train --val-split N), so no candidate is chosen: "
-            "choosing on the test set would inflate the result", quiet)
-    elif result.best is not None:
-        say(f"best on {scoring.label or result.ranked_by}: {result.best} -> {result.best_output}", quiet)  # type: ignore[union-attr]
+        report.note("the run kept no validation images (train --val-split N), so no candidate is chosen: "
+                    "choosing on the test set would inflate the result")
+    elif result.best is not None and scoring is not None:
+        report.line(f"best on {scoring.label or result.ranked_by}: {result.best} -> {result.best_output}")
     for note in result.notes:
-        if not (evaluate and "no val_accuracy" in note):
-            say(f"note: {note}", quiet)
+        if note != result.update.message and not (evaluate and "no val_accuracy" in note):  # (said in its line)
+            report.note(note)
     for picture in result.pictures:
-        say(f"picture: {picture}", quiet)
+        report.line(f"picture: {picture}")
     for candidate in result.candidates:
         for line in candidate.plan.first_checkpoint_warnings():
-            say(f"warning: {candidate.name}: {line}", quiet)
-
-
-def _reads(passes: int) -> str:
-    return "once" if passes == 1 else f"{passes} times (the memory budget holds fewer candidates at once)"
+            report.warning(f"{candidate.name}: {line}")
 
 
 def demo_eval_command(data: str | None, test_subset: int | None, device: str) -> str:
@@ -333,10 +229,3 @@ def demo_eval_command(data: str | None, test_subset: int | None, device: str) ->
     words += ["--data", data] if data is not None else []
     words += ["--test-subset", str(test_subset)] if test_subset is not None else []
     return shlex.join(words) + " {weights}"
-
-
-def _print_notes(discovery: Any, quiet: bool) -> None:
-    for line in discovery.skipped:
-        say(f"skipped {line}", quiet)
-    for line in discovery.notes:
-        say(f"note: {line}", quiet)

@@ -72,8 +72,8 @@ def schedule_shape_options(prefix: str = "") -> Any:
                           f"--{prefix}decay."),
         click.option(f"--{prefix}warmup-gamma", type=float, default=d("warmup_gamma"), show_default=True,
                      help="gamma of the warmup formula."),
-        click.option(f"--{prefix}warmup-power", type=float, default=d("warmup_power"), show_default="2/3",
-                     help="power of the warmup formula (timm's default 2/3)."),
+        click.option(f"--{prefix}warmup-power", type=float, default=d("warmup_power"),
+                     help="power of the warmup formula (timm's default).  [default: 2/3]"),
     )
 
 
@@ -108,9 +108,8 @@ def averaging_options() -> Any:
         click.option("--max-memory", type=Size(), default=d("max_memory"),
                      help="Memory budget for accumulators, e.g. 500MB [default: a quarter of available memory, at most 2 GiB]."),
         click.option("--max-shard-size", type=Size(allow_none=True), default=d("max_shard_size"),
-                     show_default="5GB",
                      help="Shard a larger output into NAME-0000k-of-0000n.safetensors + NAME.safetensors.index.json "
-                          "(none: never)."),
+                          "(none: never).  [default: 5GB]"),
         click.option("-q", "--quiet", is_flag=True, help="No progress bar, notes or summary."),
     )
 

@@ -138,7 +138,7 @@ class AverageOptions:
         """Options from flat keyword arguments, as the CLI's flags and ``average(..., decay=0.99)`` give them:
         the schedule's fields (``decay`` or ``half_life``, and the warmup's) and any other field of this class."""
         if decay is not None and half_life is not None:
-            raise OptionError("half_life", "replaces decay: give one of them, not both")
+            raise OptionError("half_life", "replaces --decay: give one of them, not both")
         shape = dict(min_decay=min_decay, update_after_step=update_after_step, warmup=warmup,
                      warmup_gamma=warmup_gamma, warmup_power=warmup_power)
         if half_life is not None:

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Protocol
 
 from ckpt_ema.discover import Discovery, Source, discover
 from ckpt_ema.errors import CkptEmaError, OptionError
 from ckpt_ema.formats.checkpoint import checkpoint_files
 from ckpt_ema.formats.hf import HF_INDEX_FILES
 from ckpt_ema.options import AverageOptions
-from ckpt_ema.weighting import Weighting, ema_weighting, power_weighting, uniform_weighting
+from ckpt_ema.weighting import (EmaState, Weighting, ema_continuation, ema_total, ema_unresolved,
+                                ema_unresolved_continued, ema_weighting, power_continuation, power_weighting,
+                                uniform_weighting)
 
 
 # Warn when the first checkpoint carries more than this share of an EMA's weight. That share is what the EMA
@@ -129,7 +132,10 @@ def percent(share: float) -> str:
 def make_plan(inputs: list[str | Path], options: AverageOptions) -> Plan:
     """Resolve the checkpoints ``inputs`` name and their weights under ``options``, reading no tensor."""
     found = discover_window(inputs, options)
-    return Plan(found, weighting_for(options, [s.step for s in found.sources]), options)  # type: ignore[misc]
+    weighting = weighting_for(options, [s.step for s in found.sources])  # type: ignore[misc]
+    if not any(weighting.weights):
+        raise nothing_to_average(options)
+    return Plan(found, weighting, options)
 
 
 def discover_window(inputs: list[str | Path], options: AverageOptions) -> Discovery:
@@ -153,13 +159,93 @@ def within_window(found: Discovery, from_step: int | None, to_step: int | None) 
 
 
 def weighting_for(options: AverageOptions, steps: list[int]) -> Weighting:
-    """The weights ``options`` ask for: a uniform mean of the newest ``last``, a power EMA, or timm's EMA."""
+    """The weights ``options`` ask for over a whole run: a uniform mean of the newest ``last``, a power EMA, or
+    timm's EMA. (Every weight may be zero: every step before ``update_after_step``; the caller says so.)"""
     if options.last is not None:
         return uniform_weighting(steps, options.last)
     if options.sigma_rel is not None:
         return power_weighting(steps, options.sigma_rel, options.interpolate)
-    weighting = ema_weighting(steps, options.schedule, options.bias_correction, options.interpolate)
-    if not any(weighting.weights):
-        raise OptionError("update_after_step", f"{options.schedule.update_after_step} is at or after every "
-                                               "checkpoint's step: nothing to average")
-    return weighting
+    return ema_weighting(steps, options.schedule, options.bias_correction, options.interpolate)
+
+
+def nothing_to_average(options: AverageOptions) -> OptionError:
+    """The error for a run in which no checkpoint carries weight: every step is at or before update_after_step."""
+    return OptionError("update_after_step", f"{options.schedule.update_after_step} is at or after every "
+                                            "checkpoint's step: nothing to average")
+
+
+class Kept(Protocol):
+    """What a state kept of one candidate's earlier fold (:class:`ckpt_ema.follow.state.CandidateRecord`): each
+    checkpoint's final weight, and for an EMA its total weight R and its unresolved share (see "Appending" in
+    :mod:`ckpt_ema.weighting`)."""
+
+    weights: list[float]
+    total: float | None
+    unresolved: float | None
+
+
+@dataclass(frozen=True)
+class Appending:
+    """An append: the checkpoints folded before end at step ``newest``; ``new_steps`` are the new ones. The fold
+    reads ``read`` checkpoints: ``reread`` earlier ones again (a uniform mean's newest K), then the newest folded
+    before when ``theta`` (the linear rule's copy of it in the state) or a stand-in weighed by none, then the new
+    ones."""
+
+    newest: int
+    new_steps: list[int]
+    reread: int
+    theta: bool
+    read: int
+
+
+@dataclass(frozen=True)
+class CandidateFold:
+    """One candidate's part of a fold: the final weight of every checkpoint so far, the lerp weight of each
+    checkpoint the fold reads, its total weight R after it (timm's EMA; else None) and whether it goes on from its
+    recorded running mean."""
+
+    weighting: Weighting
+    lerps: list[float]
+    total: float | None
+    continues: bool
+
+
+def candidate_fold(options: AverageOptions, steps: list[int], record: Kept | None = None,
+                   appending: Appending | None = None) -> CandidateFold:
+    """The weights of one candidate: over every checkpoint from the start (no ``appending``), or appended to the
+    state ``record`` kept (``steps``: every checkpoint so far, the new ones last). The one place an average's
+    weights are chosen."""
+    if appending is None:
+        weighting = weighting_for(options, steps)
+        total = (ema_total(steps[-1], options.schedule, options.bias_correction)
+                 if options.last is None and options.sigma_rel is None else None)
+        return CandidateFold(weighting, list(weighting.lerps), total, False)
+    read = appending.read
+    if options.last is not None:  # a uniform mean keeps no running mean: its newest K are read again
+        weighting = uniform_weighting(steps, options.last)
+        new = len(appending.new_steps)
+        newest = [*range(appending.reread - max(options.last - new, 0), appending.reread),
+                  *range(read - min(options.last, new), read)]
+        return CandidateFold(weighting, list(Weighting(tuple(range(read)),
+                                                       tuple(float(i in newest) for i in range(read))).lerps),
+                             None, False)
+    assert record is not None
+    new_steps = appending.new_steps
+    total = None
+    if options.sigma_rel is not None:
+        w = (power_continuation(new_steps, options.sigma_rel, options.interpolate, appending.newest,
+                                record.unresolved)
+             if new_steps else Weighting((appending.newest,), (0.0,), record.unresolved or 0.0, prior=1.0))
+        unresolved = w.unresolved
+    else:
+        w, state = ema_continuation(new_steps, options.schedule, options.bias_correction, options.interpolate,
+                                    EmaState(appending.newest, record.total or 0.0))
+        unresolved = (ema_unresolved(steps, options.schedule, options.bias_correction) if record.unresolved is None
+                      else ema_unresolved_continued(record.unresolved, appending.newest, new_steps,
+                                                    options.schedule, options.bias_correction))
+        total = state.total
+    old = [x * w.prior for x in record.weights]
+    old[-1] += w.weights[0]  # the newest folded before: its share of the next interval (linear rule)
+    weighting = Weighting(tuple(steps), tuple(old) + w.weights[1:], unresolved)
+    tail = list(w.lerps) if appending.theta else list(w.lerps[1:])  # no copy of the newest folded before: no slot
+    return CandidateFold(weighting, [0.0] * (read - len(tail)) + tail, total, w.prior > 0)

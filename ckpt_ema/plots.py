@@ -56,8 +56,8 @@ def plot_weights(candidates: list[Any], path: Path) -> bool:
 
 def plot_scores(candidates: list[Any], scores: Mapping[str, Mapping[str, float]],
                 final: Mapping[str, float] | None, path: Path, ranked_by: str | None = None) -> bool:
-    """Each score against half-life (log scale), a line per family; uniform means (on the ranking score) and the
-    final model as horizontal lines."""
+    """Each score against half-life (log scale), a line per family and score; uniform means and the final model as
+    horizontal lines, every score of each. A score keeps its dash pattern everywhere, a line its own colour."""
     plt = matplotlib_or_none()
     if plt is None:
         return False
@@ -68,20 +68,30 @@ def plot_scores(candidates: list[Any], scores: Mapping[str, Mapping[str, float]]
     fig, ax = plt.subplots(figsize=(8, 4.5))
     emas = sorted((c for c in candidates if c.half_life is not None and math.isfinite(c.half_life)),
                   key=lambda c: c.half_life)
-    styles = iter(["o-", "s--", "^-.", "v:"] * 8)
-    for family in dict.fromkeys(c.family for c in emas):  # EMA, power EMA: one line per score each
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    dashes = ["-", "--", "-.", ":"]  # one per score, the same for every line: the legend reads as a table
+    lines = 0  # each line its own colour
+    for family, marker in zip(dict.fromkeys(c.family for c in emas), "os^v"):  # EMA, power EMA: a line per score
         for key in keys:
             points = [(c.half_life, scale * scores[c.name][key]) for c in emas
                       if c.family == family and scores.get(c.name, {}).get(key) is not None]
             if points:
-                ax.plot(*zip(*points), next(styles), label=f"{family}, {key}")
-    colors = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"][2:] * 4)
-    for c in candidates:
-        if c.half_life is None and keys and scores.get(c.name, {}).get(keys[0]) is not None:
-            ax.axhline(scale * scores[c.name][keys[0]], linestyle=":", color=next(colors), label=f"{c.name}, {keys[0]}")
+                ax.plot(*zip(*points), marker=marker, linestyle=dashes[keys.index(key) % 4],
+                        color=palette[lines % len(palette)], label=f"{family}, {key}")
+                lines += 1
+    for c in candidates:  # uniform means: a horizontal line per score, one colour per candidate
+        if c.half_life is not None:
+            continue
+        drawn = False
+        for key in keys:
+            if scores.get(c.name, {}).get(key) is not None:
+                ax.axhline(scale * scores[c.name][key], linestyle=dashes[keys.index(key) % 4], linewidth=1.2,
+                           color=palette[lines % len(palette)], label=f"{c.name}, {key}")
+                drawn = True
+        lines += int(drawn)
     for key in keys:
         if final and final.get(key) is not None:
-            ax.axhline(scale * final[key], color="black", linewidth=1, linestyle=["-", "--", "-.", ":"][keys.index(key) % 4],
+            ax.axhline(scale * final[key], color="black", linewidth=1, linestyle=dashes[keys.index(key) % 4],
                        label=f"final model, {key}")
     ax.set_xscale("log")
     ax.set_xlabel("half-life at the newest checkpoint (training steps, log scale)")

@@ -15,23 +15,20 @@ so one loader serves all), and it is a possible answer: an average is chosen onl
 
 from __future__ import annotations
 
+import json
 import math
-import time
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ckpt_ema.engine.distributed import World
-from ckpt_ema.engine.runner import chunk_elems, run_plans
+from ckpt_ema.discover import OWN_OUTPUT_KEY
 from ckpt_ema.errors import CkptEmaError, OptionError
+from ckpt_ema.formats.safetensors import SafetensorsFile
 from ckpt_ema.options import AverageOptions
-from ckpt_ema.output.atomic import check_not_an_input, copy_atomically, output_files
-from ckpt_ema.output.metadata import output_metadata
-from ckpt_ema.output.sinks import SafetensorsOutput, index_path_of
-from ckpt_ema.planning import Plan, discover_window, percent, weighting_for
-from ckpt_ema.weighting import gamma_of, uniform_weighting
+from ckpt_ema.output.atomic import SHARD_NAME, copy_atomically, index_path_of
+from ckpt_ema.planning import Plan, percent
+from ckpt_ema.weighting import gamma_of
 
 # A scoring function: the path of a weights file -> named scores (e.g. {"val_accuracy": 0.63, "test_accuracy": ...}).
 Scorer = Callable[[Path], Mapping[str, float]]
@@ -97,14 +94,14 @@ def candidate_name(options: AverageOptions, half_life: float | None = None) -> s
     return f"ema-{options.schedule.decay:.6g}"
 
 
-def sweep_variants(base: AverageOptions, *, decays: list[float] = (), half_lives: list[float] = (),
-                   lasts: list[int] = (), sigma_rels: list[float] = ()) -> list[tuple[str, AverageOptions]]:
+def sweep_variants(base: AverageOptions, *, decays: Sequence[float] = (), half_lives: Sequence[float] = (),
+                   lasts: Sequence[int] = (), sigma_rels: Sequence[float] = ()) -> list[tuple[str, AverageOptions]]:
     """(name, options) of each candidate: one per decay, half-life, sigma_rel and K; every other option is
     ``base``'s (a uniform mean takes none of the EMA's)."""
     if not (decays or half_lives or lasts or sigma_rels):
         raise OptionError("decays", "are empty, as are half_lives, sigma_rels and lasts: give at least one candidate "
                                     "to sweep")
-    variants = [(base.replaced(decay=d), None) for d in decays]
+    variants: list[tuple[AverageOptions, float | None]] = [(base.replaced(decay=d), None) for d in decays]
     variants += [(base.replaced(half_life=h), h) for h in half_lives]
     variants += [(base.replaced(sigma_rel=r), None) for r in sigma_rels]
     variants += [(base.replaced(last=k), None) for k in lasts]
@@ -114,21 +111,6 @@ def sweep_variants(base: AverageOptions, *, decays: list[float] = (), half_lives
     if twice:
         raise CkptEmaError(f"the sweep lists the same candidate twice: {twice[0]}")
     return named
-
-
-def plan_sweep(inputs: list[str | Path], options: AverageOptions | None = None, *, decays: list[float] = (),
-               half_lives: list[float] = (), lasts: list[int] = (), sigma_rels: list[float] = (),
-               **fields: Any) -> list[Candidate]:
-    """One candidate per decay, half-life, sigma_rel and K; the checkpoints are discovered once and shared by all.
-
-    ``options`` (and ``fields``, as for :meth:`AverageOptions.build`) give what every candidate shares; a uniform
-    mean takes none of the EMA's.
-    """
-    base = AverageOptions.build(**fields) if options is None else options.replaced(**fields)
-    variants = sweep_variants(base, decays=decays, half_lives=half_lives, lasts=lasts, sigma_rels=sigma_rels)
-    found = discover_window(inputs, base)  # once, for every candidate
-    steps = [s.step for s in found.sources]
-    return [Candidate(name, Plan(found, weighting_for(opts, steps), opts)) for name, opts in variants]  # type: ignore[arg-type]
 
 
 def identical_candidates(candidates: list[Candidate]) -> list[str]:
@@ -163,115 +145,23 @@ class SweepResult:
     update: Any = None  # with a state: the ckpt_ema.follow.update.Update (what was read, appended or redone)
 
 
-def candidates_per_pass(options: AverageOptions, wanted: int) -> int:
-    """How many candidates' accumulator chunks fit the memory budget together (at least one, or an error)."""
-    for count in range(wanted, 0, -1):
-        try:
-            chunk_elems(options, candidates=count)
-            return count
-        except OptionError:
-            if count == 1:
-                raise
-    raise AssertionError("unreachable")
+def remove_earlier_sweep(outdir: Path, keep: Sequence[str]) -> None:
+    """Remove the outputs of an earlier sweep into ``outdir`` that this one does not write (candidates it had and
+    this one has not, its final model and choice when this one scores nothing), so that the folder holds one
+    sweep: only weights files that ckpt-ema wrote (their metadata says so) are removed, with their shards."""
+    for path in sorted(outdir.glob("*.safetensors")) + sorted(outdir.glob("*.safetensors.index.json")):
+        stem = SHARD_NAME.sub("", path.name).removesuffix(".index.json").removesuffix(".safetensors")
+        if stem not in keep and _written_by_us(path):
+            path.unlink(missing_ok=True)
 
 
-def run_sweep(candidates: list[Candidate], outdir: Path, *, score: Scoring | None = None, plot: bool = True,
-              progress: bool = False, world: World | None = None) -> SweepResult:
-    """Read every checkpoint once and write one ``OUTDIR/<name>.safetensors`` per candidate (the folder is made if
-    missing); then, with ``score``, score them and the final model, choose, and draw the pictures.
-
-    Once, that is, unless the memory budget cannot hold a chunk of every candidate at the same time: then the
-    candidates are split into as few groups as fit, one pass over the checkpoints each (``passes``).
-    """
-    if not outdir.parent.is_dir():
-        raise CkptEmaError("the output folder's parent does not exist", outdir)
-    outputs = [outdir / f"{c.name}.safetensors" for c in candidates] + [outdir / "best.safetensors"]
-    check_not_an_input([f for o in outputs for f in output_files(o)], candidates[0].plan.input_files())
-    created = not outdir.exists()
-    outdir.mkdir(exist_ok=True)
+def _written_by_us(path: Path) -> bool:
     try:
-        return _sweep_into(candidates, outdir, score=score, plot=plot, progress=progress, world=world)
-    except BaseException:
-        if created and not any(outdir.iterdir()):
-            outdir.rmdir()  # a failed sweep leaves no empty folder behind
-        raise
-
-
-def _sweep_into(candidates: list[Candidate], outdir: Path, *, score: Scoring | None, plot: bool, progress: bool,
-                world: World | None) -> SweepResult:
-    started = time.perf_counter()
-    written = list(candidates)
-    if score is not None:  # the final model, written by the same read, to be scored as the same kind of file
-        newest = candidates[0].plan
-        only_newest = uniform_weighting([s.step for s in newest.sources], 1)
-        written.append(Candidate(FINAL_MODEL, Plan(newest.discovery, only_newest, newest.options.replaced(last=1))))
-    sinks = []
-    for c in written:
-        c.output = outdir / f"{c.name}.safetensors"
-        sinks.append(SafetensorsOutput(c.output, output_metadata(c.plan), c.plan.options.max_shard_size))
-    plans = [c.plan for c in written]
-    per_pass = candidates_per_pass(plans[0].options, len(plans))
-    for start in range(0, len(plans), per_pass):
-        group = slice(start, start + per_pass)
-        run_plans(plans[group], sinks[group], progress=progress, desc=f"sweeping {len(plans[group])} candidates",
-                   world=world)
-    result = SweepResult(candidates, time.perf_counter() - started, -(-len(plans) // per_pass),
-                         final_output=written[-1].output if score is not None else None)
-    result.notes += identical_candidates(candidates) + [note for sink in sinks for note in sink.notes]
-    if world is not None and world.rank != 0:
-        return result  # under torchrun: scores, the choice and pictures come from rank 0
-    finish_sweep(result, outdir, score=score, plot=plot)
-    return result
-
-
-def sweep_targets(outdir: Path, base: AverageOptions, *, decays: list[float] = (), half_lives: list[float] = (),
-                  lasts: list[int] = (), sigma_rels: list[float] = ()) -> tuple[list[Any], Any]:
-    """The candidates as averages kept current from a state (:mod:`ckpt_ema.follow`): one target per candidate,
-    written to ``OUTDIR/<name>.safetensors``, and the state folder they share, ``OUTDIR/ckpt-ema-state``. The
-    folder is made if missing."""
-    from ckpt_ema.follow.state import SWEEP_STATE_FOLDER, StateFolder
-    from ckpt_ema.follow.update import Target
-
-    variants = sweep_variants(base, decays=decays, half_lives=half_lives, lasts=lasts, sigma_rels=sigma_rels)
-    if not outdir.parent.is_dir():
-        raise CkptEmaError("the output folder's parent does not exist", outdir)
-    targets = [Target(name, opts, outdir / f"{name}.safetensors") for name, opts in variants]
-    return targets, StateFolder(outdir / SWEEP_STATE_FOLDER)
-
-
-@contextmanager
-def output_folder(outdir: Path) -> Iterator[None]:
-    """Make ``outdir`` if missing for what runs inside; if that fails, remove it again when it is still empty."""
-    made = not outdir.exists()
-    outdir.mkdir(exist_ok=True)
-    try:
-        yield
-    except BaseException:
-        if made and not any(outdir.iterdir()):
-            outdir.rmdir()
-        raise
-
-
-def sweep_result_of(targets: list[Any], done: Any) -> SweepResult:
-    """The sweep that an update of its targets (:func:`ckpt_ema.follow.update.update`) wrote."""
-    candidates = [Candidate(t.name, p, t.output) for t, p in zip(targets, done.plans)]
-    return SweepResult(candidates, done.seconds, done.passes,
-                       notes=[done.message, *identical_candidates(candidates), *done.notes], update=done)
-
-
-def finish_sweep(result: SweepResult, outdir: Path, *, score: Scoring | None = None, plot: bool = True) -> None:
-    """Once the candidates are written: with ``score``, score them and the final model (written beside them if the
-    fold did not) and choose; draw the pictures."""
-    if score is not None:
-        if result.final_output is None:
-            from ckpt_ema.api import average
-
-            newest = result.candidates[0].plan
-            result.final_output = outdir / f"{FINAL_MODEL}.safetensors"
-            average([newest.sources[-1].path], result.final_output, newest.options.replaced(last=1), keep_state=False)
-        choose(result, score, outdir)
-    if plot:
-        draw(result, outdir, score)
+        if path.name.endswith(".index.json"):
+            return OWN_OUTPUT_KEY in json.loads(path.read_text()).get("metadata", {})
+        return OWN_OUTPUT_KEY in SafetensorsFile(path).metadata
+    except (OSError, ValueError, AttributeError, CkptEmaError):
+        return False
 
 
 def choose(result: SweepResult, scoring: Scoring, outdir: Path) -> None:

@@ -165,8 +165,7 @@ class DecaySchedule:
         if t <= 0 and not bias_corrected:
             return 0.0
         if self.warmup:
-            decay = 1 - (1 + t / self.warmup_gamma) ** -self.warmup_power
-            return max(min(decay, self.decay), self.min_decay)
+            return max(min(self.warmup_raw(t), self.decay), self.min_decay)
         return self.decay
 
     def decays(self, first: int, last: int, bias_corrected: bool = False) -> torch.Tensor:
@@ -178,8 +177,7 @@ class DecaySchedule:
             return steps
         t = (steps - self.update_after_step - 1).clamp(min=0)
         if self.warmup:
-            d = 1 - (1 + t / self.warmup_gamma) ** -self.warmup_power
-            d = d.clamp(max=self.decay).clamp(min=self.min_decay)
+            d = self.warmup_raw(t).clamp(max=self.decay).clamp(min=self.min_decay)
         else:
             d = torch.full_like(steps, self.decay)
         if bias_corrected:
@@ -227,9 +225,14 @@ class DecaySchedule:
         """The first warmup t with d(t) > min_decay, and the first with d(t) = decay (None: not before 2^62)."""
         return self._first_t(lambda raw: raw > self.min_decay), self._first_t(lambda raw: raw >= self.decay)
 
-    def warmup_raw(self, t: float) -> float:
-        """timm's warmup formula before clamping, with its float operations: 1 - (1 + t/gamma)^-power."""
-        return 1 - (1 + t / self.warmup_gamma) ** -self.warmup_power
+    def warmup_gap(self, t: Any) -> Any:
+        """1 - d(t) of timm's warmup before clamping, (1 + t/gamma)^-power: for a float, or element-wise for a
+        numpy array or torch tensor of t. The one place the warmup formula is written."""
+        return (1 + t / self.warmup_gamma) ** -self.warmup_power
+
+    def warmup_raw(self, t: Any) -> Any:
+        """timm's warmup decay before clamping, with its float operations: 1 - (1 + t/gamma)^-power."""
+        return 1 - self.warmup_gap(t)
 
     def _first_t(self, holds: Callable[[float], bool]) -> int | None:
         """The first t >= 0 at which ``holds(warmup_raw(t))`` (a condition that, once true, stays true: the
@@ -288,42 +291,85 @@ def _then(older: tuple, newer: tuple) -> tuple:
 
 
 def constant_run(decay: float, count: int) -> StepRun:
-    """``count`` steps at one decay, in O(log count) float operations: :func:`_constant_runs` for one run, in
-    plain floats (numpy's per-call cost would dominate a single run)."""
+    """``count`` steps at one decay, in O(log count) float operations (:func:`_constant_runs` in plain floats:
+    numpy's per-call cost would dominate a single run)."""
     if count <= 0:
         return StepRun()
     log_d = math.log(decay) if decay > 0 else -math.inf
-    gained = -math.expm1(log_d)
-    out: tuple = (0, 1.0, 0.0, 0.0, 0.0)
-    level: tuple = (1, decay, gained, 0.0, gained)
-    while True:
-        if count & 1:
-            out = _then(out, level)
-        count >>= 1
-        if not count:
-            return StepRun(*out)
-        doubled = _then(level, level)
-        level = (doubled[0], math.exp(doubled[0] * log_d), -math.expm1(doubled[0] * log_d), doubled[3], doubled[4])
+    return StepRun(*_constant_runs(log_d, count, _FLOATS))
 
 
-def _constant_runs(log_d: Any, count: Any) -> tuple:
-    """Runs of ``count[i]`` steps at decay ``exp(log_d[i])`` (numpy arrays), by doubling: a run of 2^k steps is two
-    of 2^(k-1), and the runs asked for are unions of those. The survive and gained of each 2^k level come straight
-    from exp and expm1 (squaring d^(2^(k-1)) would lose a bit per level); the moments from the doubling."""
-    import numpy as np
+class _Floats:
+    """The operations :func:`_constant_runs` needs, on plain floats."""
 
-    zero = np.zeros(count.shape)
+    exp = staticmethod(math.exp)
+    expm1 = staticmethod(math.expm1)
+
+    @staticmethod
+    def where(take: Any, new: Any, old: Any) -> Any:
+        return new if take else old
+
+    @staticmethod
+    def zeros(count: Any) -> Any:
+        return 0.0
+
+    @staticmethod
+    def any(count: Any) -> bool:
+        return bool(count)
+
+
+class _Arrays:
+    """The operations :func:`_constant_runs` needs, element-wise on numpy arrays (many runs at once)."""
+
+    @staticmethod
+    def exp(x: Any) -> Any:
+        import numpy as np
+
+        return np.exp(x)
+
+    @staticmethod
+    def expm1(x: Any) -> Any:
+        import numpy as np
+
+        return np.expm1(x)
+
+    @staticmethod
+    def where(take: Any, new: Any, old: Any) -> Any:
+        import numpy as np
+
+        return np.where(take.astype(bool), new, old)
+
+    @staticmethod
+    def zeros(count: Any) -> Any:
+        import numpy as np
+
+        return np.zeros(count.shape)
+
+    @staticmethod
+    def any(count: Any) -> bool:
+        return bool(count.any())
+
+
+_FLOATS, _ARRAYS = _Floats(), _Arrays()
+
+
+def _constant_runs(log_d: Any, count: Any, ops: Any = _ARRAYS) -> tuple:
+    """Runs of ``count`` steps at decay ``exp(log_d)`` (numpy arrays of many runs with :data:`_ARRAYS`, or one run
+    in plain floats with :data:`_FLOATS`), by doubling: a run of 2^k steps is two of 2^(k-1), and the runs asked
+    for are unions of those. The survive and gained of each 2^k level come straight from exp and expm1 (squaring
+    d^(2^(k-1)) would lose a bit per level); the moments from the doubling."""
+    zero = ops.zeros(count)
     out = (zero, zero + 1.0, zero, zero, zero)
-    gained = -np.expm1(log_d)
-    level = (zero + 1.0, np.exp(log_d), gained, zero, gained)
-    size, remaining = 1, count.copy()
-    while remaining.any():
-        take = (remaining & 1).astype(bool)
-        out = tuple(np.where(take, new, old) for new, old in zip(_then(out, level), out))
-        remaining >>= 1
+    gained = -ops.expm1(log_d)
+    level = (zero + 1.0, ops.exp(log_d), gained, zero, gained)
+    size, remaining = 1, count
+    while ops.any(remaining):
+        take = remaining & 1
+        out = tuple(ops.where(take, new, old) for new, old in zip(_then(out, level), out))
+        remaining = remaining >> 1
         doubled = _then(level, level)
         size *= 2
-        level = (doubled[0], np.exp(size * log_d), -np.expm1(size * log_d), doubled[3], doubled[4])
+        level = (doubled[0], ops.exp(size * log_d), -ops.expm1(size * log_d), doubled[3], doubled[4])
     return out
 
 
@@ -375,11 +421,10 @@ def _warmup_run(schedule: DecaySchedule, first: int, count: int) -> StepRun:
     starts, lengths = _warmup_chunks(first, count, gamma, power)
     single = lengths == 1
     runs = [np.empty(len(lengths)) for _ in range(5)]
-    t = starts[single]
-    for run, values in zip(runs, _single_steps(1 - (1 + t / gamma) ** -power)):
+    for run, values in zip(runs, _single_steps(schedule.warmup_raw(starts[single]))):
         run[single] = values
     chunk_starts, chunk_lengths = starts[~single], lengths[~single]
-    coarse, fine = (_midpoint_runs(chunk_starts, chunk_lengths, parts, gamma, power) for parts in (4, 8))
+    coarse, fine = (_midpoint_runs(schedule, chunk_starts, chunk_lengths, parts) for parts in (4, 8))
     m = chunk_lengths / 8.0
     weight = (m * m - 1) / (3 * m * m)
     runs[0][~single] = chunk_lengths
@@ -388,7 +433,7 @@ def _warmup_run(schedule: DecaySchedule, first: int, count: int) -> StepRun:
     return _fold_runs(tuple(runs))
 
 
-def _midpoint_runs(starts: Any, lengths: Any, parts: int, gamma: float, power: float) -> tuple:
+def _midpoint_runs(schedule: DecaySchedule, starts: Any, lengths: Any, parts: int) -> tuple:
     """Each chunk as ``parts`` equal runs, each at the decay of its middle step (log d from 1 - d directly, not
     rounded through d), composed: arrays over the chunks."""
     import numpy as np
@@ -397,7 +442,7 @@ def _midpoint_runs(starts: Any, lengths: Any, parts: int, gamma: float, power: f
     out = None
     for i in range(parts):
         middle = starts + i * size + (size - 1) / 2
-        run = _constant_runs(np.log1p(-((1 + middle / gamma) ** -power)), size)
+        run = _constant_runs(np.log1p(-schedule.warmup_gap(middle)), size)
         out = run if out is None else _then(out, run)
     return out  # type: ignore[return-value]
 
@@ -601,7 +646,6 @@ def _power_sum(c: torch.Tensor, b: torch.Tensor, g: float) -> torch.Tensor:
     with eps = 1 - c/b, by its series sum_{k>=2} (-1)^k C(g+1, k) eps^k / (g+1) when (g+1) eps <= 1: a short interval
     late in a long run keeps its digits.
     """
-    import torch
 
     h = g + 1
     eps = (b - c) / b

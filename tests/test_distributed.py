@@ -20,7 +20,6 @@ from ckpt_ema.formats.checkpoint import open_checkpoint
 from ckpt_ema.engine.distributed import partition
 from ckpt_ema.output.atomic import check_output_path
 from ckpt_ema.engine.layout import Layout
-from ckpt_ema.sweeping import plan_sweep, run_sweep
 
 pytestmark = pytest.mark.skipif(
     not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
@@ -136,9 +135,8 @@ def test_two_ranks_sweep_like_one_process(tmp_path: Path, distributed_average) -
     result = torchrun("sweep", run, "-o", out, *SWEEP_OPTIONS)
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("ema-0.9") == 1  # the table, from rank 0 only
-    candidates = plan_sweep([run], decays=[0.5, 0.9], max_memory="512KB", max_shard_size=None)
-    (tmp_path / "single").mkdir()
-    run_sweep(candidates, tmp_path / "single")
+    ckpt_ema.sweep([run], tmp_path / "single", decays=[0.5, 0.9], max_memory="512KB", max_shard_size=None,
+                   keep_state=False)
     for name in ("ema-0.5", "ema-0.9"):
         got, _ = read_sharded(out / f"{name}.safetensors.index.json")
         assert_same_tensors(got, load_file(str(tmp_path / "single" / f"{name}.safetensors")))

@@ -16,7 +16,7 @@ from torch import nn
 
 import ckpt_ema
 from ckpt_ema.cli import main
-from helpers import STEPS, TOLERANCE, ModelEmaV3, TinyNet, assert_matches_timm, train_and_checkpoint
+from helpers import STEPS, TOLERANCE, ModelEmaV3, assert_matches_timm, train_and_checkpoint
 
 
 # Each case is (ModelEmaV3 keyword arguments, the same options for ckpt_ema.average).

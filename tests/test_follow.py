@@ -17,7 +17,7 @@ import torch
 from ckpt_ema.engine.fold import fold
 from ckpt_ema.engine.layout import Layout
 from ckpt_ema.output.sinks import MemoryOutput
-from ckpt_ema.weighting import DecaySchedule, EmaState, ema_continuation, ema_weighting
+from ckpt_ema.weighting import DecaySchedule, ema_continuation, ema_weighting
 from helpers import TOLERANCE, linear_reference, make_state, max_abs_diff, reference_ema, write_run
 
 SCHEDULES = [
@@ -530,7 +530,7 @@ def test_a_power_ema_candidate_appends_like_an_ema(tmp_path, interpolate):
 def test_an_update_naming_part_of_the_run_never_averages_that_part_alone(tmp_path):
     """A watcher names only the new checkpoints; when the state cannot go on, the update asks for the whole run
     instead of averaging the part it was given."""
-    from ckpt_ema.follow.update import FullInputsNeeded, Target, update
+    from ckpt_ema.pipeline import FullInputsNeeded, Target, run as update
 
     run, out = tmp_path / "run", tmp_path / "ema.safetensors"
     write_run(run, STEPS[:5])
@@ -547,7 +547,7 @@ def test_a_checkpoint_deleted_while_settling_is_noted_and_the_newer_ones_go_on(t
     """A trainer keeping its last K can delete a checkpoint between the watcher's two listings of it: that one is
     said to be missed, and the checkpoints after it are folded in the same poll (they used to wait behind the gone
     one forever, so that a fast trainer was never caught up with)."""
-    from ckpt_ema.follow.update import Target
+    from ckpt_ema.pipeline import Target
     from ckpt_ema.follow.watch import Watcher
 
     run, out = tmp_path / "run", tmp_path / "ema.safetensors"

@@ -1,8 +1,10 @@
-"""The architecture the tree shows holds: the engine never imports the CIFAR-10 demo, the command line answers
+"""The architecture the tree shows holds: no module of the package imports another that imports it back (at any
+depth, function-level imports included), the engine never imports the CIFAR-10 demo, the command line answers
 --help without importing torch, and the API stays in one process unless asked for several."""
 
 from __future__ import annotations
 
+import ast
 import os
 import subprocess
 import sys
@@ -18,6 +20,77 @@ from helpers import write_run
 REPO = Path(__file__).resolve().parent.parent
 ENGINE_MODULES = ["ckpt_ema.api", "ckpt_ema.sweeping", "ckpt_ema.cli", "ckpt_ema.planning", "ckpt_ema.discover",
                   "ckpt_ema.plots", "ckpt_ema.engine.runner", "ckpt_ema.formats.checkpoint", "ckpt_ema.output.sinks"]
+
+
+def import_graph(package: Path) -> dict[str, set[str]]:
+    """Module -> the package's modules it imports, from the source: every ``import``/``from ... import``
+    statement anywhere in the file (inside functions too), except under ``if TYPE_CHECKING:`` (never run)."""
+    def module_of(path: Path) -> str:
+        parts = path.relative_to(package.parent).with_suffix("").parts
+        return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+    modules = {module_of(p): p for p in package.rglob("*.py")}
+
+    def target(name: str) -> str | None:
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text())
+        skipped = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If)
+                   and "TYPE_CHECKING" in ast.unparse(node.test) for n in ast.walk(node)}
+        edges: set[str] = set()
+        for node in ast.walk(tree):
+            if id(node) in skipped:
+                continue
+            if isinstance(node, ast.Import):
+                edges |= {t for a in node.names if (t := target(a.name))}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                edges |= {t for a in node.names if (t := target(f"{node.module}.{a.name}"))}
+        graph[name] = edges - {name}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle of ``graph`` as the list of its modules (first repeated last), or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (found := visit(node)):
+            return found
+    return None
+
+
+def test_the_package_has_no_import_cycle() -> None:
+    graph = import_graph(REPO / "ckpt_ema")
+    assert {"ckpt_ema.api", "ckpt_ema.pipeline", "ckpt_ema.cli"} <= set(graph)
+    assert "ckpt_ema.pipeline" in graph["ckpt_ema.api"]  # the graph sees real imports
+    cycle = find_cycle(graph)
+    assert cycle is None, " -> ".join(cycle or [])
+
+
+def test_the_cycle_finder_finds_a_cycle_hidden_in_a_function(tmp_path: Path) -> None:
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "a.py").write_text("from pkg.b import f\n")
+    (package / "b.py").write_text("def f():\n    from pkg import a\n    return a\n")
+    assert find_cycle(import_graph(package)) == ["pkg.a", "pkg.b", "pkg.a"]
 
 
 def python(code: str, **env: str) -> subprocess.CompletedProcess:

@@ -16,7 +16,6 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
-from torch import nn
 
 import ckpt_ema
 from ckpt_ema import CkptEmaError

@@ -257,10 +257,9 @@ def test_one_sweep_reads_each_checkpoint_once_whatever_the_number_of_candidates(
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-    """Metadata (less the id of the state generation, different in every run) and tensors."""
+    """Metadata and tensors."""
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata()
-    metadata.pop("ckpt_ema_state", None)
     return metadata, load_file(path)
 
 

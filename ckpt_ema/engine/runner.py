@@ -1,42 +1,78 @@
-"""Execute plans: one read of the checkpoints into the outputs of one or more averages (a sweep's candidates).
+"""Run a fold job: one read of the checkpoints into the outputs of one or more averages (a sweep's candidates).
 
-In one process by default; with a :class:`~ckpt_ema.engine.distributed.World` of several processes (the CLI under
-torchrun, or a caller's own script that asks for it), this process folds only its share of the tensors and the
-ranks agree on the commit.
+A :class:`Job` is everything :func:`ckpt_ema.engine.fold.fold` needs, per candidate (its lerp weights, the running
+mean it continues, where its finished pieces go and which files to open for them), plus the copy of the newest
+checkpoint that a later append needs. :func:`run_job` opens the files once the checkpoints' tensors are known, in
+each file's dtype, and folds in as few passes over the checkpoints as the memory budget allows, with one progress
+bar. In one process by default; with a :class:`~ckpt_ema.engine.distributed.World` of several processes each folds
+its share of the tensors (:func:`ckpt_ema.engine.distributed.partition`) into its own shards of every output.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from tqdm.auto import tqdm
 
 from ckpt_ema.engine import distributed
 from ckpt_ema.engine.distributed import World
-from ckpt_ema.engine.fold import checkpoints_read, chunk_elems_for, fold
+from ckpt_ema.engine.fold import Sink, chunk_elems_for, fold
 from ckpt_ema.engine.layout import Layout
 from ckpt_ema.errors import CkptEmaError, OptionError
-from ckpt_ema.output.sinks import MemoryOutput, SafetensorsOutput
-
-if TYPE_CHECKING:
-    from ckpt_ema.options import AverageOptions
-    from ckpt_ema.planning import Plan
+from ckpt_ema.formats.checkpoint import Checkpoint
+from ckpt_ema.options import AverageOptions
+from ckpt_ema.output.sinks import SafetensorsOutput
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def bytes_read_by(plans: list[Plan]) -> int:
-    """File bytes of the checkpoints one fold of ``plans`` reads: those some plan weighs, and the newest."""
-    return sum(plans[0].sources[i].nbytes for i in checkpoints_read([p.weighting.lerps for p in plans]))
+class File(Protocol):
+    """A sink that is opened once the tensors are known (an output file, a state file, tensors in memory)."""
+
+    def open(self, shapes: Mapping[str, tuple[int, ...]], dtypes: Mapping[str, torch.dtype]) -> None: ...
+
+    def write(self, name: str, piece: torch.Tensor) -> None: ...
 
 
-def chunk_elems(options: AverageOptions, candidates: int) -> int:
-    """Elements per chunk for ``candidates`` accumulators within the options' memory budget."""
-    itemsize = max(DTYPES[options.accum_dtype].itemsize, DTYPES[options.out_dtype].itemsize if options.out_dtype else 0, 4)
-    return chunk_elems_for(options.memory_budget(), candidates, itemsize)
+# What a file's float tensors are: "output" (the input's dtype, or --out-dtype), "accum" (the accumulator's: a
+# running mean kept to go on from), "input" (as read: the newest checkpoint's copy).
+KINDS = ("output", "accum", "input")
+
+
+@dataclass
+class Job:
+    """One fold: the checkpoints read, in order; per candidate its lerp weights, the running mean it continues
+    (None: from nothing), where its pieces go and the files to open for it, each with its kind (:data:`KINDS`)."""
+
+    checkpoints: list[Path | Checkpoint]
+    lerps: list[list[float]] = field(default_factory=list)
+    initial: list[Checkpoint | None] = field(default_factory=list)
+    sinks: list[Sink] = field(default_factory=list)
+    files: list[list[tuple[File, str]]] = field(default_factory=list)
+    newest_copy: File | None = None  # receives the newest checkpoint's tensors as read (kind "input")
+    recorded_dtypes: dict[str, str] | None = None  # the tensors' dtypes as a state recorded them (must match)
+    recorded_in: Path | None = None  # that state's folder
+
+    def add(self, lerps: list[float], initial: Checkpoint | None, sink: Sink, files: list[tuple[File, str]]) -> None:
+        self.lerps.append(lerps)
+        self.initial.append(initial)
+        self.sinks.append(sink)
+        self.files.append(files)
+
+
+class Tee:
+    """A candidate's finished pieces, to several sinks (its output and its state's running mean)."""
+
+    def __init__(self, *sinks: Sink) -> None:
+        self.sinks = sinks
+
+    def write(self, name: str, piece: torch.Tensor) -> None:
+        for sink in self.sinks:
+            sink.write(name, piece)
 
 
 def check_device(device: str) -> torch.device:
@@ -52,105 +88,116 @@ def check_device(device: str) -> torch.device:
     return dev
 
 
-def run_plans(plans: list[Plan], sinks: list[SafetensorsOutput | MemoryOutput], *, progress: bool, desc: str,
-               world: World | None = None) -> list[list[Path]]:
-    """Fold the checkpoints of ``plans`` (same checkpoints, different weights) into ``sinks`` in one read.
-
-    Output files become visible only when every candidate is complete; returns the files each sink wrote. With a
-    ``world`` of several processes (and output files), this process folds its share: :func:`run_plans_on_ranks`.
-    """
-    check_device(plans[0].options.device)
-    if world is not None and world.is_distributed:
-        if not all(isinstance(s, SafetensorsOutput) for s in sinks):
-            raise CkptEmaError("several processes write their shares to files: give an output file")
-        return run_plans_on_ranks(plans, sinks, world, progress=progress, desc=desc)  # type: ignore[arg-type]
-    files = [s for s in sinks if isinstance(s, SafetensorsOutput)]
-    try:
-        _read_once_into(plans, sinks, progress=progress, desc=desc)
-        return [s.commit() if isinstance(s, SafetensorsOutput) else [] for s in sinks]
-    finally:
-        for f in files:
-            f.abort()  # removes whatever temporary files a failure left; nothing once committed
+def chunk_elems(options: AverageOptions, candidates: int) -> int:
+    """Elements per chunk for ``candidates`` accumulators within the options' memory budget."""
+    itemsize = max(DTYPES[options.accum_dtype].itemsize,
+                   DTYPES[options.out_dtype].itemsize if options.out_dtype else 0, 4)
+    return chunk_elems_for(options.memory_budget(), candidates, itemsize)
 
 
-def run_plans_on_ranks(plans: list[Plan], sinks: list[SafetensorsOutput], world: World, *, progress: bool,
-                        desc: str) -> list[list[Path]]:
-    """This rank's share of the fold under torchrun, and a commit all ranks agree to.
-
-    Each rank folds the tensors :func:`ckpt_ema.engine.distributed.partition` gives it and writes them as its own
-    shards under temporary names. Only once every rank has its shards complete on disk do the ranks rename them,
-    and only once all are renamed does rank 0 rename the index into place: the commit point, so no index ever
-    presents partial output. A failure on any rank is raised on every rank, naming the rank(s) and the cause;
-    the temporary files are removed and an existing output is left as it was. Returns every file of each output.
-    """
-    device = world.device(plans[0].options.device)
-
-    def fold_and_prepare() -> None:
-        _read_once_into(plans, sinks, progress=progress and world.rank == 0, desc=desc, world=world, device=device)
-        for sink in sinks:
-            sink.prepare()
-
-    def on_rank_zero(action: Callable[[SafetensorsOutput], object]) -> None:
-        if world.rank == 0:
-            for sink in sinks:
-                action(sink)
-
-    with distributed.process_group(world, device):
+def candidates_per_pass(options: AverageOptions, wanted: int) -> int:
+    """How many candidates' accumulator chunks fit the memory budget together (at least one, or an error)."""
+    for count in range(wanted, 0, -1):
         try:
-            distributed.on_every_rank(fold_and_prepare)
-            distributed.on_every_rank(lambda: on_rank_zero(lambda sink: sink.retire_previous()))  # before renames
-            distributed.on_every_rank(lambda: [sink.publish_shards() for sink in sinks])  # then all are in place
-            # and no rank reports success before the index is in place
-            distributed.on_every_rank(lambda: on_rank_zero(lambda sink: sink.publish_index()))
-            on_rank_zero(lambda sink: sink.remove_stale())
-            return [sink.written for sink in sinks]
-        except CkptEmaError:  # raised on every rank alike by on_every_rank
-            for sink in sinks:
-                sink.abort()
-            # The first rank to exit makes torchrun stop the others: let every rank remove its temporary files first.
-            distributed.barrier()
-            raise
-        finally:
-            for sink in sinks:
-                sink.abort()
+            chunk_elems(options, candidates=count)
+            return count
+        except OptionError:
+            if count == 1:
+                raise
+    raise AssertionError("unreachable")
 
 
-def _read_once_into(plans: list[Plan], sinks: list[SafetensorsOutput | MemoryOutput], *, progress: bool, desc: str,
-               world: World | None = None, device: str | None = None) -> None:
-    """One read of the checkpoints into the (opened, uncommitted) sinks; with a ``world``, only this rank's share."""
-    opts = plans[0].options
+def dtype_for(kind: str, dtype: torch.dtype, accum: torch.dtype, out_dtype: torch.dtype | None) -> torch.dtype:
+    """A tensor's dtype in a file of ``kind`` (:data:`KINDS`); non-float tensors keep their own."""
+    if not dtype.is_floating_point or kind == "input":
+        return dtype
+    return (out_dtype or dtype) if kind == "output" else accum
+
+
+def run_job(job: Job, options: AverageOptions, *, progress: bool = False, desc: str = "averaging",
+            world: World | None = None, device: str | None = None) -> tuple[dict[str, str], int]:
+    """Fold ``job`` (in as few passes as the memory budget allows; the newest checkpoint copied in the first) and
+    return the run's tensor dtypes (by name, as torch names them without ``torch.``) and the number of passes.
+    With a ``world`` of several processes, this rank folds and writes only its share (the caller runs this
+    inside :func:`ckpt_ema.engine.distributed.process_group` and commits as the ranks agree)."""
+    accum = DTYPES[options.accum_dtype]
+    out_dtype = DTYPES[options.out_dtype] if options.out_dtype else None
+    per_pass = candidates_per_pass(options, len(job.lerps))
+    shared = world is not None and world.is_distributed
+    seen: dict[str, str] = {}
+    shares: list[list[str]] = []
     bar = tqdm(unit="B", unit_scale=True, desc=desc, disable=not progress)
-    shares: list[list[str]] | None = None  # tensor names per rank, once the layout is known
-    mine: set[str] | None = None
 
-    def select(layout: Layout) -> set[str]:
-        nonlocal shares, mine
+    def select(layout: Layout) -> Collection[str]:
         assert world is not None
-        shares = distributed.partition(layout, world.size)
-        mine = set(shares[world.rank])
-        return mine
+        shares[:] = distributed.partition(layout, world.size)
+        return set(shares[world.rank])
 
-    def open_outputs(layout: Layout, n_used: int) -> None:
-        out_dtype = DTYPES[opts.out_dtype] if opts.out_dtype else None
-        for sink in sinks:
-            if shares is None:
-                sink.open(layout.shapes, layout.output_dtypes(out_dtype))
-            else:
-                assert isinstance(sink, SafetensorsOutput) and world is not None
-                sink.open(layout.shapes, layout.output_dtypes(out_dtype), partition=shares, rank=world.rank)
-        bar.total = n_used * layout.float_nbytes(mine)
+    def opener(group: range, copy: bool) -> Callable[[Layout, int], None]:
+        def on_layout(layout: Layout, n_used: int) -> None:
+            if job.recorded_dtypes is not None and list(job.recorded_dtypes) != list(layout.shapes):
+                raise CkptEmaError("the state's manifest does not list the tensors its files hold; remove the "
+                                   "folder to start over", job.recorded_in)
+            dtypes = ({k: getattr(torch, v) for k, v in job.recorded_dtypes.items()}
+                      if job.recorded_dtypes is not None else dict(layout.dtypes))
+            seen.update({k: str(v).removeprefix("torch.") for k, v in dtypes.items()})
+            files = [f for c in group for f in job.files[c]]
+            if copy and job.newest_copy is not None:
+                files.append((job.newest_copy, "input"))
+            for file, kind in files:
+                wanted = {name: dtype_for(kind, d, accum, out_dtype) for name, d in dtypes.items()}
+                if shared:  # each rank writes its own shards of every file
+                    assert world is not None and isinstance(file, SafetensorsOutput)
+                    file.open(layout.shapes, wanted, partition=shares, rank=world.rank)
+                else:
+                    file.open(layout.shapes, wanted)
+            mine = set(shares[world.rank]) if shared and world is not None else None
+            bar.total = (bar.total or 0) + n_used * layout.float_nbytes(mine)
+        return on_layout
 
     with bar:
-        fold(
-            [s.opened or s.path for s in plans[0].sources],
-            [p.weighting.lerps for p in plans],
-            sinks,
-            key=opts.key,
-            strip_prefix=opts.strip_prefix,
-            device=opts.device if device is None else device,
-            accum_dtype=DTYPES[opts.accum_dtype],
-            chunk_elems=chunk_elems(opts, candidates=len(plans)),
-            on_bytes=bar.update,
-            on_layout=open_outputs,
-            select=None if world is None else select,
-        )
+        for start in range(0, len(job.lerps), per_pass):
+            group = range(start, min(start + per_pass, len(job.lerps)))
+            first = start == 0
+            fold(job.checkpoints, [job.lerps[c] for c in group], [job.sinks[c] for c in group],
+                 key=options.key, strip_prefix=options.strip_prefix,
+                 device=options.device if device is None else device, accum_dtype=accum,
+                 chunk_elems=chunk_elems(options, len(group)), on_bytes=bar.update,
+                 on_layout=opener(group, first), select=select if shared else None,
+                 initial=[job.initial[c] for c in group], newest_to=job.newest_copy if first else None)
+    return seen, -(-len(job.lerps) // per_pass)
+
+
+class Publishable(Protocol):
+    """The commit steps of an output file (:class:`ckpt_ema.output.sinks.SafetensorsOutput`)."""
+
+    def prepare(self) -> None: ...
+
+    def retire_previous(self) -> None: ...
+
+    def publish_shards(self) -> None: ...
+
+    def publish_index(self) -> None: ...
+
+    def remove_stale(self) -> None: ...
+
+
+def commit_on_ranks(outputs: Sequence[Publishable], world: World) -> None:
+    """The commit all ranks agree to, once each has folded its share: every rank prepares its shards (complete on
+    disk under temporary names); rank 0 retires an earlier output's index; every rank renames its shards; rank 0
+    renames the index into place, the commit point, so no index ever presents partial output. A failure on any
+    rank is raised on every rank (:func:`ckpt_ema.engine.distributed.on_every_rank`)."""
+    def on_rank_zero(action: Callable[[Publishable], object]) -> None:
+        if world.rank == 0:
+            for out in outputs:
+                action(out)
+
+    def on_every(action: Callable[[Publishable], object]) -> None:
+        for out in outputs:
+            action(out)
+
+    distributed.on_every_rank(lambda: on_every(lambda out: out.prepare()))
+    distributed.on_every_rank(lambda: on_rank_zero(lambda out: out.retire_previous()))  # before any rename
+    distributed.on_every_rank(lambda: on_every(lambda out: out.publish_shards()))  # then all are in place
+    distributed.on_every_rank(lambda: on_rank_zero(lambda out: out.publish_index()))  # the commit point
+    on_rank_zero(lambda out: out.remove_stale())

@@ -1,2 +1,3 @@
-"""Following a run as it trains: averages kept current from saved state (:mod:`.update`, :mod:`.state`), and a
-watcher that folds each checkpoint once the trainer has finished writing it (:mod:`.watch`)."""
+"""Following a run as it trains: what an average keeps beside its output to go on later (:mod:`.state`), and a
+watcher that folds each checkpoint once the trainer has finished writing it (:mod:`.watch`). Each update runs
+through :func:`ckpt_ema.pipeline.run`."""

@@ -1,12 +1,11 @@
 """What an average keeps beside its output to go on later (appending, watching), and the order it is written in.
 
 The state folder (``OUT.ckpt-ema-state/`` beside ``OUT.safetensors`` or a model folder ``OUT/``;
-``OUTDIR/ckpt-ema-state/`` for a sweep) holds
-one generation of state, under an id that every output of the generation also records (metadata key
-``ckpt_ema_state``):
+``OUTDIR/ckpt-ema-state/`` for a sweep) holds one generation of state, under an id of its own (its files' names;
+outputs never record it, so that they depend on their inputs and options alone):
 
-* ``manifest.json``: the generation's id; each candidate's options, output and total weight R (see "Appending" in
-  :mod:`ckpt_ema.weighting`); each input folded so far as a listing shows it (absolute path, bytes, modification
+* ``manifest.json``: the generation's id; each candidate's options, output (and the listing of the file holding it
+  as committed) and total weight R (see "Appending" in :mod:`ckpt_ema.weighting`); each input folded so far as a listing shows it (absolute path, bytes, modification
   time, step), so that it is recognised later without being opened; the dtypes of the run's tensors and the
   newest checkpoint's training metadata, so that an output can be rewritten from the state alone;
 * ``<id>.mean-<k>.safetensors``: candidate k's running mean, its float tensors in the accumulator's dtype (the
@@ -30,7 +29,8 @@ Where hard links are not supported, each is a copy, written atomically.
 
 A failure or signal before the commit point leaves the old generation with the old outputs. A kill between the
 commit point and the last output's rename (only SIGKILL or a power cut can land there) leaves outputs older than
-the state: the next run sees their id differ and rewrites them from the state, reading no checkpoint. Files of a
+the state: the next run sees their listing differ from the one recorded and rewrites them from the state, reading
+no checkpoint (as it does for an output deleted or replaced since). Files of a
 generation the manifest does not name are leftovers of an interrupted update, removed when the folder is loaded.
 """
 
@@ -53,9 +53,9 @@ import torch
 from ckpt_ema.errors import CkptEmaError
 from ckpt_ema.formats.checkpoint import (SAFETENSORS_SUFFIX, Checkpoint, checkpoint_files, is_weight_file,
                                          open_checkpoint)
-from ckpt_ema.formats.safetensors import SafetensorsFile
 from ckpt_ema.formats.torch_save import TORCH_SUFFIXES
 from ckpt_ema.output.atomic import close_on_disk, copy_on_disk
+from ckpt_ema.output.folder import FolderOutput
 from ckpt_ema.output.sinks import SafetensorsOutput, index_path_of
 
 MANIFEST = "manifest.json"
@@ -109,6 +109,10 @@ class CandidateRecord:
     mean: str | None  # file name in the state folder
     weights: list[float]  # each input's final weight, as the output's metadata records it
     unresolved: float | None = None  # the average's unresolved share, continued by an append (ema_unresolved_continued)
+    # The output as committed: (bytes, modification time, inode) of the file that holds it (the weights file, or
+    # the index of its shards). An output listed otherwise now was deleted, replaced, or never renamed into place
+    # (a kill inside the commit), and is rewritten from the state.
+    listing: list[int] | None = None
 
 
 @dataclass(frozen=True)
@@ -147,7 +151,8 @@ class Manifest:
                                           None if c["total"] is None else _finite(c["total"]),
                                           None if c["mean"] is None else _file_name(c["mean"]),
                                           [_finite(w) for w in c["weights"]],
-                                          None if c.get("unresolved") is None else _finite(c["unresolved"]))
+                                          None if c.get("unresolved") is None else _finite(c["unresolved"]),
+                                          None if c.get("listing") is None else _listing(c["listing"]))
                           for c in raw["candidates"]]
             manifest = cls(_file_name(raw["generation"]), str(raw["accum_dtype"]), inputs, candidates,
                            None if raw["theta"] is None else _file_name(raw["theta"]),
@@ -178,6 +183,12 @@ def _finite(x: Any) -> float:
     if not isinstance(x, int | float) or isinstance(x, bool) or not math.isfinite(x) or x < 0:
         raise ValueError(f"{x!r} is not a weight")
     return float(x)
+
+
+def _listing(x: Any) -> list[int]:
+    if not isinstance(x, list) or len(x) != 3:
+        raise ValueError(f"{x!r} is not a listing")
+    return [_int(v) for v in x]
 
 
 def _dtype_name(x: Any) -> str:
@@ -268,7 +279,7 @@ class StateFolder:
             return None
         return InputLink(link)
 
-    def commit(self, manifest: Manifest, state_files: Sequence[SafetensorsOutput],
+    def commit(self, manifest: Manifest, state_files: Sequence[SafetensorsOutput | InputLink],
                outputs: Sequence[SafetensorsOutput]) -> list[list[Path]]:
         """Make the new generation and its outputs current, in the order of the module docstring; returns the
         files each output wrote. The sinks must be written (not prepared); on failure they are left for the caller
@@ -281,6 +292,10 @@ class StateFolder:
             if isinstance(sink, InputLink) or (isinstance(sink, MeanFile) and sink.linked):
                 st = sink.path.stat()
                 manifest.links[sink.path.name] = [st.st_size, st.st_mtime_ns]
+        by_output = {c.output: k for k, c in enumerate(manifest.candidates)}
+        for sink in outputs:  # renaming keeps a file's listing: what it is now is what it will be in place
+            k = by_output[str((sink.folder if isinstance(sink, FolderOutput) else sink.path).absolute())]
+            manifest.candidates[k] = replace(manifest.candidates[k], listing=list(sink.prepared_listing()))
         with signals_held():
             _write_file_atomically(self.path / MANIFEST, manifest.to_json().encode())  # the commit point
             for sink in outputs:
@@ -381,19 +396,20 @@ class MeanFile(SafetensorsOutput):
 
 
 def new_generation() -> str:
+    """A fresh id for the state files of one update (never recorded in an output: outputs depend on their inputs
+    and options alone)."""
     return uuid.uuid4().hex[:16]
 
 
-def output_generation(output: Path) -> str | None:
-    """The generation an output belongs to (its ``ckpt_ema_state`` metadata), None when it has none or is gone."""
-    index = index_path_of(output)
-    try:
-        if index.is_file():
-            return json.loads(index.read_text()).get("metadata", {}).get(STATE_KEY)
-        if output.is_file():
-            return SafetensorsFile(output).metadata.get(STATE_KEY)
-    except (OSError, ValueError, AttributeError, CkptEmaError):
-        return None
+def output_listing(weights: Path) -> list[int] | None:
+    """(bytes, modification time, inode) of the file that holds the output ``weights``: the index of its shards,
+    or the file itself; None when there is neither."""
+    for path in (index_path_of(weights), weights):
+        try:
+            st = path.stat()
+        except OSError:
+            continue
+        return [st.st_size, st.st_mtime_ns, st.st_ino]
     return None
 
 

@@ -11,7 +11,7 @@ when
   the weights-only reader refuses one cut short.)
 
 A complete checkpoint that comes after one still being written (in name order) waits for it, so that nothing is
-folded out of order. Each update (:func:`ckpt_ema.follow.update.update`) rewrites the outputs atomically with
+folded out of order. Each update (:func:`ckpt_ema.pipeline.run`) rewrites the outputs atomically with
 their state and is reported in one line. SIGINT or SIGTERM stops the watch once the update under way, if any, is
 committed (a second one abandons it: the outputs stay as the last update left them); ``until_step`` stops it once a
 checkpoint at that step or later is folded.
@@ -28,7 +28,8 @@ from pathlib import Path
 from ckpt_ema.discover import expand_inputs
 from ckpt_ema.errors import CkptEmaError
 from ckpt_ema.follow.state import StateFolder, listing_of
-from ckpt_ema.follow.update import FullInputsNeeded, NothingYet, Target, Update, update
+from ckpt_ema import pipeline
+from ckpt_ema.pipeline import FullInputsNeeded, NothingYet, Outcome, Target
 from ckpt_ema.formats.checkpoint import checkpoint_files
 from ckpt_ema.formats.safetensors import safetensors_is_complete
 from ckpt_ema.formats.torch_save import zip_is_complete
@@ -66,19 +67,19 @@ class Watcher:
 
     def __init__(self, inputs: Sequence[str | Path], targets: Sequence[Target], folder: StateFolder, *,
                  poll: float = DEFAULT_POLL_SECONDS, until_step: int | None = None,
-                 on_update: Callable[[Update], None] = lambda u: None, on_note: Callable[[str], None] = lambda s: None,
+                 on_update: Callable[[Outcome], None] = lambda u: None, on_note: Callable[[str], None] = lambda s: None,
                  progress: bool = False) -> None:
         self.inputs, self.targets, self.folder = list(inputs), list(targets), folder
         self.poll, self.until_step = poll, until_step
         self.on_update, self.on_note, self.progress = on_update, on_note, progress
         self.stop = threading.Event()
-        self.last: Update | None = None
+        self.last: Outcome | None = None
         self._seen: dict[Path, tuple[int, int]] = {}  # listing at the previous poll of what is not folded yet
-        self._ours = {t.output.absolute() for t in targets}
+        self._ours = {t.output.absolute() for t in targets if t.output is not None}
         self._noted: set[str] = set()  # the skipped-file lines said
         self._missed_paths: set[Path] = set()
 
-    def run(self) -> Update | None:
+    def run(self) -> Outcome | None:
         """Poll and update until stopped; returns the last update (None: nothing was ever folded)."""
         with _stop_on_signals(self.stop):
             while not self.stop.is_set():
@@ -104,11 +105,11 @@ class Watcher:
             few = (present[-wanted:] if wanted else []) + ready or present[-1:]
             try:
                 try:
-                    done = update(few, self.targets, self.folder, progress=self.progress, desc="updating",
-                                  whole_run=False)
+                    done = pipeline.run(few, self.targets, self.folder, progress=self.progress, desc="updating",
+                                        whole_run=False)
                 except FullInputsNeeded:
-                    done = update(present + ready, self.targets, self.folder, progress=self.progress,
-                                  desc="updating")
+                    done = pipeline.run(present + ready, self.targets, self.folder, progress=self.progress,
+                                        desc="updating")
                 break
             except NothingYet:
                 return False  # every step so far is before update_after_step
@@ -189,7 +190,7 @@ class Watcher:
 
 
 def watch(inputs: Sequence[str | Path], targets: Sequence[Target], folder: StateFolder, **kwargs: object
-          ) -> Update | None:
+          ) -> Outcome | None:
     """Follow the run until SIGINT/SIGTERM or ``until_step`` (see :class:`Watcher`); returns the last update."""
     return Watcher(inputs, targets, folder, **kwargs).run()  # type: ignore[arg-type]
 

@@ -18,7 +18,7 @@ from typing import BinaryIO
 import torch
 
 from ckpt_ema.output import disk
-from ckpt_ema.output.atomic import (SHARD_NAME, close_on_disk, create_temporary, index_path_of,
+from ckpt_ema.output.atomic import (close_on_disk, create_temporary, index_path_of,
                                    output_files, remove_stale_temporaries)
 from ckpt_ema.errors import CkptEmaError
 from ckpt_ema.output.writer import StreamingWriter
@@ -181,6 +181,13 @@ class SafetensorsOutput:
                 close_on_disk(f, self._index_tmp)
         except OSError as exc:
             raise CkptEmaError(f"cannot write the output: {exc.strerror or exc}", self.path) from None
+
+    def prepared_listing(self) -> tuple[int, int, int]:
+        """(bytes, modification time, inode) of the prepared file that will hold the output once renamed: the
+        index of its shards, or its one file. A rename keeps all three."""
+        held = self._index_tmp if self._index_tmp is not None else self._files[0][0]
+        st = held.stat()
+        return st.st_size, st.st_mtime_ns, st.st_ino
 
     def retire_previous(self) -> None:
         """Remove an earlier output's index before any file is renamed over its shards.
