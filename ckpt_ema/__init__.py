@@ -20,11 +20,13 @@ _EXPORTS = {
     "OptionError": "ckpt_ema.errors",
     "Plan": "ckpt_ema.planning",
     "AverageResult": "ckpt_ema.api",
+    "Reporter": "ckpt_ema.api",
     "average": "ckpt_ema.api",
     "plan": "ckpt_ema.api",
     "run": "ckpt_ema.api",
     "sweep": "ckpt_ema.api",
     "Scoring": "ckpt_ema.sweeping",
+    "command_scorer": "ckpt_ema.scoring",
     "SweepResult": "ckpt_ema.sweeping",
     "World": "ckpt_ema.engine.distributed",
     "load_state_dict": "ckpt_ema.formats.checkpoint",
@@ -33,12 +35,13 @@ _EXPORTS = {
 __all__ = ["__version__", *sorted(_EXPORTS)]
 
 if TYPE_CHECKING:
-    from ckpt_ema.api import AverageResult, average, plan, run, sweep
+    from ckpt_ema.api import AverageResult, Reporter, average, plan, run, sweep
     from ckpt_ema.engine.distributed import World
     from ckpt_ema.errors import CkptEmaError, OptionError
     from ckpt_ema.formats.checkpoint import load_state_dict
     from ckpt_ema.options import AverageOptions, parse_size
     from ckpt_ema.planning import Plan
+    from ckpt_ema.scoring import command_scorer
     from ckpt_ema.sweeping import Scoring, SweepResult
     from ckpt_ema.weighting import DecaySchedule
 

@@ -314,6 +314,7 @@ def sweep(inputs: list[str | Path] | str | Path, outdir: str | Path, *, decays: 
         if not keep_state:
             StateFolder(folder / SWEEP_STATE_FOLDER).remove()
         remove_earlier_sweep(folder, [t.name for t in targets] + (["best", FINAL_MODEL] if scoring else []))
+        result.scoring = scoring
         if scoring is not None:
             result.final_output = _final_model(candidates[0].plan, folder)
             choose(result, scoring, folder)

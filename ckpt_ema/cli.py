@@ -88,16 +88,16 @@ def say(message: str, quiet: bool) -> None:
 def world_from_env() -> Any:
     """The processes torchrun started (one process of one without torchrun): the CLI asks for the multi-process
     path explicitly; the API never guesses it."""
-    from ckpt_ema.engine.distributed import World
+    import ckpt_ema
 
-    return World.from_env()
+    return ckpt_ema.World.from_env()
 
 
 def reporter(quiet: bool) -> Any:
     """What the API says, on stderr: progress bars only for a person watching, nothing with --quiet."""
-    from ckpt_ema.api import Reporter
+    import ckpt_ema
 
-    return Reporter(progress=show_progress(quiet), say=None if quiet else lambda text: click.echo(text, err=True))
+    return ckpt_ema.Reporter(progress=show_progress(quiet), say=None if quiet else lambda text: click.echo(text, err=True))
 
 
 @click.group(cls=CkptEmaGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -129,7 +129,7 @@ def average_command(inputs: tuple[str, ...], output: str | None, decay: float | 
     Checkpoints are taken in training-step order and folded into timm's EMA recurrence; with a checkpoint saved
     every step the result equals timm's ModelEmaV3 run online.
     """
-    from ckpt_ema import api
+    import ckpt_ema
 
     if output is None and not dry_run:
         raise click.UsageError("missing option '-o' / '--output' (or use --dry-run)")
@@ -139,9 +139,7 @@ def average_command(inputs: tuple[str, ...], output: str | None, decay: float | 
     world = world_from_env()
     report = reporter(quiet or world.rank != 0)
     if dry_run:
-        if output is not None:
-            api.check_output(output)
-        the_plan = api.plan(list(inputs), options)
+        the_plan = ckpt_ema.plan(list(inputs), options)
         report.discovery(the_plan.discovery)
         for note in the_plan.notes:
             report.note(note)
@@ -150,7 +148,7 @@ def average_command(inputs: tuple[str, ...], output: str | None, decay: float | 
         if world.rank == 0:
             click.echo(the_plan.table())
         return
-    api.average(list(inputs), output, options, keep_state=keep_state, world=world, report=report, watch=watch,
+    ckpt_ema.average(list(inputs), output, options, keep_state=keep_state, world=world, report=report, watch=watch,
                 poll=poll, until_step=until_step)
 
 
@@ -184,9 +182,7 @@ def sweep_command(inputs: tuple[str, ...], outdir: str, decays: tuple[float, ...
                   keep_state: bool, watch: bool, until_step: int | None, poll: float, **params: Any) -> None:
     """Many averages of checkpoints INPUTS from one read: every --decay, --half-life, --sigma-rel and --last at
     once; with --eval-cmd, the best of them, or the final model."""
-    from ckpt_ema import api
-    from ckpt_ema.scoring import command_scorer
-    from ckpt_ema.sweeping import Scoring, sweep_table
+    import ckpt_ema
 
     if not (decays or half_lives or lasts or sigma_rels):
         raise click.UsageError("give at least one --decay, --half-life, --sigma-rel or --last to sweep")
@@ -197,17 +193,17 @@ def sweep_command(inputs: tuple[str, ...], outdir: str, decays: tuple[float, ...
     quiet = quiet or world.rank != 0
     scoring = None
     if evaluate:  # the demo's evaluation, as any user's: one command per weights file
-        scoring = Scoring(command_scorer(demo_eval_command(data, test_subset, options.device)), "val_accuracy",
-                          label="validation")
+        scoring = ckpt_ema.Scoring(ckpt_ema.command_scorer(demo_eval_command(data, test_subset, options.device)),
+                                   "val_accuracy", label="validation")
     elif eval_cmd is not None:
-        scoring = Scoring(command_scorer(eval_cmd), maximize=maximize)
+        scoring = ckpt_ema.Scoring(ckpt_ema.command_scorer(eval_cmd), maximize=maximize)
     report = reporter(quiet)
-    result = api.sweep(list(inputs), outdir, decays=decays, half_lives=half_lives, lasts=lasts, sigma_rels=sigma_rels,
+    result = ckpt_ema.sweep(list(inputs), outdir, decays=decays, half_lives=half_lives, lasts=lasts, sigma_rels=sigma_rels,
                        options=options, score=scoring, plot=plot, keep_state=keep_state, world=world, report=report,
                        watch=watch, poll=poll, until_step=until_step)
     if result is None or world.rank != 0:
         return
-    click.echo(sweep_table(result, scoring))
+    click.echo(result.table())
     if evaluate and result.scores and not any("val_accuracy" in s for s in result.scores.values()):
         report.note("the run kept no validation images (train --val-split N), so no candidate is chosen: "
                     "choosing on the test set would inflate the result")

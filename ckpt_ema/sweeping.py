@@ -142,7 +142,12 @@ class SweepResult:
     best_output: Path | None = None
     pictures: list[Path] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-    update: Any = None  # with a state: the ckpt_ema.follow.update.Update (what was read, appended or redone)
+    update: Any = None  # the ckpt_ema.pipeline.Outcome (what was read, appended or redone)
+    scoring: Scoring | None = None  # how the candidates were scored and chosen
+
+    def table(self) -> str:
+        """One row per candidate (and the final model when scored): see :func:`sweep_table`."""
+        return sweep_table(self, self.scoring)
 
 
 def remove_earlier_sweep(outdir: Path, keep: Sequence[str]) -> None:
