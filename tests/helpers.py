@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import torch
 from timm.utils import model_ema as timm_model_ema
@@ -739,21 +740,25 @@ def reference_dcp(folder: Path) -> dict[str, torch.Tensor] | None:
         return None
 
 
-def _deepspeed_maker(stage: int) -> Callable[[Path], Path]:
+def _deepspeed_maker(run: str) -> Callable[[Path], Path]:
     def make(folder: Path) -> Path:
-        shutil.copytree(DEEPSPEED_FIXTURES / f"zero{stage}" / "global_step4", folder / "global_step4")
+        shutil.copytree(DEEPSPEED_FIXTURES / run / "global_step4", folder / "global_step4")
         return folder / "global_step4"
     return make
 
 
-def reference_zero_to_fp32(tag: Path) -> dict[str, torch.Tensor] | None:
-    """DeepSpeed's own zero_to_fp32 consolidation (it unpickles fully: these are the harness's own mutants)."""
+def reference_zero_to_fp32(tag: Path, mmap: bool = False) -> dict[str, torch.Tensor] | None:
+    """DeepSpeed's own zero_to_fp32 consolidation (it unpickles fully: these are the harness's own mutants). It
+    loads the model states with torch.load's own zip reader; with ``mmap``, every file through torch.load's
+    mapped reader (the two read some damaged zip directories differently, the first from memory it never wrote)."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    load = torch.load
     try:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
-                contextlib.redirect_stderr(io.StringIO()):
+                contextlib.redirect_stderr(io.StringIO()), \
+                mock.patch("torch.load", lambda *a, **k: load(*a, **{**k, "mmap": True}) if mmap else load(*a, **k)):
             warnings.simplefilter("ignore")
             state = get_fp32_state_dict_from_zero_checkpoint(str(tag.parent), tag=tag.name)
             return {k: v.contiguous() for k, v in state.items()}
@@ -761,11 +766,17 @@ def reference_zero_to_fp32(tag: Path) -> dict[str, torch.Tensor] | None:
         return None
 
 
+def reference_zero_to_fp32_mmap(tag: Path) -> dict[str, torch.Tensor] | None:
+    """zero_to_fp32 with every file loaded through torch.load's mapped reader."""
+    return reference_zero_to_fp32(tag, mmap=True)
+
+
 FUZZ_FORMATS["dcp"] = FuzzFormat("dcp", _make_dcp, lambda p: sorted(p.iterdir()), (reference_dcp,))
 if importlib.util.find_spec("deepspeed") is not None:  # its zero_to_fp32 is the reference
-    for _stage in (2, 3):
-        FUZZ_FORMATS[f"deepspeed_zero{_stage}"] = FuzzFormat(f"deepspeed_zero{_stage}", _deepspeed_maker(_stage),
-                                                              lambda p: sorted(p.iterdir()), (reference_zero_to_fp32,))
+    for _run in ("zero2-bf16", "zero3-bf16"):  # ZeRO-1's frozen parameter is one zero_to_fp32 leaves out
+        FUZZ_FORMATS[f"deepspeed_{_run}"] = FuzzFormat(f"deepspeed_{_run}", _deepspeed_maker(_run),
+                                                       lambda p: sorted(p.iterdir()),
+                                                       (reference_zero_to_fp32, reference_zero_to_fp32_mmap))
 
 
 # The mutations: each returns the new bytes of one file, drawn with ``rng``. Most aim at the bytes that decide

@@ -8,17 +8,21 @@ newest tag. In the tag folder:
   parameters (``shared_params``), frozen parameters, and ``global_steps``; ZeRO-3 writes one
   ``zero_pp_rank_R_mp_rank_00_model_states.pt`` per rank with empty placeholders for the partitioned parameters;
 * ``[bf16_]zero_pp_rank_R_mp_rank_00_optim_states.pt``, one per data-parallel rank, holds that rank's partition of
-  the full-precision master weights: under ZeRO 1/2 ``single_partition_of_fp32_groups`` (each group's parameters
-  flattened in ``param_shapes`` order, with ``param_alignment_paddings`` between them, cut into equal
-  partitions, one per rank); under ZeRO-3 ``fp32_flat_groups`` (each parameter padded to a multiple of the world
-  size and cut into equal partitions, rank R holding partition R of every parameter in turn).
+  the full-precision master weights: under ZeRO 1/2 ``single_partition_of_fp32_groups`` (each optimizer group's
+  parameters flattened in ``param_shapes`` order, with ``param_alignment_paddings`` between them, padded to a
+  multiple of 2 x world size and cut into equal partitions, one per rank, each saved without the padding it holds:
+  the last ranks' partitions are shorter or empty); under ZeRO-3 ``fp32_flat_groups`` (each parameter padded to a
+  multiple of the world size and cut into equal partitions, rank R holding partition R of every parameter in turn).
 
-The reader reassembles each parameter from those partitions by this metadata (the layout DeepSpeed's own
-``zero_to_fp32.py`` consolidates), as views of the memory-mapped files: a piece of a parameter is a view of one
-rank's partition, or a copy of the few partitions it spans; nothing is loaded whole. It prefers the fp32 masters
-and says so; without optimizer files (ZeRO 1/2) it reads the module's own weights, in their dtype, and says
-that. Every count is checked before use: one optimizer file per rank, partitions of equal size, parameters that
-use up exactly the partitioned elements (up to DeepSpeed's alignment padding).
+The reader reassembles each parameter from those partitions by this metadata, and gives every tensor as DeepSpeed's
+own ``zero_to_fp32`` consolidates it: the fp32 masters, floating buffers in float32, frozen parameters in the
+module's dtype, tied parameters as their targets. It also gives the frozen parameters of ZeRO-1, which records none
+(zero_to_fp32 leaves them out), as the module holds them. Pieces are views of the memory-mapped files: a piece of a
+parameter is a view of one rank's partition, or a copy of the few partitions it spans; nothing is loaded whole.
+Without optimizer files (ZeRO 1/2) it reads the module's own weights, in their dtype, and says that. Every count is
+checked before use: one optimizer file per rank, partitions that are equal but for the padding cut from the end,
+parameters that use up exactly the partitioned elements (up to DeepSpeed's alignment padding), each name recorded
+once.
 
 The files pickle a few DeepSpeed types beside the tensors (the ZeRO stage enum, the loss scaler's record, the
 fragment addresses of the ZeRO-1/2 optimizer). They are loaded weights-only through :data:`DEEPSPEED_SAFE_GLOBALS`,
@@ -138,6 +142,10 @@ class DeepSpeedCheckpoint(PartedCheckpoint):
         self._shape: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
         self._segments: dict[str, list[_Segment]] = {}
         optim = _by_rank(files, OPTIM_STATES, tag, "optimizer states")
+        stage = None
+        if not zero3:  # ZeRO 1/2 modules hold every trained parameter whole, in the training dtype
+            for name, shape in (item for group in groups for item in group):
+                _module_tensor(module, name, shape, model_file)
         if optim:
             parts = [_optimizer_part(load_deepspeed_file(f), f) for f in optim]
             stage, world = _stage_and_world(parts, len(optim), tag)
@@ -156,20 +164,31 @@ class DeepSpeedCheckpoint(PartedCheckpoint):
                 self._whole(name, _module_tensor(module, name, shape, model_file))
             self.weights_from = "the module's own weights (no optimizer files, so no fp32 masters)"
         self._read_frozen(states, zero3, model_file)
-        for name in buffer_names:
-            self._whole(name, _module_tensor(module, name, None, model_file))
+        for name in buffer_names:  # as zero_to_fp32 gives them beside the masters: floating ones in float32
+            if name in self._segments:
+                raise CkptEmaError(f"{name} is recorded both as a buffer and as a parameter", model_file)
+            buffer = _module_tensor(module, name, None, model_file)
+            self._whole(name, buffer.float() if optim and buffer.is_floating_point() else buffer)
         for alias, target in shared.items():
-            if target in self._segments and alias not in self._segments:
+            if alias in self._segments:
+                raise CkptEmaError(f"shared_params ties {alias}, which is recorded as a tensor of its own", model_file)
+            if target in self._segments:
                 self._segments[alias] = self._segments[target]
                 self._shape[alias] = self._shape[target]
+        unrecorded = [n for n in module if n not in self._segments]
+        if unrecorded and stage in (None, 1) and not zero3 and states.get("frozen_param_shapes") is None:
+            # ZeRO-1 records no frozen parameters (zero_to_fp32 leaves them out): the module holds them whole
+            self._read_unrecorded(module, unrecorded, groups, model_file)
+            self.weights_from += (f"; {len(unrecorded)} parameter(s) outside the optimizer ({', '.join(unrecorded[:3])})"
+                                  " as the module holds them")
+            unrecorded = []
+        if unrecorded:
+            raise CkptEmaError(f"the module holds {', '.join(unrecorded[:3])}, which neither param_shapes, "
+                               "buffer_names, shared_params nor the frozen parameters account for", model_file)
         in_order = [n for n in module if n in self._segments]  # the module's own order, then anything else
         self.names = in_order + [n for n in self._segments if n not in in_order]
         self.nbytes = sum(s.source.numel() * s.source.element_size()
                           for n in self._segments for s in self._segments[n])
-        missing = [n for n in module if n not in self._segments]
-        if missing:
-            raise CkptEmaError(f"the module holds {', '.join(missing[:3])}, which neither param_shapes, buffer_names, "
-                               "shared_params nor the frozen parameters account for", model_file)
 
     def piece(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Elements [start, stop) of the flat parameter: a view of one partition, or a copy joining the few it
@@ -195,32 +214,29 @@ class DeepSpeedCheckpoint(PartedCheckpoint):
     def _read_zero12(self, parts: list[dict], groups: list[list[tuple[str, tuple[int, ...]]]], world: int,
                      tag: Path) -> None:
         """ZeRO 1/2: group g's flat vector is the ranks' partitions end to end; its parameters follow one another
-        in it, in ``param_shapes`` order, with their alignment paddings between them."""
+        in it, in ``param_shapes`` order, with their alignment paddings between them. DeepSpeed pads the group to a
+        multiple of 2 x world size, cuts it into equal partitions and saves each without the padding it holds, so
+        the last ranks' partitions may be shorter, or empty."""
         flats = [_tensor_list(p, "single_partition_of_fp32_groups", tag) for p in parts]
-        paddings = parts[0].get("param_alignment_paddings")
+        for r, f in enumerate(flats):
+            if len(f) != len(groups):
+                raise CkptEmaError(f"rank {r}'s optimizer file holds {len(f)} partitioned groups for the {len(groups)} "
+                                   "groups of param_shapes", tag)
+        paddings = _alignment_paddings(parts, groups, tag)
         for g, params in enumerate(groups):
-            partitions = [f[g] if g < len(f) else None for f in flats]
-            size = _equal_partitions(partitions, f"group {g}", tag)
-            gaps = paddings[g] if isinstance(paddings, list) and g < len(paddings) else None
-            if gaps is not None and (len(gaps) != len(params) or not all(_is_count(x) for x in gaps)):
-                raise CkptEmaError(f"group {g} has {len(params)} parameters but {len(gaps)} alignment paddings", tag)
+            partitions = [f[g] for f in flats]
+            bounds = _partition_bounds(partitions, g, tag)
             offset = 0
-            for k, (name, shape) in enumerate(params):
+            for (name, shape), gap in zip(params, paddings[g]):
                 numel = math.prod(shape)
-                if offset + numel > size * world:
-                    raise CkptEmaError(f"{name} lies beyond the {size * world} elements of group {g}'s partitions", tag)
-                segments, at = [], offset
-                while at < offset + numel:
-                    rank, local = divmod(at, size)
-                    take = min(size - local, offset + numel - at)
-                    segments.append(_Segment(at - offset, partitions[rank][local : local + take]))
-                    at += take
-                self._segments[name] = segments
+                if offset + numel > bounds[-1]:
+                    raise CkptEmaError(f"{name} lies beyond the {bounds[-1]} elements of group {g}'s partitions", tag)
+                self._segments[name] = _span(partitions, bounds, offset, numel)
                 self._shape[name] = (shape, partitions[0].dtype)
-                offset += numel + (gaps[k] if gaps is not None else 0)
-            align = 2 * world  # ZeRO-2 pads each group to a multiple of 2 x world size (as zero_to_fp32 checks)
-            if -(-offset // align) != -(-(size * world) // align):
-                raise CkptEmaError(f"group {g}'s parameters fill {offset} of its {size * world} partitioned elements", tag)
+                offset += numel + gap
+            align = 2 * world  # what is left after the parameters is padding: less than one alignment step
+            if -(-offset // align) != -(-bounds[-1] // align):
+                raise CkptEmaError(f"group {g}'s parameters fill {offset} of its {bounds[-1]} partitioned elements", tag)
 
     def _read_zero3(self, parts: list[dict], groups: list[list[tuple[str, tuple[int, ...]]]], world: int,
                     tag: Path) -> None:
@@ -250,9 +266,23 @@ class DeepSpeedCheckpoint(PartedCheckpoint):
         if offset != bounds[-1]:
             raise CkptEmaError(f"the parameters use {offset} of the {bounds[-1]} elements of each rank's partition", tag)
 
+    def _read_unrecorded(self, module: Mapping, names: list[str], groups: list[list[tuple[str, tuple[int, ...]]]],
+                         model_file: Path) -> None:
+        """The module's tensors that no record names, under ZeRO-1: parameters outside the optimizer, as the module
+        holds them. The module's trained parameters are views of the optimizer's flattened groups; a tensor in one
+        of those is a trained parameter (or a tie) that param_shapes and shared_params should have named."""
+        flat = {_module_tensor(module, n, None, model_file).untyped_storage().data_ptr() for g in groups for n, _ in g}
+        for name in names:
+            t = _module_tensor(module, name, None, model_file)
+            if t.untyped_storage().data_ptr() in flat:
+                raise CkptEmaError(f"the module's {name} lies in the optimizer's flattened parameters, but neither "
+                                   "param_shapes nor shared_params names it", model_file)
+            self._whole(name, t)
+
     def _read_frozen(self, states: Mapping, zero3: list[Path], model_file: Path) -> None:
-        """Frozen parameters (not in the optimizer): whole in the model states under ZeRO 1/2; under ZeRO-3,
-        partitioned like the others, one fragment per rank's model states."""
+        """Frozen parameters (not in the optimizer), in the module's dtype as zero_to_fp32 gives them: under ZeRO-2
+        whole in the model states; under ZeRO-3 partitioned like the others, one fragment per rank's model states,
+        the last padded."""
         shapes = states.get("frozen_param_shapes") or {}
         if not shapes:
             return
@@ -260,9 +290,16 @@ class DeepSpeedCheckpoint(PartedCheckpoint):
             else [states.get("frozen_param_fragments") or {}]
         for name, shape in shapes.items():
             shape = _shape_of(shape, name, model_file)
-            pieces = [f.get(name) for f in fragments]
-            if not all(isinstance(p, torch.Tensor) for p in pieces):
-                raise CkptEmaError(f"no stored fragment of the frozen parameter {name}", model_file)
+            if name in self._segments:
+                raise CkptEmaError(f"{name} is recorded both as a frozen parameter and as a trained one", model_file)
+            found = [f.get(name) for f in fragments]
+            pieces = [p for p in found if isinstance(p, torch.Tensor)]
+            if len(pieces) != len(found) or any(p.dtype != pieces[0].dtype for p in pieces):
+                raise CkptEmaError(f"no stored fragment of the frozen parameter {name} (or fragments of different "
+                                   "dtypes)", model_file)
+            if not zero3 and tuple(pieces[0].shape) != shape:
+                raise CkptEmaError(f"the frozen parameter {name} is stored with shape {list(pieces[0].shape)}, not its "
+                                   f"recorded {list(shape)}", model_file)
             numel, segments, at = math.prod(shape), [], 0
             for p in pieces:
                 take = min(p.numel(), numel - at)
@@ -310,7 +347,12 @@ def _model_states(states: Any, path: Path) -> tuple[Mapping, list[list[tuple[str
 
 
 def _optimizer_part(obj: Any, path: Path) -> dict:
+    """The ZeRO optimizer's state in one rank's optimizer file. DeepSpeed's BF16_Optimizer (bf16 ZeRO-1 with fp32
+    gradient accumulation) writes its state without a ZeRO stage; zero_to_fp32 refuses it, and so does this."""
     part = obj.get("optimizer_state_dict") if isinstance(obj, Mapping) else None
+    if isinstance(part, Mapping) and "zero_stage" not in part and "single_partition_of_fp32_groups" in part:
+        raise CkptEmaError("DeepSpeed's BF16_Optimizer state (bf16 ZeRO-1 with fp32 gradient accumulation), which "
+                           "records no ZeRO stage: neither ckpt-ema nor DeepSpeed's zero_to_fp32 reads it", path)
     if not isinstance(part, Mapping) or "zero_stage" not in part:
         raise CkptEmaError("not a DeepSpeed ZeRO optimizer file (no optimizer_state_dict with a zero_stage)", path)
     return dict(part)
@@ -343,13 +385,38 @@ def _tensor_list(part: dict, key: str, tag: Path) -> list[torch.Tensor]:
     return [t.reshape(-1) for t in found]
 
 
-def _equal_partitions(partitions: list[torch.Tensor | None], what: str, tag: Path) -> int:
-    if any(p is None for p in partitions):
-        raise CkptEmaError(f"some rank holds no partition of {what}", tag)
-    size = partitions[0].numel()  # type: ignore[union-attr]
-    if any(p.numel() != size for p in partitions):  # type: ignore[union-attr]
-        raise CkptEmaError(f"the ranks' partitions of {what} differ in size", tag)
-    return size
+def _alignment_paddings(parts: list[dict], groups: list[list[tuple[str, tuple[int, ...]]]],
+                        tag: Path) -> list[list[int]]:
+    """The padding after each parameter of each ZeRO 1/2 group (``param_alignment_paddings``, the same in every
+    rank's file; where it is absent the parameters follow one another directly, as zero_to_fp32 takes it)."""
+    recorded = parts[0].get("param_alignment_paddings")
+    if any(p.get("param_alignment_paddings") != recorded for p in parts):
+        raise CkptEmaError("the optimizer files record different parameter alignment paddings", tag)
+    if recorded is None:
+        return [[0] * len(params) for params in groups]
+    if not isinstance(recorded, list) or len(recorded) != len(groups) or not all(
+            isinstance(gaps, list) and len(gaps) == len(params) and all(_is_count(x) for x in gaps)
+            for gaps, params in zip(recorded, groups)):
+        raise CkptEmaError("param_alignment_paddings does not give one padding per parameter of each group", tag)
+    return recorded
+
+
+def _partition_bounds(partitions: list[torch.Tensor], g: int, tag: Path) -> list[int]:
+    """Where each rank's partition of ZeRO 1/2 group ``g`` starts in the group's flat vector, and where the last
+    ends. The partitions must be what DeepSpeed saves: equal ones, of one dtype, but for the padding cut from the
+    end of the group (full partitions, then at most one shorter, then empty ones)."""
+    sizes = [p.numel() for p in partitions]
+    full = sizes[0]
+    short = [i for i, n in enumerate(sizes) if n < full]
+    if any(n > full for n in sizes) or any(sizes[i] for i in short[1:]):
+        raise CkptEmaError(f"the ranks' partitions of group {g} hold {sizes} elements: not equal partitions less "
+                           "the padding at the group's end", tag)
+    if any(p.dtype != partitions[0].dtype for p in partitions):
+        raise CkptEmaError(f"the ranks' partitions of group {g} differ in dtype", tag)
+    bounds = [0]
+    for n in sizes:
+        bounds.append(bounds[-1] + n)
+    return bounds
 
 
 def _span(groups: list[torch.Tensor], bounds: list[int], start: int, length: int) -> list[_Segment]:
@@ -359,7 +426,8 @@ def _span(groups: list[torch.Tensor], bounds: list[int], start: int, length: int
     while at < start + length:
         local = at - bounds[g]
         take = min(bounds[g + 1] - at, start + length - at)
-        out.append(_Segment(at - start, groups[g][local : local + take]))
+        if take:  # an empty partition holds nothing of it
+            out.append(_Segment(at - start, groups[g][local : local + take]))
         at += take
         g += 1
     return out
