@@ -271,14 +271,16 @@ def _locked(output: Path, world: World | None) -> Iterator[None]:
         yield
 
 
-def sweep(inputs: list[str | Path] | str | Path, outdir: str | Path, *, decays: Sequence[float] = (),
+def sweep(inputs: Sequence[str | Path] | str | Path, outdir: str | Path, *, decays: Sequence[float] = (),
           half_lives: Sequence[float] = (), lasts: Sequence[int] = (), sigma_rels: Sequence[float] = (),
+          shapes: Sequence[str] = (), windows: Sequence[int] = (), token_windows: Sequence[int] = (),
           options: AverageOptions | None = None, score: Scoring | Scorer | None = None, plot: bool = True,
           keep_state: bool = True, world: World | None = None, report: Reporter | None = None,
           progress: bool = False, watch: bool = False, poll: float = DEFAULT_POLL_SECONDS,
           until_step: int | None = None, **fields: Unpack[OptionFields]) -> SweepResult | None:
-    """Many averages from one read of the checkpoints: one candidate per decay, half-life, sigma_rel (power EMA) and
-    K of ``lasts``, each written to ``OUTDIR/<candidate>.safetensors``. With ``score`` (a
+    """Many averages from one read of the checkpoints: one candidate per decay, half-life, sigma_rel (power EMA), K
+    of ``lasts``, and shape (``shapes``: linear, cosine, 1-sqrt, uniform) and window (``windows`` in steps,
+    ``token_windows`` in tokens), each written to ``OUTDIR/<candidate>.safetensors``. With ``score`` (a
     :class:`~ckpt_ema.sweeping.Scoring`, or a function from a weights file's path to named scores, ranked by the first,
     higher being better), each candidate and the final model are scored and the best copied to
     ``OUTDIR/best.safetensors`` if it beats the final model (:func:`ckpt_ema.sweeping.choose`).
@@ -290,8 +292,8 @@ def sweep(inputs: list[str | Path] | str | Path, outdir: str | Path, *, decays: 
     base = resolve_options(options, dict(fields))
     report = report or Reporter(progress=progress)
     scoring = score if score is None or isinstance(score, Scoring) else Scoring(score)
-    variants = sweep_variants(base, decays=list(decays), half_lives=list(half_lives), lasts=list(lasts),
-                              sigma_rels=list(sigma_rels))
+    variants = sweep_variants(base, decays=decays, half_lives=half_lives, lasts=lasts, sigma_rels=sigma_rels,
+                              shapes=shapes, windows=windows, token_windows=token_windows)
     folder = Path(outdir)
     if not folder.parent.is_dir():
         raise CkptEmaError("the output folder's parent does not exist", folder)

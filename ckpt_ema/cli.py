@@ -20,6 +20,7 @@ from ckpt_ema import __version__
 from ckpt_ema.cli_options import NumbersOption, averaging_options, follow_options, options_from
 from ckpt_ema.errors import CkptEmaError, OptionError
 from ckpt_ema.interrupts import Interrupted, signal_name, signals_as_interrupts
+from ckpt_ema.window_weights import WINDOW_SHAPES
 
 # Click >= 8.2 raises this for a group called without a command; older Clicks print the help themselves.
 NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
@@ -118,12 +119,20 @@ def main() -> None:
 @click.option("--last", type=int, default=None, help="Instead of an EMA: the plain mean of the newest K checkpoints.")
 @click.option("--sigma-rel", type=float, default=None,
               help="Instead of timm's EMA: EDM2's power-function EMA with this relative width (e.g. 0.05, 0.1).")
+@click.option("--weights", "shape", type=click.Choice(WINDOW_SHAPES), default=None,
+              help="Instead of an EMA: merge weights shaped like a learning-rate decay over the window (WSM), or the "
+                   "uniform mean of the window.  [default with a window: uniform]")
+@click.option("--window-steps", type=int, default=None, metavar="N",
+              help="The window of --weights: the newest N training steps.")
+@click.option("--window-tokens", type=int, default=None, metavar="T",
+              help="The window of --weights in tokens (needs --tokens-per-step).")
 @averaging_options()
 @follow_options()
 @click.option("--dry-run", is_flag=True, help="Print the checkpoints, steps and weights; read no tensor.")
 def average_command(inputs: tuple[str, ...], output: str | None, decay: float | None, half_life: float | None,
-                    last: int | None, sigma_rel: float | None, dry_run: bool, quiet: bool, keep_state: bool,
-                    watch: bool, until_step: int | None, poll: float, **params: Any) -> None:
+                    last: int | None, sigma_rel: float | None, shape: str | None, window_steps: int | None,
+                    window_tokens: int | None, dry_run: bool, quiet: bool, keep_state: bool, watch: bool,
+                    until_step: int | None, poll: float, **params: Any) -> None:
     """Average checkpoints INPUTS (files, globs, folders) into one .safetensors file or a model folder.
 
     Checkpoints are taken in training-step order and folded into timm's EMA recurrence; with a checkpoint saved
@@ -135,7 +144,8 @@ def average_command(inputs: tuple[str, ...], output: str | None, decay: float | 
         raise click.UsageError("missing option '-o' / '--output' (or use --dry-run)")
     if dry_run and watch:
         raise click.UsageError("--dry-run reads no tensor: it does not go with --watch")
-    options = options_from(params, decay=decay, half_life=half_life, last=last, sigma_rel=sigma_rel)
+    options = options_from(params, decay=decay, half_life=half_life, last=last, sigma_rel=sigma_rel, weights=shape,
+                           window_steps=window_steps, window_tokens=window_tokens)
     world = world_from_env()
     report = reporter(quiet or world.rank != 0)
     if dry_run:
@@ -161,6 +171,12 @@ def average_command(inputs: tuple[str, ...], output: str | None, decay: float | 
 @click.option("--sigma-rel", "sigma_rels", cls=NumbersOption, type=float, multiple=True,
               help="Power-function EMA (EDM2) widths to try: 0.05 0.1 ...")
 @click.option("--last", "lasts", cls=NumbersOption, type=int, multiple=True, help="Uniform means of the newest K: 5 10 ...")
+@click.option("--weights", "shapes", cls=NumbersOption, type=click.Choice(WINDOW_SHAPES), multiple=True,
+              help="Window merges to try, each over every window: cosine 1-sqrt ...")
+@click.option("--window-steps", "windows", cls=NumbersOption, type=int, multiple=True,
+              help="Windows, in steps, of the window merges (uniform without --weights): 1000 5000 ...")
+@click.option("--window-tokens", "token_windows", cls=NumbersOption, type=int, multiple=True,
+              help="Windows in tokens (needs --tokens-per-step).")
 @averaging_options()
 @click.option("--eval-cmd", default=None, metavar="CMD",
               help="Score every candidate and the final model with this shell command; {weights} is replaced by a "
@@ -177,15 +193,17 @@ def average_command(inputs: tuple[str, ...], output: str | None, decay: float | 
               help="Write weights.png (and the scores' picture when scored) to OUTDIR; needs matplotlib.")
 @follow_options()
 def sweep_command(inputs: tuple[str, ...], outdir: str, decays: tuple[float, ...], half_lives: tuple[float, ...],
-                  sigma_rels: tuple[float, ...], lasts: tuple[int, ...], quiet: bool, eval_cmd: str | None,
+                  sigma_rels: tuple[float, ...], lasts: tuple[int, ...], shapes: tuple[str, ...],
+                  windows: tuple[int, ...], token_windows: tuple[int, ...], quiet: bool, eval_cmd: str | None,
                   maximize: bool, evaluate: bool, data: str | None, test_subset: int | None, plot: bool,
                   keep_state: bool, watch: bool, until_step: int | None, poll: float, **params: Any) -> None:
     """Many averages of checkpoints INPUTS from one read: every --decay, --half-life, --sigma-rel and --last at
     once; with --eval-cmd, the best of them, or the final model."""
     import ckpt_ema
 
-    if not (decays or half_lives or lasts or sigma_rels):
-        raise click.UsageError("give at least one --decay, --half-life, --sigma-rel or --last to sweep")
+    if not (decays or half_lives or lasts or sigma_rels or windows or token_windows):
+        raise click.UsageError("give at least one --decay, --half-life, --sigma-rel, --last, --window-steps or "
+                               "--window-tokens to sweep")
     if evaluate and eval_cmd is not None:
         raise click.UsageError("--eval is a shorthand for an --eval-cmd: give one of them")
     options = options_from(params)
@@ -198,9 +216,10 @@ def sweep_command(inputs: tuple[str, ...], outdir: str, decays: tuple[float, ...
     elif eval_cmd is not None:
         scoring = ckpt_ema.Scoring(ckpt_ema.command_scorer(eval_cmd), maximize=maximize)
     report = reporter(quiet)
-    result = ckpt_ema.sweep(list(inputs), outdir, decays=decays, half_lives=half_lives, lasts=lasts, sigma_rels=sigma_rels,
-                       options=options, score=scoring, plot=plot, keep_state=keep_state, world=world, report=report,
-                       watch=watch, poll=poll, until_step=until_step)
+    result = ckpt_ema.sweep(list(inputs), outdir, decays=decays, half_lives=half_lives, lasts=lasts,
+                            sigma_rels=sigma_rels, shapes=shapes, windows=windows, token_windows=token_windows,
+                            options=options, score=scoring, plot=plot, keep_state=keep_state, world=world,
+                            report=report, watch=watch, poll=poll, until_step=until_step)
     if result is None or world.rank != 0:
         return
     click.echo(result.table())

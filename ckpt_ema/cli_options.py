@@ -94,6 +94,8 @@ def averaging_options() -> Any:
                      help="The weights between two checkpoints: moving linearly (linear) or held at the newer (step)."),
         click.option("--from-step", type=int, default=d("from_step"), help="Use only checkpoints at this step or later."),
         click.option("--to-step", type=int, default=d("to_step"), help="Use only checkpoints at this step or earlier."),
+        click.option("--tokens-per-step", type=int, default=d("tokens_per_step"), metavar="N",
+                     help="Tokens one optimizer step trains on (batch x sequence length), for --window-tokens."),
         click.option("--per-checkpoint", is_flag=True, default=d("per_checkpoint"),
                      help="Ignore steps: every checkpoint counts as one update."),
         click.option("--key", default=d("key"), help="Where the weights are inside each checkpoint (e.g. state_dict_ema)."),
@@ -135,6 +137,7 @@ def options_from(params: dict[str, Any], **weights: Any) -> AverageOptions:
     ``last=``, ``sigma_rel=``): built once, here, at the boundary."""
     fields = {f.name for f in dataclasses.fields(AverageOptions)} - {"schedule", "last", "sigma_rel"}
     rest = {name: params.pop(name) for name in list(params) if name in fields}
+    rest.update({name: weights.pop(name) for name in ("weights", "window_steps", "window_tokens") if name in weights})
     shape = schedule_shape_from(params)
     for name, what in (("last", "a uniform mean"), ("sigma_rel", "a power-function EMA")):
         if weights.get(name) is None:
@@ -152,10 +155,11 @@ def options_from(params: dict[str, Any], **weights: Any) -> AverageOptions:
 
 
 class NumbersOption(click.Option):
-    """An option that takes one or more numbers after one flag: ``--decay 0.99 0.999 0.9999``.
+    """An option that takes one or more values after one flag: ``--decay 0.99 0.999 0.9999`` (numbers), or
+    ``--weights cosine 1-sqrt`` (a choice's words).
 
-    The tokens after the flag are taken while they parse as numbers, so checkpoint paths may follow; repeating
-    the flag works too.
+    The tokens after the flag are taken while they are values of its type, so checkpoint paths may follow;
+    repeating the flag works too.
     """
 
     def add_to_parser(self, parser: Any, ctx: click.Context) -> None:
@@ -166,17 +170,18 @@ class NumbersOption(click.Option):
                 continue  # a Click without these internals: the flag still works, repeated once per value
             process = option.process
 
-            def take_numbers(value: str, state: Any, process: Any = process) -> None:
+            def take_values(value: str, state: Any, process: Any = process) -> None:
                 process(value, state)
-                while state.rargs and _is_number(state.rargs[0]):
+                while state.rargs and self._is_value(state.rargs[0]):
                     process(state.rargs.pop(0), state)
 
-            option.process = take_numbers
+            option.process = take_values
 
-
-def _is_number(token: str) -> bool:
-    try:
-        float(token)
-    except ValueError:
-        return False
-    return True
+    def _is_value(self, token: str) -> bool:
+        if isinstance(self.type, click.Choice):
+            return token in self.type.choices
+        try:
+            float(token)
+        except ValueError:
+            return False
+        return True

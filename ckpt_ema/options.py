@@ -15,6 +15,7 @@ from typing import Any, TypedDict
 
 from ckpt_ema.errors import OptionError
 from ckpt_ema.weighting import INTERPOLATIONS, DecaySchedule, gamma_of
+from ckpt_ema.window_weights import WINDOW_SHAPES
 
 DTYPE_NAMES = ("float32", "float64", "float16", "bfloat16")
 ACCUM_DTYPE_NAMES = ("float32", "float64")
@@ -66,6 +67,10 @@ class OptionFields(TypedDict, total=False):
     interpolate: str
     last: int | None
     sigma_rel: float | None
+    weights: str | None
+    window_steps: int | None
+    window_tokens: int | None
+    tokens_per_step: int | None
     from_step: int | None
     to_step: int | None
     per_checkpoint: bool
@@ -80,8 +85,9 @@ class OptionFields(TypedDict, total=False):
 
 @dataclass(frozen=True)
 class AverageOptions:
-    """Everything that decides an average: which weights (timm's EMA, EDM2's power EMA of width ``sigma_rel``, or a
-    uniform mean of the newest ``last``), over which checkpoints, computed and written how. Validated when built;
+    """Everything that decides an average: which weights (timm's EMA, EDM2's power EMA of width ``sigma_rel``, a
+    uniform mean of the newest ``last``, or a merge shaped like a learning-rate decay over a window), over which
+    checkpoints, computed and written how. Validated when built;
     recorded in the output's metadata."""
 
     schedule: DecaySchedule = field(default_factory=DecaySchedule)  # the EMA's per-step decay d(s)
@@ -89,6 +95,12 @@ class AverageOptions:
     interpolate: str = "linear"  # the weights between two checkpoints: "linear" or "step" (see ckpt_ema.weighting)
     last: int | None = None  # instead of an EMA: the plain mean of the newest ``last`` checkpoints
     sigma_rel: float | None = None  # instead of timm's EMA: EDM2's power-function EMA of this relative width
+    # instead of an EMA: merge weights shaped like a learning-rate decay over a window (ckpt_ema.window_weights),
+    # the window in steps, or in tokens at tokens_per_step
+    weights: str | None = None
+    window_steps: int | None = None
+    window_tokens: int | None = None
+    tokens_per_step: int | None = None
     from_step: int | None = None  # only checkpoints with from_step <= step <= to_step
     to_step: int | None = None
     per_checkpoint: bool = False  # ignore steps: every checkpoint counts as one update
@@ -118,6 +130,7 @@ class AverageOptions:
             if self.schedule != DecaySchedule() or self.bias_correction:
                 raise OptionError("sigma_rel", f"{self.sigma_rel} is a power-function EMA: timm's decay schedule and "
                                                "bias correction do not apply to it")
+        self._check_window()
         if self.accum_dtype not in ACCUM_DTYPE_NAMES:
             raise OptionError("accum_dtype", f"must be one of {', '.join(ACCUM_DTYPE_NAMES)}, got {self.accum_dtype!r}")
         if self.out_dtype is not None and self.out_dtype not in DTYPE_NAMES:
@@ -130,6 +143,41 @@ class AverageOptions:
             raise OptionError("from_step", f"{self.from_step} is after to_step {self.to_step}")
         if self.strip_prefix is not None and not (isinstance(self.strip_prefix, str) and self.strip_prefix):
             raise OptionError("strip_prefix", f"must be a non-empty string, got {self.strip_prefix!r}")
+
+    def _check_window(self) -> None:
+        """A window merge: a shape, and a window in steps or in tokens (at tokens_per_step); no other weights.
+        A window alone is the uniform mean of the window."""
+        for name in ("window_steps", "window_tokens", "tokens_per_step"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+                raise OptionError(name, f"must be a whole number >= 1, got {value!r}")
+        if self.weights is not None and self.weights not in WINDOW_SHAPES:
+            raise OptionError("weights", f"must be one of {', '.join(WINDOW_SHAPES)}, got {self.weights!r}")
+        if self.window_steps is not None and self.window_tokens is not None:
+            raise OptionError("window_tokens", "replaces --window-steps: give one of them, not both")
+        if self.window_tokens is not None and self.tokens_per_step is None:
+            raise OptionError("window_tokens", "needs --tokens-per-step (how many tokens one optimizer step trains on)")
+        windowed = self.window_steps is not None or self.window_tokens is not None
+        if self.weights is not None and not windowed:
+            raise OptionError("weights", f"{self.weights} merges a window: give --window-steps or --window-tokens")
+        if not windowed:
+            return
+        if self.weights is None:
+            object.__setattr__(self, "weights", "uniform")
+        others = {"--last": self.last is not None, "--sigma-rel": self.sigma_rel is not None,
+                  "--decay and its schedule": self.schedule != DecaySchedule(),
+                  "--bias-correction": self.bias_correction}
+        given = [flag for flag, on in others.items() if on]
+        if given:
+            raise OptionError("weights", f"{self.weights} over a window is its own average: {', '.join(given)} "
+                                         "cannot go with it")
+
+    @property
+    def window(self) -> int | None:
+        """The window of a window merge, in steps (a window in tokens rounded up to whole steps)."""
+        if self.window_tokens is not None and self.tokens_per_step is not None:
+            return -(-self.window_tokens // self.tokens_per_step)
+        return self.window_steps
 
     @classmethod
     def build(cls, *, decay: float | None = None, half_life: float | None = None, min_decay: float = 0.0,
@@ -159,16 +207,18 @@ class AverageOptions:
         """A copy with some fields changed, given flat as to :meth:`build` (``decay=0.99``, ``warmup=True``,
         ``max_memory=...``). ``half_life`` replaces the decay; ``last=K`` (a uniform mean) and ``sigma_rel=S`` (a
         power EMA) take no schedule: the schedule and bias correction are then reset rather than refused."""
-        for weights in ("last", "sigma_rel"):  # a uniform mean or a power EMA: no schedule, no other weights
-            if changes.get(weights) is not None:
-                rest = {k: v for k, v in changes.items() if k != weights}
-                chosen = {"last": None, "sigma_rel": None, weights: changes[weights]}
+        unset = {"last": None, "sigma_rel": None, "weights": None, "window_steps": None, "window_tokens": None}
+        for weights in ("last", "sigma_rel", "weights", "window_steps", "window_tokens"):
+            if changes.get(weights) is not None:  # a uniform mean, a power EMA, a window: no schedule, no others
+                window = {k: changes[k] for k in ("weights", "window_steps", "window_tokens") if k in changes}
+                chosen = {**unset, weights: changes[weights], **window}
+                rest = {k: v for k, v in changes.items() if k not in chosen}
                 return replace(self, schedule=DecaySchedule(), bias_correction=False, **chosen).replaced(**rest)
         flat = self.flat()
         if changes.get("half_life") is not None:
             flat.pop("decay")
         if changes.get("decay") is not None or changes.get("half_life") is not None:
-            flat["last"] = flat["sigma_rel"] = None
+            flat.update(unset)
         flat.update(changes)
         return AverageOptions.build(**flat)
 

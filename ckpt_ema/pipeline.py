@@ -51,7 +51,8 @@ from ckpt_ema.output.atomic import check_not_an_input, output_files
 from ckpt_ema.output.folder import ADAPTER_WEIGHTS, MODEL_WEIGHTS, FolderOutput, model_files_of
 from ckpt_ema.output.metadata import CARRIED_METADATA, output_metadata
 from ckpt_ema.output.sinks import MemoryOutput, SafetensorsOutput
-from ckpt_ema.planning import Appending, Plan, candidate_fold, nothing_to_average, within_window
+from ckpt_ema.planning import (Appending, Plan, candidate_fold, keeps_mean, nothing_to_average, weighting_for,
+                               within_window)
 from ckpt_ema.weighting import Weighting
 
 # Options that do not change the running means: how the outputs are written (a change rewrites them from the
@@ -99,9 +100,8 @@ class Target:
 
     @property
     def keeps_mean(self) -> bool:
-        """timm's EMA and the power EMA (``sigma_rel``), which go on from their running means; a uniform mean of
-        the newest K reads them again."""
-        return self.options.last is None
+        """Whether it goes on from a running mean (:func:`ckpt_ema.planning.keeps_mean`)."""
+        return keeps_mean(self.options)
 
 
 @dataclass
@@ -278,13 +278,14 @@ def _fold_and_commit(manifest: Manifest | None, found: Discovery, new: list[Sour
     base = targets[0].options
     sources = found.sources if manifest is None else _sources_so_far(manifest, found, new)
     steps = [int(s.step) for s in sources]  # (discovery gives every source a step)
-    reread = [] if manifest is None else _reread(manifest, sources, new, targets)
+    again = [] if manifest is None else _read_again(sources, len(sources) - len(new), targets)
+    reread = [sources[i] for i in again]
     prior = [] if manifest is None else _prior(manifest, state, new, reread, base)  # type: ignore[arg-type]
     job = Job([s.path for s in reread] + prior + [s.opened or s.path for s in new])
     appending = None
     if manifest is not None:
-        appending = Appending(manifest.inputs[-1].step, [s.step for s in new], len(reread), bool(manifest.theta),
-                              len(job.checkpoints))
+        read = [*again, *([None] if prior else []), *range(len(sources) - len(new), len(sources))]
+        appending = Appending(manifest.inputs[-1].step, [int(s.step) for s in new], read, bool(manifest.theta))
     folds = [candidate_fold(t.options, steps, None if manifest is None else manifest.candidates[k], appending)  # type: ignore[arg-type]
              for k, t in enumerate(targets)]
     discovery = Discovery(sources, found.skipped, found.notes)
@@ -402,18 +403,23 @@ def _sources_so_far(manifest: Manifest, found: Discovery, new: list[Source]) -> 
     return old + new
 
 
-def _reread(manifest: Manifest, sources: list[Source], new: list[Source], targets: Sequence[Target]) -> list[Source]:
-    """Checkpoints folded before that a uniform mean of the newest K needs again (it keeps no running mean)."""
-    wanted = max((t.options.last or 0 for t in targets), default=0) - len(new)
-    if wanted <= 0:
-        return []
-    old = sources[: len(sources) - len(new)]
-    needed = old[-wanted:]
-    for s in needed:
-        if not s.path.exists():
-            raise CkptEmaError(f"a uniform mean of the newest {wanted + len(new)} checkpoints needs this one again, "
-                               "and it is gone (the trainer keeps fewer?)", s.path)
-    return needed
+def _read_again(sources: list[Source], folded: int, targets: Sequence[Target]) -> list[int]:
+    """The indices of the checkpoints folded before (the first ``folded`` of ``sources``) that an average keeping
+    no running mean (a uniform mean of the newest K, a window merge) weighs: it reads them again."""
+    steps = [int(s.step) for s in sources]
+    wanted: set[int] = set()
+    for t in targets:
+        if t.keeps_mean:
+            continue
+        needed = [i for i, w in enumerate(weighting_for(t.options, steps).weights) if w > 0 and i < folded]
+        for i in needed:
+            if not sources[i].path.exists():
+                what = (f"a uniform mean of the newest {t.options.last} checkpoints" if t.options.last is not None
+                        else f"a {t.options.weights} merge over {t.options.window} steps")
+                raise CkptEmaError(f"{what} needs this one again, and it is gone (the trainer keeps fewer?)",
+                                   sources[i].path)
+        wanted.update(needed)
+    return sorted(wanted)
 
 
 def _prior(manifest: Manifest, state: StateFolder, new: list[Source], reread: list[Source],

@@ -19,6 +19,7 @@ from ckpt_ema.options import AverageOptions
 from ckpt_ema.weighting import (EmaState, Weighting, ema_continuation, ema_total, ema_unresolved,
                                 ema_unresolved_continued, ema_weighting, power_continuation, power_weighting,
                                 uniform_weighting)
+from ckpt_ema.window_weights import window_start, window_weighting
 
 
 # Warn when the first checkpoint carries more than this share of an EMA's weight. That share is what the EMA
@@ -69,6 +70,9 @@ class Plan:
         of :mod:`ckpt_ema.weighting`)."""
         if self.options.last is not None:
             return "a uniform mean of checkpoints: nothing between them is asked for (unresolved 0%)"
+        if self.options.weights is not None:
+            return (f"a {self.options.weights} merge over {self.options.window} steps weighs checkpoints: the decay "
+                    "it stands for is averaged over each interval between them")
         return (f"unresolved {percent(self.weighting.unresolved)}: the share of the per-step weights asked for that "
                 "lies in their shape between checkpoints, which the checkpoints cannot place")
 
@@ -76,7 +80,7 @@ class Plan:
         """The traps this plan falls into, one line each: a single checkpoint, checkpoints too far apart for the
         average asked for, and a first checkpoint that holds a large share of the weight
         (:meth:`first_checkpoint_warnings`)."""
-        lines = self.first_checkpoint_warnings()
+        lines = self.first_checkpoint_warnings() + self.window_warnings()
         if len(self.sources) == 1:  # no average at all, whatever the spacing would need
             lines.insert(0, f"only one checkpoint, {self.sources[0].path}: the result is its weights, not an average; "
                             "give the run's folder (or a glob) to average its checkpoints")
@@ -87,6 +91,17 @@ class Plan:
                             "more often or ask for a longer average")
         return lines
 
+    def window_warnings(self) -> list[str]:
+        """A line when the window asked for reaches before the first checkpoint (it then begins there)."""
+        window = self.options.window
+        if window is None or len(self.sources) < 2:
+            return []
+        steps = [int(s.step) for s in self.sources]  # (discovery gives every source a step)
+        if steps[-1] - window >= steps[0] or window_start(steps, window) != 0:
+            return []
+        return [f"the window of {window} steps reaches before the first checkpoint (step {steps[0]}): it begins "
+                f"there, {steps[-1] - steps[0]} steps before the newest"]
+
     @property
     def first_share(self) -> float:
         """The share of the weight on the first checkpoint."""
@@ -95,7 +110,7 @@ class Plan:
     def first_checkpoint_warnings(self) -> list[str]:
         """A line when timm's EMA (not a uniform mean, not the power EMA) puts more than FIRST_SHARE_WARNING of its
         weight on the first checkpoint, naming it, its share and the cures."""
-        if (self.options.last is not None or self.options.sigma_rel is not None or len(self.sources) < 2
+        if (not keeps_mean(self.options) or self.options.sigma_rel is not None or len(self.sources) < 2
                 or self.first_share <= FIRST_SHARE_WARNING):
             return []
         first = self.sources[0]
@@ -163,6 +178,8 @@ def weighting_for(options: AverageOptions, steps: list[int]) -> Weighting:
     timm's EMA. (Every weight may be zero: every step before ``update_after_step``; the caller says so.)"""
     if options.last is not None:
         return uniform_weighting(steps, options.last)
+    if options.weights is not None and options.window is not None:
+        return window_weighting(steps, options.weights, options.window)
     if options.sigma_rel is not None:
         return power_weighting(steps, options.sigma_rel, options.interpolate)
     return ema_weighting(steps, options.schedule, options.bias_correction, options.interpolate)
@@ -186,16 +203,16 @@ class Kept(Protocol):
 
 @dataclass(frozen=True)
 class Appending:
-    """An append: the checkpoints folded before end at step ``newest``; ``new_steps`` are the new ones. The fold
-    reads ``read`` checkpoints: ``reread`` earlier ones again (a uniform mean's newest K), then the newest folded
-    before when ``theta`` (the linear rule's copy of it in the state) or a stand-in weighed by none, then the new
-    ones."""
+    """An append: the checkpoints folded before end at step ``newest``; ``new_steps`` are the new ones. ``read``
+    says what the fold reads, in order: for each, its index among every checkpoint so far, or None for the newest
+    folded before as the state keeps it (``theta``: the linear rule's copy, weighed again) or a stand-in weighed by
+    none. Checkpoints read again (a uniform mean's or a window's, which keep no running mean) come first, the new
+    ones last."""
 
     newest: int
     new_steps: list[int]
-    reread: int
+    read: list[int | None]
     theta: bool
-    read: int
 
 
 @dataclass(frozen=True)
@@ -218,17 +235,13 @@ def candidate_fold(options: AverageOptions, steps: list[int], record: Kept | Non
     if appending is None:
         weighting = weighting_for(options, steps)
         total = (ema_total(steps[-1], options.schedule, options.bias_correction)
-                 if options.last is None and options.sigma_rel is None else None)
+                 if keeps_mean(options) and options.sigma_rel is None else None)
         return CandidateFold(weighting, list(weighting.lerps), total, False)
     read = appending.read
-    if options.last is not None:  # a uniform mean keeps no running mean: its newest K are read again
-        weighting = uniform_weighting(steps, options.last)
-        new = len(appending.new_steps)
-        newest = [*range(appending.reread - max(options.last - new, 0), appending.reread),
-                  *range(read - min(options.last, new), read)]
-        return CandidateFold(weighting, list(Weighting(tuple(range(read)),
-                                                       tuple(float(i in newest) for i in range(read))).lerps),
-                             None, False)
+    if not keeps_mean(options):  # its weights follow from the steps alone: what it weighs is read again
+        weighting = weighting_for(options, steps)
+        at_read = tuple(0.0 if i is None else weighting.weights[i] for i in read)
+        return CandidateFold(weighting, list(Weighting(tuple(range(len(read))), at_read).lerps), None, False)
     assert record is not None
     new_steps = appending.new_steps
     total = None
@@ -248,4 +261,10 @@ def candidate_fold(options: AverageOptions, steps: list[int], record: Kept | Non
     old[-1] += w.weights[0]  # the newest folded before: its share of the next interval (linear rule)
     weighting = Weighting(tuple(steps), tuple(old) + w.weights[1:], unresolved)
     tail = list(w.lerps) if appending.theta else list(w.lerps[1:])  # no copy of the newest folded before: no slot
-    return CandidateFold(weighting, [0.0] * (read - len(tail)) + tail, total, w.prior > 0)
+    return CandidateFold(weighting, [0.0] * (len(read) - len(tail)) + tail, total, w.prior > 0)
+
+
+def keeps_mean(options: AverageOptions) -> bool:
+    """timm's EMA and the power EMA go on from their running means; a uniform mean of the newest K and a window
+    merge, whose weights follow from the steps alone, read what they weigh again."""
+    return options.last is None and options.weights is None

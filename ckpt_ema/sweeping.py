@@ -61,7 +61,7 @@ class Candidate:
         That is the decay, or less under warmup: with warmup a large decay may never be reached in the run.
         """
         opts = self.plan.options
-        if opts.last is not None:
+        if opts.last is not None or opts.weights is not None:
             return None
         if opts.sigma_rel is not None:  # beta(T) = (1 - 1/T)^(gamma+1)
             final = self.plan.sources[-1].step
@@ -71,14 +71,20 @@ class Candidate:
 
     @property
     def family(self) -> str:
-        """What kind of average: "EMA", "power EMA" or "uniform mean" (the pictures draw one line per family)."""
+        """What kind of average: "EMA", "power EMA", "uniform mean" or "window merge" (the pictures draw one line
+        per family)."""
         opts = self.plan.options
+        if opts.weights is not None:
+            return "window merge"
         return "uniform mean" if opts.last is not None else "power EMA" if opts.sigma_rel is not None else "EMA"
 
     def describe(self) -> str:
         opts = self.plan.options
         if opts.last is not None:
             return f"uniform mean of the newest {opts.last}"
+        if opts.weights is not None:
+            tokens = f" ({opts.window_tokens} tokens)" if opts.window_tokens is not None else ""
+            return f"{opts.weights} merge over the newest {opts.window} steps{tokens}"
         if opts.sigma_rel is not None:
             return f"power EMA sigma_rel {opts.sigma_rel:g} (gamma {gamma_of(opts.sigma_rel):.4g}, {opts.interpolate})"
         return f"EMA decay {opts.schedule.decay:.6g} ({opts.interpolate})"
@@ -87,6 +93,10 @@ class Candidate:
 def candidate_name(options: AverageOptions, half_life: float | None = None) -> str:
     if options.last is not None:
         return f"last-{options.last}"
+    if options.weights is not None:
+        if options.window_tokens is not None:
+            return f"{options.weights}-{options.window_tokens}tokens"
+        return f"{options.weights}-{options.window_steps}steps"
     if options.sigma_rel is not None:
         return f"power-{options.sigma_rel:g}"
     if half_life is not None:
@@ -95,16 +105,24 @@ def candidate_name(options: AverageOptions, half_life: float | None = None) -> s
 
 
 def sweep_variants(base: AverageOptions, *, decays: Sequence[float] = (), half_lives: Sequence[float] = (),
-                   lasts: Sequence[int] = (), sigma_rels: Sequence[float] = ()) -> list[tuple[str, AverageOptions]]:
-    """(name, options) of each candidate: one per decay, half-life, sigma_rel and K; every other option is
-    ``base``'s (a uniform mean takes none of the EMA's)."""
-    if not (decays or half_lives or lasts or sigma_rels):
-        raise OptionError("decays", "are empty, as are half_lives, sigma_rels and lasts: give at least one candidate "
-                                    "to sweep")
+                   lasts: Sequence[int] = (), sigma_rels: Sequence[float] = (), shapes: Sequence[str] = (),
+                   windows: Sequence[int] = (), token_windows: Sequence[int] = ()) -> list[tuple[str, AverageOptions]]:
+    """(name, options) of each candidate: one per decay, half-life, sigma_rel and K, and one per shape and window
+    (in steps, or in tokens at the options' tokens_per_step; no shape: the uniform mean of each window); every
+    other option is ``base``'s (a uniform mean or a window merge takes none of the EMA's)."""
+    if not (decays or half_lives or lasts or sigma_rels or windows or token_windows):
+        raise OptionError("decays", "are empty, as are half_lives, sigma_rels, lasts and windows: give at least one "
+                                    "candidate to sweep")
+    if shapes and not (windows or token_windows):
+        raise OptionError("weights", f"{', '.join(shapes)} merge a window: give windows (--window-steps or "
+                                     "--window-tokens)")
     variants: list[tuple[AverageOptions, float | None]] = [(base.replaced(decay=d), None) for d in decays]
     variants += [(base.replaced(half_life=h), h) for h in half_lives]
     variants += [(base.replaced(sigma_rel=r), None) for r in sigma_rels]
     variants += [(base.replaced(last=k), None) for k in lasts]
+    variants += [(base.replaced(weights=shape, window_steps=w), None) for shape in shapes or ["uniform"] for w in windows]
+    variants += [(base.replaced(weights=shape, window_tokens=t), None)
+                 for shape in shapes or ["uniform"] for t in token_windows]
     named = [(candidate_name(opts, h), opts) for opts, h in variants]
     names = [name for name, _ in named]
     twice = sorted({n for n in names if names.count(n) > 1})
