@@ -284,8 +284,8 @@ def _fold_and_commit(manifest: Manifest | None, found: Discovery, new: list[Sour
     job = Job([s.path for s in reread] + prior + [s.opened or s.path for s in new])
     appending = None
     if manifest is not None:
-        read = [*again, *([None] if prior else []), *range(len(sources) - len(new), len(sources))]
-        appending = Appending(manifest.inputs[-1].step, [int(s.step) for s in new], read, bool(manifest.theta))
+        order = [*again, *([None] if prior else []), *range(len(sources) - len(new), len(sources))]
+        appending = Appending(manifest.inputs[-1].step, [int(s.step) for s in new], order, bool(manifest.theta))
     folds = [candidate_fold(t.options, steps, None if manifest is None else manifest.candidates[k], appending)  # type: ignore[arg-type]
              for k, t in enumerate(targets)]
     discovery = Discovery(sources, found.skipped, found.notes)
@@ -293,11 +293,11 @@ def _fold_and_commit(manifest: Manifest | None, found: Discovery, new: list[Sour
     if not any(any(w > 0 for w in p.weighting.weights) for p in plans):
         error = nothing_to_average(base)
         raise NothingYet(error.param, error.problem)
-    outputs = [t.sink(p, output_metadata(p)) for t, p in zip(targets, plans)]
+    outputs: list[SafetensorsOutput | MemoryOutput] = [t.sink(p, output_metadata(p)) for t, p in zip(targets, plans)]
     files = [out for out in outputs if isinstance(out, SafetensorsOutput)]
-    check_not_an_input([f for out in files for f in _replaced_by(out)], plans[0].input_files())
-    for out in files:
-        check_not_inside_an_input(out.path if not isinstance(out, FolderOutput) else out.folder, plans[0])
+    check_not_an_input([f for file in files for f in _replaced_by(file)], plans[0].input_files())
+    for file in files:
+        check_not_inside_an_input(file.path if not isinstance(file, FolderOutput) else file.folder, plans[0])
     generation = new_generation()
     state_files: list[SafetensorsOutput | InputLink] = []
     try:
