@@ -27,7 +27,7 @@ _EXPORTS = {
     "Scoring": "ckpt_ema.sweeping",
     "SweepResult": "ckpt_ema.sweeping",
     "World": "ckpt_ema.engine.distributed",
-    "load_state_dict": "ckpt_ema.formats.checkpoint",
+    "load_state_dict": "ckpt_ema.formats.registry",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]
@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from ckpt_ema.api import AverageResult, average, plan, run, sweep
     from ckpt_ema.engine.distributed import World
     from ckpt_ema.errors import CkptEmaError, OptionError
-    from ckpt_ema.formats.checkpoint import load_state_dict
+    from ckpt_ema.formats.registry import load_state_dict
     from ckpt_ema.options import AverageOptions, parse_size
     from ckpt_ema.planning import Plan
     from ckpt_ema.sweeping import Scoring, SweepResult

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from ckpt_ema.engine.distributed import World
 from ckpt_ema.engine.runner import bytes_read_by, check_device, run_plans
-from ckpt_ema.formats.checkpoint import load_state_dict
+from ckpt_ema.formats.registry import load_state_dict
 from ckpt_ema.options import AverageOptions
 from ckpt_ema.errors import CkptEmaError
 from ckpt_ema.output.atomic import check_not_an_input, check_output_path, output_files

@@ -181,7 +181,7 @@ def _follow(targets: list[Any], folder: Any, inputs: list[str], watch: bool, unt
     the last update. One update of an ``average`` is said here (what was reused, warnings, the summary); a sweep's,
     by the caller once the candidates are scored."""
     from ckpt_ema.follow.update import update
-    from ckpt_ema.follow.watch import watch as follow_run
+    from ckpt_ema.follow.watch import check_inputs, watch as follow_run
 
     if not watch:
         done = update(inputs, targets, folder, progress=show_progress(quiet),
@@ -201,6 +201,7 @@ def _follow(targets: list[Any], folder: Any, inputs: list[str], watch: bool, unt
             say(AverageResult(None, done.plans[0], {}, targets[0].output, done.seconds, done.bytes_read,
                               done.files[0]).summary(), quiet)
         return done
+    check_inputs(inputs)  # a path that is not there: one line now, not a watch that never ends
     say(f"watching {', '.join(inputs)} (every {poll:g} s{'' if until_step is None else f', until step {until_step}'}); "
         "Ctrl-C stops", quiet)
     done = follow_run(inputs, targets, folder, poll=poll, until_step=until_step,

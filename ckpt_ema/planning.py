@@ -12,8 +12,8 @@ from pathlib import Path
 
 from ckpt_ema.discover import Discovery, Source, discover
 from ckpt_ema.errors import CkptEmaError, OptionError
-from ckpt_ema.formats.checkpoint import checkpoint_files
-from ckpt_ema.formats.hf import HF_INDEX_FILES
+from ckpt_ema.formats.model_folder import HF_INDEX_FILES
+from ckpt_ema.formats.registry import checkpoint_files
 from ckpt_ema.options import AverageOptions
 from ckpt_ema.weighting import Weighting, ema_weighting, power_weighting, uniform_weighting
 

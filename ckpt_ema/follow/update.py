@@ -42,7 +42,7 @@ from ckpt_ema.follow.state import (
     output_generation,
     STATE_KEY,
 )
-from ckpt_ema.formats.checkpoint import Checkpoint
+from ckpt_ema.formats.base import Checkpoint
 from ckpt_ema.options import AverageOptions
 from ckpt_ema.output.atomic import check_not_an_input, output_files
 from ckpt_ema.output.metadata import CARRIED_METADATA, output_metadata
