@@ -29,7 +29,7 @@ _EXPORTS = {
     "command_scorer": "ckpt_ema.scoring",
     "SweepResult": "ckpt_ema.sweeping",
     "World": "ckpt_ema.engine.distributed",
-    "load_state_dict": "ckpt_ema.formats.checkpoint",
+    "load_state_dict": "ckpt_ema.formats.registry",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]
@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from ckpt_ema.api import AverageResult, Reporter, average, plan, run, sweep
     from ckpt_ema.engine.distributed import World
     from ckpt_ema.errors import CkptEmaError, OptionError
-    from ckpt_ema.formats.checkpoint import load_state_dict
+    from ckpt_ema.formats.registry import load_state_dict
     from ckpt_ema.options import AverageOptions, parse_size
     from ckpt_ema.planning import Plan
     from ckpt_ema.scoring import command_scorer

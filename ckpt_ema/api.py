@@ -25,8 +25,9 @@ from ckpt_ema.discover import Discovery
 from ckpt_ema.engine.distributed import World
 from ckpt_ema.errors import CkptEmaError, OptionError
 from ckpt_ema.follow.state import SWEEP_STATE_FOLDER, StateFolder, state_folder_of
+from ckpt_ema.follow.watch import check_inputs
 from ckpt_ema.follow.watch import watch as follow_run
-from ckpt_ema.formats.checkpoint import load_state_dict
+from ckpt_ema.formats.registry import load_state_dict
 from ckpt_ema.options import AverageOptions
 from ckpt_ema.output.atomic import check_output_path
 from ckpt_ema.output.folder import check_folder_output, is_folder_output
@@ -237,6 +238,7 @@ def _keep_current(inputs: list[str | Path], targets: list[Target], state: StateF
         return run_pipeline(inputs, targets, state, world=world, progress=report.progress,
                             on_discovery=report.discovery)
     assert state is not None
+    check_inputs(inputs)  # a path that is not there: one line now, not a watch that never ends
     report.line(f"watching {', '.join(map(str, inputs))} (every {poll:g} s"
                 f"{'' if until_step is None else f', until step {until_step}'}); Ctrl-C stops")
     done = follow_run(inputs, targets, state, poll=poll, until_step=until_step,

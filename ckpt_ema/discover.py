@@ -16,8 +16,10 @@ reported in :attr:`Discovery.skipped`:
   ``checkpoint-E``) at a step no name or metadata gives, and the partial files of a killed save (``tmp.pth.tar``);
 * training state that is not weights (``optimizer.pt``, ``scheduler.pt``, ``rng_state.pth``, ``training_args.bin``).
 
-The step of each checkpoint comes from its metadata (:data:`ckpt_ema.formats.checkpoint.STEP_KEYS`, or Hugging Face's
-``trainer_state.json``), or else from the last number in its file or folder name.
+Which files and folders are checkpoints, and where each records its step (its metadata:
+:data:`ckpt_ema.formats.base.STEP_KEYS`, or Hugging Face's ``trainer_state.json``), the formats say
+(:mod:`ckpt_ema.formats.registry`); a checkpoint that records none takes the last number in its file or folder
+name.
 """
 
 from __future__ import annotations
@@ -33,12 +35,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ckpt_ema.formats.checkpoint import (SAFETENSORS_SUFFIX, Checkpoint, checkpoint_files, folder_format,
-                                         is_weight_file, probe, step_from_metadata)
-from ckpt_ema.formats.deepspeed import latest_tag
-from ckpt_ema.formats.hf import HF_WEIGHT_FILES, is_hf_checkpoint_folder
-from ckpt_ema.formats.torch_save import TORCH_SUFFIXES
 from ckpt_ema.errors import CkptEmaError
+from ckpt_ema.formats.base import Checkpoint
+from ckpt_ema.formats.registry import (check_run_folder, checkpoint_files, format_of, is_weight_file, probe, step_of,
+                                       strip_weight_suffix, weight_suffixes)
 
 # Copies of a periodic checkpoint under a fixed name (Lightning adds -vN when the name is taken).
 ALIAS_PATTERN = re.compile(r"^(last|latest|model_best|best)(-v\d+)?\.(pth\.tar|ckpt|pt|pth|safetensors)$")
@@ -52,7 +52,6 @@ NOT_WEIGHTS_PATTERN = re.compile(
 )
 # The metadata key every output of ckpt-ema carries.
 OWN_OUTPUT_KEY = "ckpt_ema_version"
-HF_FOLDER_PATTERN = re.compile(r"^checkpoint-\d+$")
 # What trainers write under a temporary name and rename once complete (Hugging Face's tmp-checkpoint-N folders,
 # *.tmp, *.partial), and hidden files: never a checkpoint, and maybe half written. (timm's tmp.pth.tar: below.)
 TEMPORARY_PATTERN = re.compile(r"^(\.|tmp-)|\.(tmp|partial)$")
@@ -68,7 +67,7 @@ class Source:
     step_from: str  # "metadata:<key>", "trainer_state.json", "name", or "order" (one update per checkpoint)
     nbytes: int
     metadata: dict[str, Any] = field(default_factory=dict, repr=False)
-    # The checkpoint opened (mapped) while probing its metadata, for the engine to read: see checkpoint.probe.
+    # The checkpoint opened (mapped) while probing its metadata, for the engine to read: see registry.probe.
     opened: Checkpoint | None = field(default=None, repr=False, compare=False)
 
 
@@ -86,26 +85,16 @@ def natural_key(text: str) -> list[Any]:
 
 def step_from_name(path: Path) -> int | None:
     """The last number in a file or folder name (``epoch=3-step=400.ckpt`` -> 400), ignoring its suffixes."""
-    name = path.name
-    for suffix in (*TORCH_SUFFIXES, SAFETENSORS_SUFFIX):
-        if name.endswith(suffix):
-            name = name[: -len(suffix)]
-            break
-    numbers = re.findall(r"\d+", name)
+    numbers = re.findall(r"\d+", strip_weight_suffix(path.name))
     return int(numbers[-1]) if numbers else None
-
-
-def holds_hf_checkpoints(folder: Path) -> bool:
-    """A Hugging Face Trainer's output folder: checkpoint-N/ folders inside, maybe the final model beside them."""
-    return any(e.is_dir() and HF_FOLDER_PATTERN.match(e.name) and is_hf_checkpoint_folder(e) for e in folder.iterdir())
 
 
 def is_run_folder(folder: Path) -> bool:
     """Whether ``folder`` is to be scanned for checkpoints rather than read as one: it is no checkpoint itself
-    (:func:`ckpt_ema.formats.checkpoint.folder_format`), or a Trainer's output with its final model beside the
-    checkpoint-N/ folders."""
-    kind = folder_format(folder)
-    return kind is None or (kind == "hf" and holds_hf_checkpoints(folder))
+    (:func:`ckpt_ema.formats.registry.format_of`), or one that also holds the run (a Trainer's output, its final
+    model beside the checkpoint-N/ folders: :attr:`~ckpt_ema.formats.base.Format.holds_run`)."""
+    fmt = format_of(folder)
+    return fmt is None or fmt.holds_run(folder)
 
 
 def _expand(inputs: list[str | Path]) -> tuple[list[Path], list[str]]:
@@ -138,8 +127,7 @@ def _expand(inputs: list[str | Path]) -> tuple[list[Path], list[str]]:
                     found.append(match)
             elif not glob.has_magic(text):
                 raise CkptEmaError(
-                    "not a checkpoint file (expected .pt, .pth, .bin, .ckpt, .pth.tar, .safetensors or a folder)", match
-                )
+                    f"not a checkpoint file (expected {', '.join(weight_suffixes())} or a folder)", match)
     return found, skipped
 
 
@@ -149,24 +137,26 @@ PARTIAL_SAVE = "the partial file of a timm save that never finished, not a check
 def _scan_folder(folder: Path) -> tuple[list[Path], list[str]]:
     found: list[Path] = []
     skipped: list[str] = []
-    hf_run = holds_hf_checkpoints(folder)
-    latest_tag(folder)  # a DeepSpeed run's `latest` must name a checkpoint that is here
+    check_run_folder(folder)
+    own = format_of(folder)  # the run's own final model, when the run's folder holds one (see is_run_folder)
+    final = set(own.files(folder)) if own is not None else set()
     for entry in sorted(folder.iterdir(), key=lambda p: natural_key(p.name)):
         if TEMPORARY_PATTERN.search(entry.name):
             if not entry.name.startswith("."):
                 skipped.append(f"{entry}: a trainer's temporary name, maybe still being written")
             continue
         if entry.is_dir():
-            kind = folder_format(entry)
-            if kind in ("dcp", "deepspeed") or (kind == "hf" and HF_FOLDER_PATTERN.match(entry.name)):
+            fmt = format_of(entry)
+            if fmt is not None and fmt.in_run(entry):
                 found.append(entry)
         elif is_weight_file(entry):
             if NOT_WEIGHTS_PATTERN.match(entry.name):
                 skipped.append(f"{entry}: training state, not weights")
             elif TIMM_PARTIAL_PATTERN.match(entry.name):
                 skipped.append(f"{entry}: {PARTIAL_SAVE}")
-            elif hf_run and entry.name in HF_WEIGHT_FILES:
-                skipped.append(f"{entry}: the final model saved beside the checkpoint-N folders, not averaged again")
+            elif entry in final:
+                skipped.append(f"{entry}: the final model saved beside the run's checkpoint folders, not averaged "
+                               "again")
             elif SHARD_PATTERN.search(entry.name):
                 skipped.append(f"{entry}: one shard of a sharded set; pass the folder that holds its index json")
             else:
@@ -378,10 +368,9 @@ def discover(inputs: list[str | Path], key: str | None = None, per_checkpoint: b
             sources.append(recorded)
             continue
         meta, opened = probe(path, key)
-        found = step_from_metadata(meta)
+        found = step_of(path, meta)
         if found is not None:
-            from_trainer = (path / "trainer_state.json").is_file() and found[1] == "global_step"
-            step, step_from = found[0], ("trainer_state.json" if from_trainer else f"metadata:{found[1]}")
+            step, step_from = found
         elif ALIAS_PATTERN.match(path.name):
             step, step_from = None, "name"  # last-v1.ckpt: the 1 is no step
         else:

@@ -45,7 +45,7 @@ from ckpt_ema.follow.state import (
     new_generation,
     output_listing,
 )
-from ckpt_ema.formats.checkpoint import Checkpoint
+from ckpt_ema.formats.base import Checkpoint
 from ckpt_ema.options import AverageOptions
 from ckpt_ema.output.atomic import check_not_an_input, output_files
 from ckpt_ema.output.folder import ADAPTER_WEIGHTS, MODEL_WEIGHTS, FolderOutput, model_files_of

@@ -13,8 +13,8 @@ from typing import Protocol
 
 from ckpt_ema.discover import Discovery, Source, discover
 from ckpt_ema.errors import CkptEmaError, OptionError
-from ckpt_ema.formats.checkpoint import checkpoint_files
-from ckpt_ema.formats.hf import HF_INDEX_FILES
+from ckpt_ema.formats.model_folder import HF_INDEX_FILES
+from ckpt_ema.formats.registry import checkpoint_files
 from ckpt_ema.options import AverageOptions
 from ckpt_ema.weighting import (EmaState, Weighting, ema_continuation, ema_total, ema_unresolved,
                                 ema_unresolved_continued, ema_weighting, power_continuation, power_weighting,

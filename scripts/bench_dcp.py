@@ -63,7 +63,7 @@ WORKER = MEMORY_SAMPLER + r"""
 method, folders, out, max_memory, measure = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], int(sys.argv[4]), sys.argv[5] == "1"
 import torch
 import ckpt_ema
-import ckpt_ema.formats.dcp, ckpt_ema.formats.deepspeed, ckpt_ema.output.folder  # imported before the baseline
+import ckpt_ema.formats.dcp_reader, ckpt_ema.formats.registry, ckpt_ema.output.folder  # imported before the baseline
 from safetensors.torch import save_file
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 baseline = rss_anon_kib()
@@ -106,9 +106,9 @@ def make_run(folder: Path, params: int, checkpoints: int) -> list[Path]:
 
 def largest_piece(folders: list[Path]) -> int:
     """Bytes of the largest stored piece (one rank's chunk of one tensor) of the model in any checkpoint."""
-    from ckpt_ema.formats.dcp import DcpCheckpoint
+    from ckpt_ema.formats.registry import open_checkpoint
 
-    return max(DcpCheckpoint(f).largest_piece for f in folders)
+    return max(open_checkpoint(f).largest_piece for f in folders)  # type: ignore[attr-defined]
 
 
 def run_cat(folders: list[Path]) -> dict:

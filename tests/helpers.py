@@ -923,7 +923,7 @@ def mutate_checkpoint(fmt: FuzzFormat, original: Path, folder: Path, rng: random
 
 def read_with_ckpt_ema(path: Path) -> dict[str, torch.Tensor]:
     """Every tensor of the checkpoint as ckpt-ema's readers give it (copies), by stored name."""
-    from ckpt_ema.formats.checkpoint import open_checkpoint
+    from ckpt_ema.formats.registry import open_checkpoint
 
     ckpt = open_checkpoint(path)
     return {name: t.clone() for name, t in ckpt.items()}
@@ -959,7 +959,7 @@ def check_mutant(fmt: FuzzFormat, path: Path, original: dict[str, torch.Tensor])
 
 
 def assert_same_tensors(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
-    from ckpt_ema.formats.checkpoint import strip_wrapper_prefixes
+    from ckpt_ema.formats.base import strip_wrapper_prefixes
 
     plain = strip_wrapper_prefixes(list(want))
     want = {plain[name]: t for name, t in want.items()}

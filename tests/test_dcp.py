@@ -8,6 +8,7 @@ import json
 import math
 import pickle
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -20,12 +21,27 @@ from helpers import (DCP_STEPS, ShardedNet, assert_refused, dcp_model, make_dcp_
 from safetensors.torch import load_file
 
 import ckpt_ema
-from ckpt_ema.formats.dcp import METADATA_FILE, DcpCheckpoint, flat_boxes, read_metadata
+from ckpt_ema.errors import CkptEmaError
+from ckpt_ema.formats.dcp import METADATA_FILE
+from ckpt_ema.formats.dcp_reader import DcpCheckpoint, flat_boxes
+from ckpt_ema.formats.dcp_reader import read_metadata as read_metadata_file
+from ckpt_ema.formats.registry import open_checkpoint
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return make_dcp_runs(tmp_path_factory.mktemp("dcp"))
+
+
+def dcp_checkpoint(path: Path, key: str | None = None) -> DcpCheckpoint:
+    """The DCP checkpoint at ``path``, opened as the engine opens it."""
+    ckpt = open_checkpoint(path, key)
+    assert isinstance(ckpt, DcpCheckpoint)
+    return ckpt
+
+
+def read_metadata(folder: Path):  # noqa: ANN201 - DCP's Metadata
+    return read_metadata_file(folder / METADATA_FILE)
 
 
 def weighted(refs: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:
@@ -56,7 +72,7 @@ def test_tensor_parallel_shards_and_top_level_model(runs: tuple[Path, Path]) -> 
     """Dimension-1 shards of uneven size (7 columns over 2 ranks) and torchtitan's layout (the model's tensors at
     the top level beside train_state and dataloader): every piece the engine could ask for equals PyTorch's."""
     _, tp = runs
-    ckpt = DcpCheckpoint(tp / "step-100")
+    ckpt = dcp_checkpoint(tp / "step-100")
     assert ckpt.weights_from == "the DCP entry of top-level tensors"
     assert ckpt.metadata == {"step": 100}
     ref = dcp_model(tp / "step-100", key=None)
@@ -76,7 +92,7 @@ def test_a_piece_costs_at_most_its_own_size(runs: tuple[Path, Path]) -> None:
     """A piece is a view of the mapped file or a copy of just its elements, never of the whole tensor or chunk:
     memory stays within the engine's chunk whatever the tensor's size."""
     fsdp, tp = runs
-    for ckpt in (DcpCheckpoint(fsdp / "step-2"), DcpCheckpoint(tp / "step-200")):
+    for ckpt in (dcp_checkpoint(fsdp / "step-2"), dcp_checkpoint(tp / "step-200")):
         for name in ckpt.names:
             numel = math.prod(ckpt.shapes()[name][0])
             for a, b in ((0, numel // 3), (numel // 3, numel), (1, max(numel - 1, 1))):
@@ -88,8 +104,8 @@ def test_a_piece_costs_at_most_its_own_size(runs: tuple[Path, Path]) -> None:
 
 def test_key_chooses_the_entry_and_a_wrong_key_is_refused(runs: tuple[Path, Path], tmp_path: Path) -> None:
     fsdp, tp = runs
-    assert DcpCheckpoint(fsdp / "step-2", key="model").names == DcpCheckpoint(fsdp / "step-2").names
-    optim = DcpCheckpoint(fsdp / "step-2", key="optim.state.l1.weight")
+    assert dcp_checkpoint(fsdp / "step-2", key="model").names == dcp_checkpoint(fsdp / "step-2").names
+    optim = dcp_checkpoint(fsdp / "step-2", key="optim.state.l1.weight")
     assert sorted(optim.names) == ["exp_avg", "exp_avg_sq", "step"]
     assert_refused([fsdp, "--key", "nope"], "no tensors under the key 'nope'", "model, optim, train_state",
                    out=tmp_path / "x.safetensors")
@@ -130,20 +146,58 @@ def item_ends(folder: Path) -> dict[str, tuple[int, int]]:
     return ends
 
 
-def test_truncated_distcp_refused_even_when_only_optimizer_bytes_are_gone(runs: tuple[Path, Path],
-                                                                         tmp_path: Path) -> None:
+def test_truncated_distcp_is_refused_in_a_line_saying_how_short_it_is(runs: tuple[Path, Path],
+                                                                        tmp_path: Path) -> None:
+    """Even when only optimizer bytes are gone (the model's are all there): the file, what it holds, what the
+    metadata needs."""
     run = copy_run(runs[0], tmp_path)
     folder = run / "step-4"
     name, (model_end, any_end) = next((n, e) for n, e in item_ends(folder).items() if e[1] > e[0])
+    last = next(k.fqn for k, v in read_metadata(folder).storage_data.items()
+                if v.relative_path == name and v.offset + v.length == any_end)
     with open(folder / name, "r+b") as f:
-        f.truncate(any_end - 1)  # the model's bytes are all still there
-    assert_refused([run], name, "truncated", out=f"{tmp_path / 'out'}/")
+        f.truncate(any_end - 1)
+    error = assert_refused([run], out=f"{tmp_path / 'out'}/")
+    assert error == (f"ckpt-ema: error: {folder / name}: holds {any_end - 1} bytes, the DCP metadata needs {any_end} "
+                     f"(it stores {last!r} up to there): truncated")
 
 
-def test_missing_distcp_refused(runs: tuple[Path, Path], tmp_path: Path) -> None:
+def test_a_missing_distcp_is_refused_in_a_line_naming_it(runs: tuple[Path, Path], tmp_path: Path) -> None:
     run = copy_run(runs[0], tmp_path)
     (run / "step-6" / "__1_0.distcp").unlink()
-    assert_refused([run], "__1_0.distcp", "missing", out=tmp_path / "ema.safetensors")
+    error = assert_refused([run], out=tmp_path / "ema.safetensors")
+    assert re.fullmatch(rf"ckpt-ema: error: {re.escape(str(run / 'step-6'))}: __1_0\.distcp is missing \(the DCP "
+                        r"metadata stores '[\w.]+' in it\)", error), error
+
+
+def test_watch_folds_a_dcp_run_once_its_metadata_is_written(runs: tuple[Path, Path], tmp_path: Path) -> None:
+    """Each checkpoint copied in as DCP saves it (every rank's .distcp files, then .metadata, renamed into place):
+    left alone until its .metadata is there, then folded; the result is the average of the run read at once. A
+    checkpoint missing a .distcp file stops the watch with the line that says so."""
+    from test_watch import assert_average_of, fold, folded_steps, watcher
+
+    fsdp, _ = runs
+    run, out = tmp_path / "run", tmp_path / "ema.safetensors"
+    run.mkdir()
+    w = watcher(run, out, [], poll=0.05)
+    for step in DCP_STEPS:
+        source, folder = fsdp / f"step-{step}", run / f"step-{step}"
+        folder.mkdir()
+        for file in sorted(source.glob("*.distcp")):
+            shutil.copy(file, folder / file.name)
+        for _ in range(3):
+            w.step()
+        assert step not in folded_steps(w)
+        shutil.copy(source / METADATA_FILE, folder / f"{METADATA_FILE}.tmp")
+        (folder / f"{METADATA_FILE}.tmp").rename(folder / METADATA_FILE)
+        fold(w, step)
+    assert folded_steps(w) == list(DCP_STEPS)
+    assert_average_of(out, [fsdp])
+    broken = run / "step-8"
+    shutil.copytree(fsdp / f"step-{DCP_STEPS[-1]}", broken)
+    (broken / "__1_0.distcp").unlink()
+    with pytest.raises(CkptEmaError, match=r"step-8: __1_0\.distcp is missing \(the DCP metadata stores"):
+        fold(w, 8)
 
 
 def test_corrupt_item_header_refused(runs: tuple[Path, Path], tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import ckpt_ema
-from ckpt_ema.formats.checkpoint import open_checkpoint
+from ckpt_ema.formats.registry import open_checkpoint
 from ckpt_ema.engine.distributed import partition
 from ckpt_ema.output.atomic import check_output_path
 from ckpt_ema.engine.layout import Layout

@@ -24,7 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import ckpt_ema
-import ckpt_ema.formats.checkpoint
+import ckpt_ema.formats.base
 import ckpt_ema.formats.torch_save
 import ckpt_ema.output.sinks
 from ckpt_ema.cli import main
@@ -590,7 +590,7 @@ def test_dry_run_reads_no_tensor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     def no_tensor(self, name):  # noqa: ANN001
         raise AssertionError(f"--dry-run read tensor {name} of {self.path}")
 
-    monkeypatch.setattr(ckpt_ema.formats.checkpoint.Checkpoint, "tensor", no_tensor)
+    monkeypatch.setattr(ckpt_ema.formats.base.Checkpoint, "tensor", no_tensor)
     out = tmp_path / "ema.safetensors"
     res = invoke(run, "--decay", "0.9", "--dry-run", "-o", out)
     assert res.exit_code == 0, (res.output, res.exception)

@@ -85,7 +85,7 @@ def test_fold_from_an_initial_mean_continues_exactly(tmp_path, bias_correction, 
     first, state = ema_continuation(steps[:4], sched, bias_correction, interpolate)
     mean = run(paths[:4], first.lerps)
     torch.save(mean, tmp_path / "mean.pt")
-    from ckpt_ema.formats.checkpoint import open_checkpoint
+    from ckpt_ema.formats.registry import open_checkpoint
 
     rest, _ = ema_continuation(steps[4:], sched, bias_correction, interpolate, state)
     appended = run(paths[3:], rest.lerps, open_checkpoint(tmp_path / "mean.pt"))
@@ -101,7 +101,7 @@ def test_fold_from_an_initial_mean_continues_exactly(tmp_path, bias_correction, 
 
 def test_an_initial_mean_of_another_precision_or_model_is_refused(tmp_path):
     from ckpt_ema.errors import CkptEmaError
-    from ckpt_ema.formats.checkpoint import open_checkpoint
+    from ckpt_ema.formats.registry import open_checkpoint
 
     write_run(tmp_path, [1, 2])
     paths = [tmp_path / "ckpt_1.pt", tmp_path / "ckpt_2.pt"]
@@ -190,15 +190,15 @@ def test_appending_gives_the_full_rerun(tmp_path, case):
 
 def test_an_append_opens_only_the_new_checkpoints(tmp_path, monkeypatch):
     """Old checkpoints are recognised from the listing: none of them is opened (no header, no pickle)."""
-    from ckpt_ema.formats import checkpoint
+    from ckpt_ema.formats import torch_save
 
     run, out = tmp_path / "run", tmp_path / "ema.safetensors"
     write_run(run, STEPS[:6])
     ckpt_ema.average(run, out, decay=0.9)
     write_run(run, STEPS[6:8])
     opened: list[str] = []
-    real = checkpoint._read_weight_file
-    monkeypatch.setattr(checkpoint, "_read_weight_file", lambda file, key: (opened.append(file.name), real(file, key))[1])
+    real = torch_save.read_torch_weights
+    monkeypatch.setattr(torch_save, "read_torch_weights", lambda file, key: (opened.append(file.name), real(file, key))[1])
     real_open = builtins.open  # any byte of a file, e.g. to tell copies apart
     monkeypatch.setattr(builtins, "open", lambda file, *a, **k: (opened.append(Path(file).name), real_open(file, *a, **k))[1])
     again = ckpt_ema.average(run, out, decay=0.9)
@@ -556,6 +556,8 @@ def test_a_checkpoint_deleted_while_settling_is_noted_and_the_newer_ones_go_on(t
     notes: list[str] = []
     watcher = Watcher([run], target, StateFolder(state_folder_of(out)), poll=0.01, on_note=notes.append)
     watcher.stop.wait = lambda timeout=None: (run / "ckpt_10.pt").unlink(missing_ok=True)  # the trainer, meanwhile
+    for path in run.iterdir():
+        os.utime(path)  # just written: confirmed by a second listing (one written long ago is taken at once)
     watcher.step()
     assert notes == [f"{run / 'ckpt_10.pt'} was deleted before it could be read: its interval is interpolated from "
                      "its neighbours"]

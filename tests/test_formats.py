@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import types
 from collections.abc import Iterator
@@ -568,3 +569,85 @@ def test_output_metadata(tmp_path: Path) -> None:
     # reproducible: the recorded options give the same tensors again
     again = average_held([i["path"] for i in inputs], **{k: v for k, v in options.items()})
     assert_same(on_disk, again.state_dict, atol=0)
+
+
+# ------------------------------------------------------------------------------------------- the registry
+
+
+def registry_case(folder: Path, case: str) -> tuple[Path, str, list[Path]]:
+    """A checkpoint of one format, written by its library: its path, the module declaring its format, and the
+    files it consists of."""
+    from helpers import DEEPSPEED_FIXTURES, make_hf_sharded
+
+    folder.mkdir()
+    if case in ("pt", "legacy-pt"):
+        path = folder / "ckpt_3.pt"
+        torch.save({"state_dict": weights(3), "step": 3}, path, _use_new_zipfile_serialization=case == "pt")
+        return path, "torch_save", [path]
+    if case == "safetensors":
+        path = folder / "ckpt_3.safetensors"
+        save_file(weights(3), str(path), metadata={"step": "3"})
+        return path, "safetensors", [path]
+    if case == "sharded":
+        index = make_hf_sharded(folder)
+        return index, "sharded", sorted(folder.iterdir())
+    if case == "model-folder":
+        hf_folder(folder / "checkpoint-3", weights(3), 3, "sharded")
+        path = folder / "checkpoint-3"
+        return path, "model_folder", sorted(path.glob("model*"))
+    run = shutil.copytree(DEEPSPEED_FIXTURES / "zero2", folder / "run")
+    path = run / (run / "latest").read_text().strip()  # the tag `latest` names: complete whatever the files' times
+    return path, "deepspeed", sorted(path.iterdir())
+
+
+@pytest.mark.parametrize("case", ["pt", "legacy-pt", "safetensors", "sharded", "model-folder", "deepspeed"])
+def test_each_format_recognises_lists_and_completes_its_checkpoints(tmp_path: Path, case: str) -> None:
+    """The registry's answers for each format (DCP's: tests/test_dcp.py): which format reads it, its files, and
+    whether its writer is done: a weight file cut to half its size is not complete (but for an old-style pickle,
+    which has no end mark)."""
+    import importlib
+
+    from ckpt_ema.formats import registry
+
+    path, module, files = registry_case(tmp_path / "case", case)
+    assert registry.format_of(path) is importlib.import_module(f"ckpt_ema.formats.{module}").FORMAT
+    assert sorted(registry.checkpoint_files(path)) == files
+    assert registry.is_complete(path)
+    weight = max((f for f in files if not f.name.endswith(".json")), key=lambda f: f.stat().st_size)
+    with open(weight, "r+b") as f:
+        f.truncate(weight.stat().st_size // 2)
+    assert registry.is_complete(path) == (case == "legacy-pt")
+
+
+def test_the_format_in_the_docs_reads_a_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/adding-a-format.md's example, built from the page's own code and added to FORMATS by one line: a run
+    saved by numpy.savez averages to the reference EMA of its weights, at the steps it records; a half-written
+    archive is not complete, and reading one is refused in one line."""
+    import re
+
+    import numpy as np
+
+    from ckpt_ema.formats import registry
+
+    page = (Path(__file__).resolve().parent.parent / "docs" / "adding-a-format.md").read_text()
+    npz = types.ModuleType("npz")
+    exec(compile(re.findall(r"```python\n(.*?)```", page, re.S)[0], "docs/adding-a-format.md", "exec"), npz.__dict__)
+    run = tmp_path / "run"
+    run.mkdir()
+    saved = {s: weights(s) for s in (10, 20, 40)}
+    for s, sd in saved.items():
+        np.savez(run / f"step_{s}.npz", step=np.int64(s), **{f"module.{n}": t.numpy() for n, t in sd.items()})
+    with pytest.raises(CkptEmaError, match="no checkpoint found in this folder"):
+        average_held(run, None, decay=DECAY)  # not a format yet
+    monkeypatch.setattr(registry, "FORMATS", (*registry.FORMATS, npz.FORMAT))
+    result = average_held(run, None, decay=DECAY)
+    assert [(s.path.name, s.step, s.step_from) for s in result.plan.sources] == [
+        (f"step_{s}.npz", s, "metadata:step") for s in saved]
+    assert_same(result.state_dict, ema(saved))
+    assert_loads_into_plain_model(result.state_dict)
+    half = tmp_path / "half.npz"
+    data = (run / "step_10.npz").read_bytes()
+    half.write_bytes(data[: len(data) // 2])
+    assert registry.is_complete(run / "step_10.npz") and not registry.is_complete(half)
+    with pytest.raises(CkptEmaError, match=r"half\.npz: not a readable \.npz archive"):
+        registry.open_checkpoint(half)

@@ -19,7 +19,7 @@ from helpers import write_run
 
 REPO = Path(__file__).resolve().parent.parent
 ENGINE_MODULES = ["ckpt_ema.api", "ckpt_ema.sweeping", "ckpt_ema.cli", "ckpt_ema.planning", "ckpt_ema.discover",
-                  "ckpt_ema.plots", "ckpt_ema.engine.runner", "ckpt_ema.formats.checkpoint", "ckpt_ema.output.sinks"]
+                  "ckpt_ema.plots", "ckpt_ema.engine.runner", "ckpt_ema.formats.registry", "ckpt_ema.output.sinks"]
 
 
 def import_graph(package: Path) -> dict[str, set[str]]:

@@ -26,7 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import ckpt_ema
-import ckpt_ema.formats.checkpoint
+import ckpt_ema.formats.safetensors
 import ckpt_ema.formats.torch_save
 import ckpt_ema.engine.fold
 import ckpt_ema.engine.layout
@@ -178,7 +178,7 @@ class ReadSpy:
             spy.torch_loads[Path(path)] += 1
             return real_load(path)
 
-        class CountedSafetensorsFile(ckpt_ema.formats.checkpoint.SafetensorsFile):
+        class CountedSafetensorsFile(ckpt_ema.formats.safetensors.SafetensorsFile):
             def __init__(self, path: Path) -> None:
                 spy.safetensors_maps[Path(path)] += 1
                 super().__init__(path)
@@ -200,8 +200,8 @@ class ReadSpy:
             spy.elements[(Path(views.ckpt.path), p.name)] += out.numel()
             return out
 
-        monkeypatch.setattr(ckpt_ema.formats.checkpoint, "torch_load_safely", torch_load_safely)
-        monkeypatch.setattr(ckpt_ema.formats.checkpoint, "SafetensorsFile", CountedSafetensorsFile)
+        monkeypatch.setattr(ckpt_ema.formats.torch_save, "torch_load_safely", torch_load_safely)
+        monkeypatch.setattr(ckpt_ema.formats.safetensors, "SafetensorsFile", CountedSafetensorsFile)
         monkeypatch.setattr(ckpt_ema.engine.fold, "open_checkpoint", open_checkpoint)
         monkeypatch.setattr(ckpt_ema.engine.layout.FlatViews, "piece", piece)
 

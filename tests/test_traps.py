@@ -152,7 +152,7 @@ def test_lightning_last_ckpt(tmp_path: Path) -> None:
     assert found.sources[-1].path.name == "last.ckpt"
     assert any("last.ckpt is newer than every periodic checkpoint (step 60, the newest periodic one 56)" in note
                for note in found.notes)
-    states = {s.step: ckpt_ema.formats.checkpoint.load_state_dict(s.path)[0] for s in found.sources}
+    states = {s.step: ckpt_ema.formats.registry.load_state_dict(s.path)[0] for s in found.sources}
     result = ckpt_ema.average(newer, decay=0.9)
     want = linear_reference(states, decay=0.9)
     assert max(max_abs_diff(result.state_dict[n], want[n]) for n in want) < TOLERANCE

@@ -1,6 +1,6 @@
 """Score weights on CIFAR-10: test accuracy, mean loss, per-class accuracy; optionally recalibrate BatchNorm first.
 
-Weights come from anything :func:`ckpt_ema.formats.checkpoint.load_state_dict` reads (``train``'s .pt files, the
+Weights come from anything :func:`ckpt_ema.formats.registry.load_state_dict` reads (``train``'s .pt files, the
 .safetensors that ``average`` writes, Lightning .ckpt files, ...). The architecture is the ``--model`` option, else
 the checkpoint's ``arch`` metadata. When the metadata also records the run's validation split (``hparams`` with
 ``val_split``, ``seed`` and ``train_images``, as ``train`` writes them), the same held-out images are scored too.
@@ -22,7 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ckpt_ema.formats.checkpoint import load_state_dict, step_from_metadata
+from ckpt_ema.formats.base import step_from_metadata
+from ckpt_ema.formats.registry import load_state_dict
 from ckpt_ema.cifar.data import (
     CLASSES,
     Split,

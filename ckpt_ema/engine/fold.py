@@ -32,7 +32,8 @@ from typing import Protocol
 import torch
 
 from ckpt_ema.engine.layout import FlatViews, Layout, Piece, chunk_pieces
-from ckpt_ema.formats.checkpoint import Checkpoint, open_checkpoint
+from ckpt_ema.formats.base import Checkpoint
+from ckpt_ema.formats.registry import open_checkpoint
 from ckpt_ema.errors import CkptEmaError, OptionError
 
 # Elements per chunk: 1M float32 = 4 MB, small enough to stay in cache, large enough that Python overhead is nil.

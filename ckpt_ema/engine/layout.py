@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ckpt_ema.errors import CkptEmaError
-from ckpt_ema.formats.checkpoint import Checkpoint
+from ckpt_ema.formats.base import Checkpoint
 
 # How many differences to list when two checkpoints do not hold the same tensors.
 SHOWN_DIFFERENCES = 5

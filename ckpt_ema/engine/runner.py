@@ -23,7 +23,7 @@ from ckpt_ema.engine.distributed import World
 from ckpt_ema.engine.fold import Sink, chunk_elems_for, fold
 from ckpt_ema.engine.layout import Layout
 from ckpt_ema.errors import CkptEmaError, OptionError
-from ckpt_ema.formats.checkpoint import Checkpoint
+from ckpt_ema.formats.base import Checkpoint
 from ckpt_ema.options import AverageOptions
 from ckpt_ema.output.sinks import SafetensorsOutput
 

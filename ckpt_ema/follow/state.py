@@ -51,8 +51,9 @@ from typing import Any
 import torch
 
 from ckpt_ema.errors import CkptEmaError
-from ckpt_ema.formats.checkpoint import (SAFETENSORS_SUFFIX, Checkpoint, checkpoint_files, is_weight_file,
-                                         open_checkpoint)
+from ckpt_ema.formats.base import Checkpoint
+from ckpt_ema.formats.registry import checkpoint_files, is_weight_file, open_checkpoint
+from ckpt_ema.formats.safetensors import SAFETENSORS_SUFFIX
 from ckpt_ema.formats.torch_save import TORCH_SUFFIXES
 from ckpt_ema.output.atomic import close_on_disk, copy_on_disk
 from ckpt_ema.output.folder import FolderOutput

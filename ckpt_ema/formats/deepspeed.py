@@ -43,8 +43,9 @@ from typing import Any
 import torch
 
 from ckpt_ema.errors import CkptEmaError
-from ckpt_ema.formats.checkpoint import PartedCheckpoint
-from ckpt_ema.formats.torch_save import torch_load_safely
+from ckpt_ema.formats.base import Checkpoint, Format, PartedCheckpoint
+from ckpt_ema.formats.torch_save import torch_file_is_complete, torch_load_safely
+from ckpt_ema.formats.trainer_state import is_trainer_folder, trainer_step, with_trainer_state
 
 LATEST_FILE = "latest"
 MODEL_STATES = "mp_rank_00_model_states.pt"  # ZeRO 1 and 2
@@ -82,6 +83,11 @@ DEEPSPEED_SAFE_GLOBALS: list[Any] = [
 def is_tag_folder(folder: Path) -> bool:
     """A DeepSpeed tag folder: it holds the model states of ZeRO 1/2 or of ZeRO-3's rank 0."""
     return (folder / MODEL_STATES).is_file() or (folder / "zero_pp_rank_0_mp_rank_00_model_states.pt").is_file()
+
+
+def is_deepspeed_checkpoint(folder: Path) -> bool:
+    """A tag folder, or a Hugging Face Trainer's checkpoint folder whose ``latest`` names the tag folder inside it."""
+    return is_tag_folder(folder) or ((folder / LATEST_FILE).is_file() and is_trainer_folder(folder))
 
 
 def latest_tag(folder: Path) -> Path | None:
@@ -448,3 +454,56 @@ def _shape_of(value: Any, name: str, path: Path) -> tuple[int, ...]:
 
 def _is_count(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+# ---------------------------------------------------------------------------------------------------- the format
+
+
+def deepspeed_files(path: Path) -> list[Path]:
+    """Every file of the checkpoint's folder (each rank's files; a Trainer's files beside the tag folder)."""
+    return sorted(p for p in path.rglob("*") if p.is_file())
+
+
+def deepspeed_is_complete(path: Path) -> bool:
+    """Whether DeepSpeed is done saving the checkpoint at ``path``: every ``.pt`` file of its tag folder is a whole
+    zip archive and, where the tag folder has a ``latest`` beside it (written by DeepSpeed once every rank has
+    saved), ``latest`` names this tag or was written after every file of it (a later save's)."""
+    try:
+        tag = path if is_tag_folder(path) else latest_tag(path)
+        if tag is None:
+            return False
+        files = [p for p in tag.iterdir() if p.is_file()]
+        if not all(torch_file_is_complete(p) for p in files if p.suffix == ".pt"):
+            return False
+        latest = tag.parent / LATEST_FILE
+        if not latest.is_file():
+            return True
+        return (latest.read_text().strip() == tag.name
+                or latest.stat().st_mtime_ns >= max((p.stat().st_mtime_ns for p in files), default=0))
+    except (OSError, UnicodeDecodeError, CkptEmaError):
+        return False
+
+
+def open_deepspeed(path: Path, key: str | None) -> Checkpoint:
+    if key is not None:
+        raise CkptEmaError(f"--key {key} does not apply to a DeepSpeed checkpoint: its weights are the model's "
+                           "parameters and buffers, taken from the partitions", path)
+    ckpt = DeepSpeedCheckpoint(path)
+    ckpt.metadata = with_trainer_state(path, ckpt.metadata)
+    return ckpt
+
+
+def _check_run(folder: Path) -> None:
+    latest_tag(folder)  # a run's `latest` must name a checkpoint that is here
+
+
+FORMAT = Format(
+    name=f"a DeepSpeed checkpoint folder ({MODEL_STATES}, or a {LATEST_FILE} file naming one)",
+    suffixes=(),
+    recognises=is_deepspeed_checkpoint,
+    files=deepspeed_files,
+    open=open_deepspeed,
+    is_complete=deepspeed_is_complete,
+    step=trainer_step,
+    check_run=_check_run,
+)

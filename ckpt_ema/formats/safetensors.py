@@ -29,6 +29,7 @@ import torch
 
 from ckpt_ema.errors import CkptEmaError
 from ckpt_ema.formats import strict_json
+from ckpt_ema.formats.base import Checkpoint, Format, StoredTensors, weights_checkpoint
 from ckpt_ema.formats.mapping import map_privately
 
 DTYPE_CODES: dict[str, torch.dtype] = {
@@ -49,6 +50,7 @@ for _code, _name in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), (
         DTYPE_CODES[_code] = getattr(torch, _name)
 CODE_OF_DTYPE = {dtype: code for code, dtype in DTYPE_CODES.items()}
 
+SAFETENSORS_SUFFIX = ".safetensors"
 # The safetensors package refuses longer headers; so does this reader.
 MAX_HEADER_BYTES = 100_000_000
 ENTRY_FIELDS = {"dtype", "shape", "data_offsets"}
@@ -80,6 +82,11 @@ class SafetensorsFile:
             return None
         return torch.empty(0, dtype=torch.uint8).set_(map_privately(f, self.path, size))
 
+    def shape(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+        """The shape and dtype the header gives tensor ``name``."""
+        dtype, shape, _, _ = self.entries[name]
+        return shape, dtype
+
     def tensor(self, name: str) -> torch.Tensor:
         """A view of tensor ``name`` on the mapped file (a copy only when its bytes are not aligned for its dtype)."""
         dtype, shape, begin, end = self.entries[name]
@@ -93,8 +100,9 @@ class SafetensorsFile:
 
 
 def safetensors_is_complete(path: Path) -> bool:
-    """Whether a safetensors file is whole: its header parses and the furthest tensor ends exactly at the end of the
-    file (a file still being written, or cut short, fails; so does one with bytes beyond its tensors)."""
+    """Whether the writer is done with a safetensors file: its header is all there and the file reaches the end of
+    its furthest tensor. A header that does not parse, or bytes beyond the tensors, count as done (the file is
+    corrupt, not growing: :class:`SafetensorsFile` says what is wrong)."""
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
@@ -104,11 +112,17 @@ def safetensors_is_complete(path: Path) -> bool:
             (header_len,) = struct.unpack("<Q", head)
             if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
                 return False
-            header = json.loads(f.read(header_len))
-        ends = [int(info["data_offsets"][1]) for name, info in header.items() if name != "__metadata__"]
-    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError):
+            header = f.read(header_len)
+    except OSError:
         return False
-    return 8 + header_len + max(ends, default=0) == size
+    try:
+        parsed = strict_json.parse(header)
+        ends = [info["data_offsets"][1] for name, info in parsed.items() if name != "__metadata__"]
+    except (strict_json.JsonRefused, AttributeError, TypeError, KeyError, IndexError):
+        return True
+    if not all(_is_count(end) for end in ends):
+        return True
+    return 8 + header_len + max(ends, default=0) <= size
 
 
 class _Refused(Exception):
@@ -201,3 +215,36 @@ def _check_utf8(text: str, what: str) -> None:
         text.encode("utf-8")
     except UnicodeEncodeError:
         raise _Refused(f"{what} is not valid UTF-8: {text!r}") from None
+
+
+# ---------------------------------------------------------------------------------------------------- the format
+
+
+def read_safetensors_weights(file: Path, key: str | None) -> tuple[StoredTensors, dict[str, Any]]:
+    """The tensors of one safetensors file (made on request by its checked map), by stored name, and its
+    ``__metadata__`` with each value read as JSON where it is JSON (a step saved as ``"400"`` is the number 400).
+    ``key`` has no meaning here: a safetensors file holds only tensors."""
+    handle = SafetensorsFile(file)
+    return dict.fromkeys(handle.entries, handle), {k: _json_or_text(v) for k, v in handle.metadata.items()}
+
+
+def open_safetensors(path: Path, key: str | None) -> Checkpoint:
+    tensors, metadata = read_safetensors_weights(path, key)
+    return weights_checkpoint(path, [(path, tensors)], metadata)
+
+
+def _json_or_text(text: str) -> Any:
+    try:
+        return strict_json.parse(text.encode("utf-8"), floats=True)
+    except strict_json.JsonRefused:
+        return text
+
+
+FORMAT = Format(
+    name="a safetensors file",
+    suffixes=(SAFETENSORS_SUFFIX,),
+    recognises=lambda path: path.name.endswith(SAFETENSORS_SUFFIX),
+    files=lambda path: [path],
+    open=open_safetensors,
+    is_complete=safetensors_is_complete,
+)

@@ -11,7 +11,10 @@ from __future__ import annotations
 import itertools
 import json
 import re
+from pathlib import Path
 from typing import Any
+
+from ckpt_ema.errors import CkptEmaError
 
 # Nesting deeper than any checkpoint's JSON needs (a safetensors header is 3 levels deep, a trainer state 4).
 MAX_DEPTH = 64
@@ -21,6 +24,8 @@ _NOT_BRACKET = re.compile(r'[^\[\]{}]+')
 _STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
 # Digits of the longest integer accepted: 2**64 has 20.
 MAX_INT_DIGITS = 20
+# The largest JSON file read (a shard index's weight map of a million tensors is ~100 MB).
+MAX_JSON_BYTES = 256 << 20
 
 
 class JsonRefused(Exception):
@@ -44,6 +49,22 @@ def parse(data: bytes, *, floats: bool = False) -> Any:
         raise JsonRefused(f"not valid JSON: {exc.msg} (at byte {exc.pos})") from None
     except RecursionError:  # unreachable after _check_depth, kept as the last guard
         raise JsonRefused(f"nested more than {MAX_DEPTH} levels deep") from None
+
+
+def read_json(path: Path, what: str, floats: bool = False) -> Any:
+    """The JSON in the file ``path`` (a ``what``: "shard index", "trainer state"), parsed by :func:`parse`; one
+    line naming the file if it cannot be read or parsed."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_JSON_BYTES + 1)
+    except OSError as exc:
+        raise CkptEmaError(f"unreadable {what}: {exc.strerror or exc}", path) from None
+    if len(data) > MAX_JSON_BYTES:
+        raise CkptEmaError(f"unreadable {what}: larger than {MAX_JSON_BYTES} bytes", path)
+    try:
+        return parse(data, floats=floats)
+    except JsonRefused as exc:
+        raise CkptEmaError(f"unreadable {what}: {exc}", path) from None
 
 
 def _check_depth(text: str) -> None:

@@ -37,6 +37,7 @@ from typing import Any, BinaryIO
 import torch
 
 from ckpt_ema.errors import CkptEmaError
+from ckpt_ema.formats.base import Checkpoint, Format, StoredTensors, weights_checkpoint
 from ckpt_ema.formats.mapping import map_privately
 from ckpt_ema.formats.unpickle import PickleCorrupt, PickleRefused, unpickle
 from ckpt_ema.formats.zip_records import STORED, Record, ZipError, read_directory, read_small_record
@@ -402,3 +403,41 @@ def _check_tensor(name: str, t: torch.Tensor, path: Path) -> None:
     if t.numel() * t.element_size() > stored:
         raise CkptEmaError(f"tensor {name!r} has more elements than its stored data (a broadcast view?); "
                            "save it with .contiguous()", path)
+
+
+# ---------------------------------------------------------------------------------------------------- the format
+
+
+def torch_file_is_complete(path: Path) -> bool:
+    """Whether the writer is done with a torch.save file: a zip archive must end with its closing records
+    (:func:`zip_is_complete`); a legacy pickle has no end mark and counts as whole once it holds anything (the
+    weights-only reader refuses one cut short)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+    except OSError:
+        return False
+    return zip_is_complete(path) if head == b"PK" else bool(head)
+
+
+def read_torch_weights(file: Path, key: str | None) -> tuple[StoredTensors, dict[str, Any]]:
+    """The tensors of one torch.save file's state dict (``key`` picks its container), by stored name, and the plain
+    metadata saved beside them."""
+    obj = torch_load_safely(file)
+    state, _ = find_state_dict(obj, file, key)
+    return dict(state_dict_tensors(state, file)), plain_metadata(obj)
+
+
+def open_torch_file(path: Path, key: str | None) -> Checkpoint:
+    tensors, metadata = read_torch_weights(path, key)
+    return weights_checkpoint(path, [(path, tensors)], metadata)
+
+
+FORMAT = Format(
+    name="a torch.save file",
+    suffixes=TORCH_SUFFIXES,
+    recognises=is_torch_file,
+    files=lambda path: [path],
+    open=open_torch_file,
+    is_complete=torch_file_is_complete,
+)
