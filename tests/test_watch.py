@@ -29,7 +29,7 @@ import ckpt_ema
 import ckpt_ema.api
 from ckpt_ema.errors import CkptEmaError
 from ckpt_ema.follow.state import StateFolder, state_folder_of
-from ckpt_ema.follow.update import Target
+from ckpt_ema.pipeline import Target
 from ckpt_ema.follow.watch import Watcher, run_spacing, unseen_steps
 
 DECAY = 0.9
