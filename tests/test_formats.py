@@ -595,7 +595,7 @@ def registry_case(folder: Path, case: str) -> tuple[Path, str, list[Path]]:
         hf_folder(folder / "checkpoint-3", weights(3), 3, "sharded")
         path = folder / "checkpoint-3"
         return path, "model_folder", sorted(path.glob("model*"))
-    run = shutil.copytree(DEEPSPEED_FIXTURES / "zero2", folder / "run")
+    run = shutil.copytree(DEEPSPEED_FIXTURES / "zero2-bf16", folder / "run")
     path = run / (run / "latest").read_text().strip()  # the tag `latest` names: complete whatever the files' times
     return path, "deepspeed", sorted(path.iterdir())
 

@@ -157,7 +157,7 @@ def test_model_folders_are_folded_once_their_weights_are_whole(llama_run: Path, 
 def test_deepspeed_tags_are_folded_once_latest_names_them(tmp_path: Path, stage: int) -> None:
     """DeepSpeed writes every rank's files into the tag folder, then ``latest``: a tag newer than what ``latest``
     names is left alone, and folded once ``latest`` names it."""
-    fixture = DEEPSPEED_FIXTURES / f"zero{stage}"
+    fixture = DEEPSPEED_FIXTURES / f"zero{stage}-bf16"
     run, out = tmp_path / "run", tmp_path / "ema.safetensors"
     run.mkdir()
     w = watcher(run, out, [], poll=0.05)
