@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import make_llama_run, run_cli, write_run
+from checkpoints import RUNS
+from helpers import run_cli, write_run
 from safetensors.torch import load_file
 
 import ckpt_ema
@@ -52,7 +53,7 @@ def test_whatever_is_deleted_the_same_command_gives_the_same_bytes(tmp_path: Pat
 
 
 def test_a_model_folder_is_written_byte_for_byte_the_same(tmp_path: Path) -> None:
-    run = make_llama_run(tmp_path)
+    run = RUNS["hf_trainer"].folder
     for name in ("a", "b"):
         done = run_cli("average", run, "--decay", "0.8", "-o", f"{tmp_path / name}/", "-q")
         assert done.exit_code == 0, done.output
