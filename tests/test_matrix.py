@@ -34,17 +34,9 @@ DECAY = 0.8
 LAST = 2
 WATCH_DEADLINE = 10.0  # seconds after which a watch still running is sent SIGTERM (it stops, and the cell fails)
 
-# (path, format) -> (the defect, the exception it shows as) of the cells that fail today
-WATCH_NAMEERROR = (("--watch over .safetensors checkpoints exits 1 with NameError: name 'json' is not defined, in the "
-                    "completeness check of ckpt_ema/follow/watch.py (issue 20.1)"), NameError)
-WATCH_DISTCP = (("--watch never folds a DCP checkpoint: checkpoint_is_complete takes each .distcp file (torch.save "
-                 "records one after another, starting with PK) for one zip archive, and zip_is_complete finds its "
-                 "central directory not ending at the end record, so the folder never counts as written"),
-                AssertionError)
-KNOWN_FAILURES = {
-    **{("watch", name): WATCH_NAMEERROR for name in ("safetensors", "hf_trainer", "hf_sharded", "peft_lora")},
-    **{("watch", name): WATCH_DISTCP for name in ("dcp_fsdp", "dcp_tp")},
-}
+# (path, format) -> (the defect, the exception it shows as) of the cells that fail today: none since the watcher's
+# completeness checks were fixed (safetensors raised NameError, DCP's .distcp files were taken for one zip).
+KNOWN_FAILURES: dict[tuple[str, str], tuple[str, type[BaseException]]] = {}
 # Formats whose runs a spawn of two ranks writes (seconds, once per session): outside the fast subset.
 SLOW_FORMATS = {"dcp_fsdp", "dcp_tp"}
 # A torchrun cell costs seconds: DeepSpeed's runs go through it once per ZeRO stage. The runs of one stage differ in
