@@ -125,6 +125,7 @@ def test_a_sweep_compares_the_rules(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.slow
 def test_the_dry_run_shows_the_weights_and_the_cli_refuses_what_does_not_fit(tmp_path: Path) -> None:
     write_run(tmp_path / "run", [0, 10, 20, 30])
 
