@@ -1,6 +1,7 @@
 """Helpers shared by the tests: the independent references (timm's own ModelEmaV3, float64 brute-force EMAs over
-every training step) and the fixtures (tiny real training runs, plain checkpoints). Tests import from here only;
-they never import one another.
+every training step, the average of a run of the fixture table) and the fixtures (tiny real training runs, plain
+checkpoints; the runs of every format are the table's, in checkpoints.py). Tests import from here and from
+checkpoints.py only; they never import one another.
 """
 
 from __future__ import annotations
