@@ -34,6 +34,8 @@ the rest of the readers together: :mod:`ckpt_ema.formats.dcp` imports it when a 
 
 from __future__ import annotations
 
+import dataclasses
+
 import io
 import math
 import os
@@ -103,7 +105,32 @@ def read_metadata(path: Path) -> dcp_metadata.Metadata:
     if (not isinstance(metadata, dcp_metadata.Metadata) or not isinstance(metadata.state_dict_metadata, dict)
             or not isinstance(metadata.storage_data, dict)):
         raise CkptEmaError("not a DCP metadata file written by the file system writer (no storage records)", path)
+    missing = _missing_field(metadata)
+    if missing is not None:
+        raise CkptEmaError(f"not a readable DCP metadata file (a {missing} without all its fields: corrupt?)", path)
     return metadata
+
+
+def _missing_field(root: object) -> str | None:
+    """The name of the first DCP record (a dataclass, as the unpickler built it) in ``root``'s graph that lacks one
+    of its fields (a flipped byte in the pickle can drop one): every later check may then read every field."""
+    seen: set[int] = set()
+    todo = [root]
+    while todo:
+        obj = todo.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, dict):
+            todo += [*obj.keys(), *obj.values()]
+        elif isinstance(obj, list | tuple):
+            todo += list(obj)
+        elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+            for f in dataclasses.fields(obj):
+                if not hasattr(obj, f.name):
+                    return type(obj).__name__
+                todo.append(getattr(obj, f.name))
+    return None
 
 
 @dataclass
