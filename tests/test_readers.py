@@ -310,15 +310,14 @@ def test_opcodes_outside_the_allowed_set_and_hostile_memo_indices_are_refused_be
     assert peak < 16 << 20
 
 
-def test_a_state_dict_of_10000_tensors_loads_and_is_charged_what_it_takes(tmp_path: Path,
-                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_state_dict_of_10000_tensors_loads_and_is_charged_at_most_16_kb_a_tensor(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Its memo passes 65,536 entries (their indices are checked one by one, the memo charged once for the largest):
-    it loads as torch.load loads it, charged at least the memory it takes and at most 16 KB a tensor (the default
-    limit, 1 GiB, then admits some 65,000 tensors)."""
+    it loads as it was saved, charged at most 16 KB a tensor (the default limit, 1 GiB, then admits some
+    65,000 tensors; what the charge bounds is test_the_unpickling_charge_bounds_the_memory_taken's)."""
     state = {f"layers.{i}.weight": torch.full((2,), float(i)) for i in range(10_000)}
     path = torch_file(tmp_path, state)
-    ops = [op.name for op, arg, _ in pickletools.genops(pickle_of(path)) if op.name == "LONG_BINPUT" and arg >= 1 << 16]
-    assert ops  # the large indices this test is about
+    assert any(op.name == "LONG_BINPUT" and arg >= 1 << 16 for op, arg, _ in pickletools.genops(pickle_of(path)))
     charged = [0]
 
     class Counting(unpickle._Budget):
@@ -327,14 +326,8 @@ def test_a_state_dict_of_10000_tensors_loads_and_is_charged_what_it_takes(tmp_pa
             super().charge(nbytes)
 
     monkeypatch.setattr(unpickle, "_Budget", Counting)
-    tracemalloc.start()
-    try:
-        got = torch_load_safely(path)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    assert_same_tensors(got, torch.load(path, weights_only=True))
-    assert peak <= charged[0] <= 16_000 * len(state), (peak, charged[0])
+    assert_same_tensors(torch_load_safely(path), state)
+    assert charged[0] <= 16_000 * len(state), charged[0]
 
 
 def test_what_torch_save_writes_besides_plain_tensors_loads_as_torch_loads_it(tmp_path: Path) -> None:
