@@ -5,6 +5,9 @@
     python scripts/bench_average.py growth               # N = 2, 8, 32 checkpoints at 5M and 20M params
     python scripts/bench_average.py memory               # accumulator 4x --max-memory: peak RssAnon vs budget
     python scripts/bench_average.py gpu                  # on a CUDA machine: --device cuda vs cpu vs cat
+    python scripts/bench_average.py readers              # issue 23: 24 x 64 MiB and 6 x 512 MiB, 256 tensors each,
+                                                         # against the unchecked route; opening 2,000 tensors
+    python scripts/bench_average.py readers --scale 0.05 # the same at a twentieth of the sizes: a quick check
 
 For each input format it writes the checkpoints once, warms the page cache, then runs, alternately and
 ``--repeats`` times each, in a fresh interpreter per run (start-up excluded from the timing):
@@ -21,6 +24,15 @@ For each input format it writes the checkpoints once, warms the page cache, then
 * ``floor``: the I/O floor, ``cat`` plus ``dd`` of the same repeat: reading every input and writing an fsync'd
   output of the model's size, with nothing else. The ``x floor`` column is each method's speed against it (1 is
   as fast as the I/O alone; issue 12 asks ``ckpt-ema`` for at least 0.7).
+* ``unchecked`` (``readers`` mode): the route a user writes without checks: each checkpoint loaded mapped
+  (``torch.load(mmap=True, weights_only=True)`` or ``safetensors.torch.load_file``), ``lerp_`` into a float32
+  running mean, ``save_file`` (not fsync'd; ckpt-ema's output is). The ``x unchecked`` column is each method's
+  speed against it (issue 23 asks ``ckpt-ema`` for at least 1, and the ``.pt`` engine for at least 0.9 of the
+  safetensors engine's GB/s).
+
+``readers`` mode also times opening a ``.pt`` of 2,000 tensors (4 KiB each) in one interpreter, after a warm-up:
+ckpt-ema's reader (``open_checkpoint``: every check, the tensors mapped) against
+``torch.load(mmap=True, weights_only=True)``, medians of ``--repeats`` x 5 openings.
 
 The checkpoints are flushed to disk before any run and each run starts from a quiet disk (``os.sync()`` outside
 the timed window): otherwise the writeback of earlier files would land in the middle of later runs.
@@ -71,6 +83,8 @@ method, files, out, options = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3],
 measure_memory = options.pop("measure_memory", True)
 import torch
 import ckpt_ema
+# Start-up is not timed: the modules the methods import when first used are imported before the clock starts.
+import ckpt_ema.api, ckpt_ema.engine.fold, ckpt_ema.follow.state, ckpt_ema.follow.update, safetensors.torch
 baseline = rss_anon_kib()
 if measure_memory:  # a sampling thread costs time: timed runs go without it
     threading.Thread(target=sample, daemon=True).start()
@@ -94,6 +108,18 @@ elif method == "fold-only":  # the engine reading and folding, every result disc
     plan = ckpt_ema.plan(files, decay=0.999, **options)
     discard = type("Discard", (), {"write": lambda self, name, piece: None})()
     fold([s.opened or s.path for s in plan.sources], [plan.weighting.lerps], [discard], device=plan.options.device)
+elif method == "unchecked":  # issue 23's route without checks: mapped loads, lerp_ in float32, save_file
+    from safetensors.torch import load_file, save_file
+    avg = None
+    for i, f in enumerate(files):
+        sd = load_file(f) if f.endswith(".safetensors") else torch.load(f, mmap=True, weights_only=True)
+        sd = sd.get("state_dict", sd)
+        if avg is None:
+            avg = {k: v.to(torch.float32, copy=True) for k, v in sd.items()}
+        else:
+            for k, v in sd.items():
+                avg[k].lerp_(v.float(), 1 / (i + 1))
+    save_file(avg, out)
 elif method == "in-memory":
     ckpt_ema.average(files, None, decay=0.999, **options)  # the Python API without an output file
 else:
@@ -105,13 +131,14 @@ print(json.dumps({"seconds": seconds, "peak_anon_bytes": (peak[0] - baseline) * 
 """
 
 
-def make_checkpoints(folder: Path, fmt: str, n: int, params: int) -> list[Path]:
-    """``n`` checkpoints of a model with ``params`` float32 parameters in tensors of 1M-4M elements."""
+def make_checkpoints(folder: Path, fmt: str, n: int, params: int, tensors: int | None = None) -> list[Path]:
+    """``n`` checkpoints of a model with ``params`` float32 parameters: in ``tensors`` tensors of equal size, or
+    (None) in tensors of 1M-4M elements."""
     from safetensors.torch import save_file
 
     sizes, left = [], params
     while left > 0:
-        sizes.append(min(left, 1_000_000 * (1 + len(sizes) % 4)))
+        sizes.append(min(left, -(-params // tensors) if tensors else 1_000_000 * (1 + len(sizes) % 4)))
         left -= sizes[-1]
     files = []
     g = torch.Generator().manual_seed(0)
@@ -261,16 +288,85 @@ def gpu(args: argparse.Namespace) -> None:
                 print(f"    {stage}: cuda/cat {median['cat'] / cuda_s:.2f}, cuda/cpu {cpu_s / cuda_s:.2f}")
 
 
+def readers(args: argparse.Namespace) -> None:
+    """Issue 23's set, for .pt and .safetensors: the engine alone and ``average`` end to end against ``cat``, the
+    I/O floor and the unchecked route of the same run, at 24 x 64 MiB and 6 x 512 MiB (256 float32 tensors each,
+    sizes times ``--scale``); then opening a .pt of 2,000 tensors against torch.load."""
+    print(f"medians of {args.repeats}, warm cache; torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{os.cpu_count()} CPUs")
+    methods = ("unchecked", "fold-only", "ckpt-ema")
+    for n, mib in ((24, 64), (6, 512)):
+        params = int(mib * args.scale * 2**20) // 4
+        for fmt in args.formats:
+            with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+                files = make_checkpoints(Path(tmp), fmt, n, params, tensors=256)
+                total = sum(f.stat().st_size for f in files)
+                out = Path(tmp) / "out.safetensors"
+                run_cat(files)
+                times: dict[str, list[float]] = {m: [] for m in ("cat", "dd", *methods)}
+                for _ in range(args.repeats):
+                    times["cat"].append(run_cat(files)["seconds"])
+                    times["dd"].append(run_dd(out, params * 4)["seconds"])
+                    for method in methods:
+                        times[method].append(run_worker(method, files, out, measure_memory=False)["seconds"])
+                times["floor"] = [c + d for c, d in zip(times["cat"], times["dd"])]
+                median = {m: statistics.median(v) for m, v in times.items()}
+                print(f"\n{n} x {params * 4 / 2**20:.0f} MiB .{fmt} (256 float32 tensors each, {total / 1e9:.2f} GB)")
+                print(f"  {'method':<10} {'median s':>9} {'GB/s':>7} {'x cat':>7} {'x floor':>8} {'x unchecked':>12}")
+                for method in ("cat", "dd", "floor", *methods):
+                    s = median[method]
+                    print(f"  {method:<10} {s:>9.3f} {total / s / 1e9:>7.2f} {median['cat'] / s:>7.2f} "
+                          f"{median['floor'] / s:>8.2f} {median['unchecked'] / s:>12.2f}")
+    opening(args)
+
+
+OPENING = r"""
+import json, statistics, sys, time
+from pathlib import Path
+import torch
+from ckpt_ema.formats.checkpoint import open_checkpoint
+path, repeats = Path(sys.argv[1]), int(sys.argv[2])
+ways = {"ckpt-ema": lambda: open_checkpoint(path),
+        "torch.load": lambda: torch.load(path, mmap=True, weights_only=True)}
+for way in ways.values():
+    way()
+times = {name: [] for name in ways}
+for _ in range(repeats):
+    for name, way in ways.items():
+        t0 = time.perf_counter()
+        way()
+        times[name].append(time.perf_counter() - t0)
+print(json.dumps({name: statistics.median(t) for name, t in times.items()}))
+"""
+
+
+def opening(args: argparse.Namespace) -> None:
+    """Opening a .pt of 2,000 float32 tensors of 1,024 elements: ckpt-ema's checked reader against torch.load."""
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        path = Path(tmp) / "ckpt_2000.pt"
+        g = torch.Generator().manual_seed(0)
+        torch.save({f"layers.{i}.weight": torch.randn(1024, generator=g) for i in range(2000)}, path)
+        run_cat([path])
+        done = subprocess.run([sys.executable, "-c", OPENING, str(path), str(args.repeats * 5)], capture_output=True,
+                              text=True, check=True)
+        median = json.loads(done.stdout.strip().splitlines()[-1])
+    print(f"\nopening a .pt of 2,000 tensors, medians of {args.repeats * 5}: ckpt-ema {median['ckpt-ema'] * 1e3:.1f} ms, "
+          f"torch.load(mmap=True, weights_only=True) {median['torch.load'] * 1e3:.1f} ms "
+          f"(ckpt-ema {median['torch.load'] / median['ckpt-ema']:.2f}x as fast)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", nargs="?", choices=("throughput", "growth", "memory", "gpu"), default="throughput")
+    parser.add_argument("mode", nargs="?", choices=("throughput", "growth", "memory", "gpu", "readers"),
+                        default="throughput")
     parser.add_argument("--checkpoints", type=int, default=10)
     parser.add_argument("--params", type=float, default=25e6, help="float32 parameters per checkpoint")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--formats", nargs="+", default=["pt", "safetensors"])
     parser.add_argument("--dir", type=Path, default=None, help="where to write the checkpoints (default: a temp dir)")
+    parser.add_argument("--scale", type=float, default=1.0, help="readers mode: checkpoint sizes times this")
     args = parser.parse_args()
-    {"throughput": throughput, "growth": growth, "memory": memory, "gpu": gpu}[args.mode](args)
+    {"throughput": throughput, "growth": growth, "memory": memory, "gpu": gpu, "readers": readers}[args.mode](args)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,8 @@ altered the way a corrupt or crafted file would be."""
 from __future__ import annotations
 
 import contextlib
-import io
 import json
+import pickletools
 import re
 import struct
 import tracemalloc
@@ -236,6 +236,124 @@ def test_pickled_code_and_direct_storage_construction_are_refused(tmp_path: Path
             torch_load_safely(path)
 
 
+def pickle_of(path: Path) -> bytes:
+    with zipfile.ZipFile(path) as z:
+        return z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
+
+
+def tensor_memo_get(pickled: bytes) -> bytes:
+    """BINGET (or LONG_BINGET) of the last tensor torch.save's pickle builds: the memo entry after its REDUCE."""
+    ops = list(pickletools.genops(pickled))
+    i = max(i for i, (op, _, _) in enumerate(ops[:-1]) if op.name == "REDUCE" and ops[i + 1][0].name.endswith("PUT"))
+    index = ops[i + 1][1]
+    return b"h" + bytes([index]) if index < 256 else b"j" + struct.pack("<I", index)
+
+
+ONE = b"G?\xf0\x00\x00\x00\x00\x00\x00"  # BINFLOAT 1.0
+ON_A_TENSOR = {  # what a crafted pickle does to a tensor it has built; torch.save never does any of it
+    "setitem": lambda get: get + b"K\x00" + ONE + b"s0",  # tensor[0] = 1.0: a write into the map
+    "additems": lambda get: get + b"(" + ONE + b"\x900",  # tensor.add(1.0): a copy of the whole tensor
+    "appends": lambda get: get + b"(" + ONE + b"e0",
+    "build": lambda get: get + b"(K\x00tb0",  # tensor.set_(...) onto other memory
+    "iterated_into_a_set": lambda get: b"c__builtin__\nset\n" + get + b"\x85R0",  # a 0-d tensor per element
+    "a_parameter_of_its_elements": lambda get: b"ctorch._utils\n_rebuild_parameter\n" + get + b"\x89}\x87R0",
+}
+
+
+@pytest.mark.parametrize("act", sorted(ON_A_TENSOR))
+def test_a_pickle_acting_on_a_tensor_it_built_is_refused(tmp_path: Path, act: str) -> None:
+    """The unpickler holds records, never tensors: nothing in the pickle can write to, copy or move a tensor (the
+    last one but the parameter case, which builds a parameter of a tensor, and reads as torch.load does)."""
+    path = torch_file(tmp_path, {"w": torch.arange(12.0)})
+    pickled = pickle_of(path)
+    repack(path, pickle_bytes=pickled[:-1] + ON_A_TENSOR[act](tensor_memo_get(pickled)) + b".")
+    if act == "a_parameter_of_its_elements":
+        assert torch.equal(torch_load_safely(path)["w"], torch.arange(12.0))
+        return
+    with pytest.raises(CkptEmaError, match="corrupt pickle"):
+        torch_load_safely(path)
+
+
+@pytest.mark.parametrize("target", ["argparse\nNamespace", "torch._utils\n_rebuild_tensor_v2", "collections\nOrderedDict"])
+def test_a_build_on_a_class_or_function_is_refused_and_changes_nothing(tmp_path: Path, target: str) -> None:
+    """BUILD with a slot state sets attributes on its target: on a class or function, for the whole process."""
+    path = torch_file(tmp_path)
+    repack(path, pickle_bytes=b"\x80\x02c" + target.encode() + b"\nN}X\x04\x00\x00\x00nameK\x01s\x86b.")
+    with pytest.raises(CkptEmaError, match="BUILD on"):
+        torch_load_safely(path)
+    import argparse
+    import collections
+
+    assert not hasattr(argparse.Namespace, "name") and not hasattr(collections.OrderedDict, "name")
+    assert not hasattr(torch._utils._rebuild_tensor_v2, "name")
+
+
+@pytest.mark.parametrize("body, fragment", [
+    (b"\x80\x02]r\xff\xff\xff\x7f.", "memo index"),  # the C unpickler would size its memo to 2**32 slots
+    (b"\x80\x02N2.", "never writes (DUP"),
+    (b"\x80\x02\xff.", "an unknown opcode"),
+    (b"\x80\x02(iargparse\nNamespace\n.", "never writes (INST"),
+    (b"\x80\x02\x82\x01.", "never writes (EXT1"),
+    (b"\x80\x02Np0\n.", "never writes (PUT"),
+    (b"\x80\x02N", "the STOP opcode is missing"),
+    (b"\x80\x02X\xff\x00\x00\x00ab.", "truncated"),
+])
+def test_opcodes_outside_the_allowed_set_and_hostile_memo_indices_are_refused_before_anything_runs(
+        tmp_path: Path, body: bytes, fragment: str) -> None:
+    path = torch_file(tmp_path)
+    repack(path, pickle_bytes=body)
+    tracemalloc.start()
+    with pytest.raises(CkptEmaError, match=re.escape(fragment)):
+        torch_load_safely(path)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 16 << 20
+
+
+def test_a_state_dict_of_10000_tensors_loads_and_is_charged_at_most_16_kb_a_tensor(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its memo passes 65,536 entries (their indices are checked one by one, the memo charged once for the largest):
+    it loads as it was saved, charged at most 16 KB a tensor (the default limit, 1 GiB, then admits some
+    65,000 tensors; what the charge bounds is test_the_unpickling_charge_bounds_the_memory_taken's)."""
+    state = {f"layers.{i}.weight": torch.full((2,), float(i)) for i in range(10_000)}
+    path = torch_file(tmp_path, state)
+    assert any(op.name == "LONG_BINPUT" and arg >= 1 << 16 for op, arg, _ in pickletools.genops(pickle_of(path)))
+    charged = [0]
+
+    class Counting(unpickle._Budget):
+        def charge(self, nbytes: int) -> None:
+            charged[0] += nbytes
+            super().charge(nbytes)
+
+    monkeypatch.setattr(unpickle, "_Budget", Counting)
+    assert_same_tensors(torch_load_safely(path), state)
+    assert charged[0] <= 16_000 * len(state), charged[0]
+
+
+def test_what_torch_save_writes_besides_plain_tensors_loads_as_torch_loads_it(tmp_path: Path) -> None:
+    """Parameters (with attributes), tensors with attributes, tied and strided views of one storage, dtypes saved
+    through _rebuild_tensor_v3, a negative view's metadata: each as torch.load itself gives it (trusted here, on the
+    test's own file), views sharing their storage as they do there."""
+    base = torch.arange(24.0).reshape(4, 6)
+    tagged = torch.arange(3.0)
+    tagged.note = "kept"
+    parameter = torch.nn.Parameter(torch.arange(5.0))
+    flagged = torch.nn.Parameter(torch.arange(2.0))
+    flagged.flag = True
+    obj = {"base": base, "tied": base, "corner": base[1:, 2:], "transposed": base.t(), "parameter": parameter,
+           "flagged": flagged, "tagged": tagged, "u16": torch.arange(4).to(torch.uint16),
+           "negative": torch.arange(3.0)._neg_view()}
+    path = torch_file(tmp_path, obj)
+    got, want = torch_load_safely(path), torch.load(path, weights_only=True)
+    for name, tensor in want.items():
+        assert type(got[name]) is type(tensor) and got[name].requires_grad == tensor.requires_grad, name
+        assert got[name].dtype == tensor.dtype and torch.equal(got[name], tensor), name
+        assert got[name].stride() == tensor.stride() and got[name].is_neg() == tensor.is_neg(), name
+        assert vars(got[name]) == vars(tensor), name
+    pointers = {name: got[name].untyped_storage().data_ptr() for name in ("base", "tied", "corner", "transposed")}
+    assert len(set(pointers.values())) == 1, pointers
+
+
 def test_a_zip_bomb_pickle_stays_under_the_memory_limit(tmp_path: Path) -> None:
     """A 64 MB pickle of empty lists deflates to ~64 KB; it is refused before it is expanded past the limit (which
     would take ~5 GB unpickled), and a bytearray(2**32) before it is allocated."""
@@ -270,25 +388,24 @@ WORST_CASES = {  # pickles whose opcodes each make the largest object they can, 
 
 
 @pytest.mark.parametrize("case", sorted(WORST_CASES))
-def test_the_unpickling_charge_bounds_the_memory_taken(case: str) -> None:
+def test_the_unpickling_charge_bounds_the_memory_taken(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """What the unpickler holds (tracemalloc's peak) never exceeds what it was charged: a limit on the charge is a
     limit on the memory."""
     body = WORST_CASES[case]
     charged = [0]
 
-    class Counting(unpickle._Feed):
-        def _charge(self, nbytes: int) -> None:
+    class Counting(unpickle._Budget):
+        def charge(self, nbytes: int) -> None:
             charged[0] += nbytes
-            super()._charge(nbytes)
+            super().charge(nbytes)
 
-    original, unpickle._Feed = unpickle._Feed, Counting
+    monkeypatch.setattr(unpickle, "_Budget", Counting)
+    tracemalloc.start()
     try:
-        tracemalloc.start()
-        unpickle.unpickle(io.BytesIO(body), lambda pid: None, safe_globals=[], max_bytes=1 << 30)
+        unpickle.unpickle(body, lambda pid: None, safe_globals=[], max_bytes=1 << 30)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-        unpickle._Feed = original
     assert peak <= charged[0], (peak, charged[0])
 
 
@@ -386,8 +503,8 @@ def test_plain_data_unpickles_alike_under_every_protocol(value: object, protocol
     from ckpt_ema.formats.torch_save import SAFE_GLOBALS
 
     body = pickle.dumps(value, protocol=protocol)
-    got = unpickle.unpickle(io.BytesIO(body), lambda pid: None, safe_globals=SAFE_GLOBALS, max_bytes=1 << 26)
-    assert got == value
+    got, end = unpickle.unpickle(body, lambda pid: None, safe_globals=SAFE_GLOBALS, max_bytes=1 << 26)
+    assert got == value and end == len(body)
 
 
 @settings(max_examples=100, deadline=None)

@@ -9,15 +9,15 @@ here nothing is used before it is checked:
 * the zip directory (:mod:`ckpt_ema.formats.zip_records`): every record inside the file, none overlapping another;
 * every storage the pickle names: a stored record (or a stretch of a legacy file) of exactly ``numel * itemsize``
   bytes, described the same way wherever it is named;
-* the pickle: torch's weights-only unpickler behind :mod:`ckpt_ema.formats.unpickle` (any protocol, bounded
-  memory, only dense tensors), so no pickled code runs; the harmless types real trainers store beside the weights
-  (:data:`SAFE_GLOBALS`) are allowed explicitly;
+* the pickle: the standard library's unpickler behind :mod:`ckpt_ema.formats.unpickle` (its opcodes checked
+  first, an allow-list of stand-ins, any protocol, bounded memory, only dense tensors), so no pickled code runs;
+  the harmless types real trainers store beside the weights (:data:`SAFE_GLOBALS`) are allowed explicitly;
 * every tensor of the state dict (:func:`state_dict_tensors`): a string name, valid UTF-8, and elements that all lie
   inside its storage.
 
 The tensors are views of one private (copy-on-write) map of the file (:mod:`ckpt_ema.formats.mapping`) at the
-checked offsets. Nothing here reads
-tensor data: the cost is O(pickle + directory), and the engine reads each byte once, from the page cache.
+checked offsets, built once the pickle has run; the checks read the same map. Nothing here reads tensor data: the
+cost is O(pickle + directory), and the engine reads each byte once, from the page cache.
 
 Inside the loaded object the weights are a plain state dict or sit in one of the usual containers
 (:data:`CONTAINER_KEYS`); ``key`` picks one explicitly.
@@ -26,7 +26,6 @@ Inside the loaded object the weights are a plain state dict or sit in one of the
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import pathlib
 import struct
@@ -39,7 +38,8 @@ import torch
 from ckpt_ema.errors import CkptEmaError
 from ckpt_ema.formats.base import Checkpoint, Format, StoredTensors, weights_checkpoint
 from ckpt_ema.formats.mapping import map_privately
-from ckpt_ema.formats.unpickle import PickleCorrupt, PickleRefused, unpickle
+from ckpt_ema.formats.unpickle import (PickleCorrupt, PickleRefused, StorageRecord, storage_dtype, unpickle,
+                                       with_tensors)
 from ckpt_ema.formats.zip_records import STORED, Record, ZipError, read_directory, read_small_record
 
 # Where trainers put the model's weights, tried in this order. timm's ``state_dict_ema`` is deliberately absent:
@@ -80,7 +80,7 @@ def _numpy_safe_globals() -> list[Any]:
 
 
 # The most memory unpickling one file may take, as :mod:`ckpt_ema.formats.unpickle` charges it (a state dict of
-# 10,000 tensors is charged about 70 MB).
+# 10,000 tensors is charged about 110 MB, and takes about 35 MB).
 MAX_PICKLE_BYTES = 1 << 30
 
 # What a legacy (non-zip) file starts with: the magic number and format version torch's _legacy_save pickles first.
@@ -166,16 +166,18 @@ def torch_load_safely(path: Path, extra_safe_globals: Sequence[Any] = (), max_by
 def _load_zip(path: Path, f: BinaryIO, safe_globals: list[Any], max_bytes: int) -> Any:
     """A zip archive: the directory checked (:mod:`zip_records`), then the pickle, each storage a stored record of
     exactly the size the pickle gives it."""
-    records = read_directory(f)
+    file_map, data = _mapped(f, path)
+    records = read_directory(data)
     prefix = _archive_prefix(records)
     order = records.get(f"{prefix}/byteorder")
-    if order is not None and read_small_record(f, order, 16) != b"little":
+    if order is not None and read_small_record(data, order, 16) != b"little":
         raise CkptEmaError("saved on a big-endian machine; ckpt-ema reads little-endian checkpoints", path)
-    pickled = read_small_record(f, records[f"{prefix}/data.pkl"], max_bytes)
-    file_map = map_privately(f, path, os.fstat(f.fileno()).st_size)
+    pickled = read_small_record(data, records[f"{prefix}/data.pkl"], max_bytes)
+
+    storage_folder = f"{prefix}/data/"
 
     def record_of(key: str, dtype: torch.dtype, numel: int) -> int:
-        record = records.get(f"{prefix}/data/{key}")
+        record = records.get(storage_folder + key)
         if record is None:
             raise PickleCorrupt(f"the pickle names storage {key!r}, which the archive does not hold")
         if record.method != STORED:
@@ -186,12 +188,19 @@ def _load_zip(path: Path, f: BinaryIO, safe_globals: list[Any], max_bytes: int) 
                                 f"it {numel} x {dtype} ({numel * dtype.itemsize} bytes)")
         return record.offset
 
-    stream = io.BytesIO(pickled)
-    obj = unpickle(stream, _Storages(record_of, file_map), safe_globals=safe_globals, max_bytes=max_bytes)
-    if stream.tell() != len(pickled):
-        raise CkptEmaError(f"not a readable PyTorch checkpoint (corrupt pickle: {len(pickled) - stream.tell()} "
-                          "bytes after its end)", path)
-    return obj
+    storages = _Storages(record_of)
+    obj, end = unpickle(pickled, storages, safe_globals=safe_globals, max_bytes=max_bytes)
+    if end != len(pickled):
+        raise CkptEmaError(f"not a readable PyTorch checkpoint (corrupt pickle: {len(pickled) - end} bytes after its "
+                           "end)", path)
+    return with_tensors(obj, storages.views(file_map))
+
+
+def _mapped(f: BinaryIO, path: Path) -> tuple[torch.UntypedStorage, memoryview]:
+    """The open file's private map (:func:`map_privately`), and the same bytes as a buffer for the checks: what is
+    checked is what the tensors view, and each page is mapped once."""
+    file_map = map_privately(f, path, os.fstat(f.fileno()).st_size)
+    return file_map, torch.empty(0, dtype=torch.uint8).set_(file_map).numpy().data
 
 
 def _archive_prefix(records: dict[str, Record]) -> str:
@@ -212,93 +221,98 @@ def _load_legacy(path: Path, f: BinaryIO, safe_globals: list[Any], max_bytes: in
     the format version, the system's byte order and the object, then the list of storage keys, then each storage
     in that order as an int64 element count and its bytes, up to the end of the file.
 
-    A storage's offset depends on the sizes of those before it, which only the object's pickle gives: a first
-    pass unpickles the object over storages of no memory (device ``meta``) to learn them; the offsets are then
-    checked against the counts in the file, and a second pass builds the tensors over the map.
+    A storage's offset depends on the sizes of those before it, which only the object's pickle gives: the pickles
+    are unpickled first (tensors as records), the offsets checked against the counts in the file, and the tensors
+    then built over the map.
     """
-    size = os.fstat(f.fileno()).st_size
-    f.seek(0)
-    header = [unpickle(f, _no_storage, safe_globals=[], max_bytes=max_bytes) for _ in range(3)]
+    file_map, data = _mapped(f, path)
+    size = len(data)
+    header, position = [], 0
+    for _ in range(3):
+        value, position = unpickle(data, _no_storage, safe_globals=[], max_bytes=max_bytes, start=position)
+        header.append(value)
     if header[:2] != [LEGACY_MAGIC, LEGACY_PROTOCOL] or not isinstance(header[2], dict):
         raise CkptEmaError("not a PyTorch checkpoint: a pickle, but not one torch.save wrote", path)
     if header[2].get("little_endian") is not True:
         raise CkptEmaError("saved on a big-endian machine; ckpt-ema reads little-endian checkpoints", path)
-    object_start = f.tell()
-    sizes = _Storages(None, None, legacy=True)
-    unpickle(f, sizes, safe_globals=safe_globals, max_bytes=max_bytes)
-    keys = unpickle(f, _no_storage, safe_globals=[], max_bytes=max_bytes)
-    if not (isinstance(keys, list) and len(set(keys)) == len(keys) == len(sizes.named) and set(keys) == set(sizes.named)):
-        raise CkptEmaError("not a readable PyTorch checkpoint: its list of storages is not the storages its pickle names", path)
-    offsets: dict[str, int] = {}
-    position = f.tell()
+    storages = _Storages(None, legacy=True)
+    obj, position = unpickle(data, storages, safe_globals=safe_globals, max_bytes=max_bytes, start=position)
+    keys, position = unpickle(data, _no_storage, safe_globals=[], max_bytes=max_bytes, start=position)
+    if not (isinstance(keys, list) and all(type(key) is str for key in keys) and len(set(keys)) == len(keys)
+            and set(keys) == set(storages.named)):
+        raise CkptEmaError("not a readable PyTorch checkpoint: its list of storages is not the storages its pickle "
+                           "names", path)
     for key in keys:
-        dtype, numel = sizes.named[key]
-        count = os.pread(f.fileno(), 8, position)
-        if len(count) != 8 or int.from_bytes(count, "little") != numel:
-            raise CkptEmaError(f"not a readable PyTorch checkpoint (truncated?): storage {key!r} does not start with the count of "
-                               f"{numel} elements its pickle gives", path)
-        offsets[key] = position + 8
-        position += 8 + numel * dtype.itemsize
+        record = storages.named[key]
+        numel = record.nbytes // record.dtype.itemsize
+        if position + 8 > size or int.from_bytes(data[position : position + 8], "little") != numel:
+            raise CkptEmaError(f"not a readable PyTorch checkpoint (truncated?): storage {key!r} does not start with "
+                               f"the count of {numel} elements its pickle gives", path)
+        storages.offsets[key] = position + 8
+        position += 8 + record.nbytes
         if position > size:
             raise CkptEmaError(f"not a readable PyTorch checkpoint (truncated?): storage {key!r} ends past the end "
-                                  "of the file", path)
+                               "of the file", path)
     if position != size:
         raise CkptEmaError(f"not a readable PyTorch checkpoint: {size - position} bytes after its last storage", path)
-    f.seek(object_start)
-    storages = _Storages(lambda key, dtype, numel: offsets[key], map_privately(f, path, size), legacy=True)
-    return unpickle(f, storages, safe_globals=safe_globals, max_bytes=max_bytes)
+    return with_tensors(obj, storages.views(file_map))
 
 
 class _Storages:
-    """The unpickler's ``persistent_load``: storage id -> a view of the file's map at the offset ``locate(key,
-    dtype, numel)`` returns after checking it. The same key always names the same storage, of one dtype and size.
-    Without a map, storages of no memory (device ``meta``), to learn what the pickle names (:attr:`named`).
+    """The unpickler's ``persistent_load``: storage id -> a :class:`StorageRecord`, after checking the id and, with
+    ``locate``, the storage's place in the file (``locate(key, dtype, numel)`` returns its offset after checking
+    it). The same key always names the same storage, of one dtype and size. Legacy files' offsets are found after
+    the unpickling, from the storages it names (:attr:`named`), and set in :attr:`offsets`.
 
     A storage id is ``('storage', storage type, key, location, numel)``; legacy files add a view (always None
     since PyTorch 0.4). The location is ignored: every storage is read to the CPU.
     """
 
-    def __init__(self, locate: Callable[[str, torch.dtype, int], int] | None, file_map: torch.UntypedStorage | None,
-                 legacy: bool = False) -> None:
+    def __init__(self, locate: Callable[[str, torch.dtype, int], int] | None, legacy: bool = False) -> None:
         self._locate = locate
-        self._map = file_map
         self._fields = 6 if legacy else 5
-        self._built: dict[str, torch.storage.TypedStorage] = {}
-        self.named: dict[str, tuple[torch.dtype, int]] = {}
+        self.named: dict[str, StorageRecord] = {}
+        self.offsets: dict[str, int] = {}
 
-    def __call__(self, pid: Any) -> torch.storage.TypedStorage:
-        dtype, key, numel = self._parse(pid)
-        if key in self.named:
-            if self.named[key] != (dtype, numel):
-                raise PickleCorrupt(f"storage {key!r} is described twice, differently")
-            return self._built[key]
-        self.named[key] = (dtype, numel)
-        nbytes = numel * dtype.itemsize
-        if self._map is None or self._locate is None:
-            untyped = torch.UntypedStorage(nbytes, device="meta")
-        else:
-            offset = self._locate(key, dtype, numel)
-            untyped = self._map[offset : offset + nbytes]
-            if offset % dtype.itemsize and nbytes:  # not aligned for its dtype (legacy files): a copy
-                untyped = torch.frombuffer(bytearray(nbytes), dtype=torch.uint8).untyped_storage().copy_(untyped)
-        self._built[key] = torch.storage.TypedStorage(wrap_storage=untyped, dtype=dtype, _internal=True)
-        return self._built[key]
-
-    def _parse(self, pid: Any) -> tuple[torch.dtype, str, int]:
-        if not (isinstance(pid, tuple) and len(pid) == self._fields and pid[0] in ("storage", b"storage")):
+    def __call__(self, pid: Any) -> StorageRecord:
+        if not (type(pid) is tuple and len(pid) == self._fields and pid[0] in ("storage", b"storage")):
             raise PickleCorrupt("a persistent id that is not a storage")
-        storage_type, key, _location, numel = pid[1:5]
         if self._fields == 6 and pid[5] is not None:
             raise PickleRefused("a storage view (written by PyTorch before 0.4): load and re-save it with torch.save")
-        if storage_type is torch.UntypedStorage:
-            dtype = torch.uint8
-        elif isinstance(getattr(storage_type, "dtype", None), torch.dtype):
-            dtype = storage_type.dtype
-        else:
+        dtype, key, numel = storage_dtype(pid[1]), pid[2], pid[4]
+        if dtype is None:
             raise PickleCorrupt("a storage without a dtype")
-        if not isinstance(key, str) or type(numel) is not int or numel < 0:
+        if type(key) is not str or type(numel) is not int or numel < 0:
             raise PickleCorrupt("a storage without a key and a size")
-        return dtype, key, numel
+        record = self.named.get(key)
+        if record is not None:
+            if record.dtype != dtype or record.nbytes != numel * dtype.itemsize:
+                raise PickleCorrupt(f"storage {key!r} is described twice, differently")
+            return record
+        if self._locate is not None:
+            self.offsets[key] = self._locate(key, dtype, numel)
+        record = self.named[key] = StorageRecord(key, dtype, numel * dtype.itemsize)
+        return record
+
+    def views(self, file_map: torch.UntypedStorage) -> Callable[[StorageRecord], torch.UntypedStorage]:
+        """Each storage as a view of the file's map at its offset, one per key (a copy where its offset is not
+        aligned for its dtype, as in legacy files)."""
+        built: dict[str, torch.UntypedStorage] = {}
+
+        def view(record: StorageRecord) -> torch.UntypedStorage:
+            untyped = built.get(record.key)
+            if untyped is None:
+                offset = self.offsets[record.key]
+                # UntypedStorage's own __getitem__ only adds a check for meta storages: a third of the cost
+                untyped = torch._C.StorageBase.__getitem__(  # type: ignore[misc]
+                    file_map, slice(offset, offset + record.nbytes))
+                if offset % record.dtype.itemsize and record.nbytes:
+                    untyped = torch.frombuffer(bytearray(record.nbytes), dtype=torch.uint8).untyped_storage().copy_(
+                        untyped)
+                built[record.key] = untyped
+            return untyped
+
+        return view
 
 
 def _no_storage(pid: Any) -> Any:
@@ -380,7 +394,7 @@ def state_dict_tensors(state: Mapping[Any, Any], path: Path) -> dict[str, torch.
             continue
         if not isinstance(name, str):
             raise CkptEmaError(f"a tensor is named {name!r}, a {type(name).__name__}: state dict names are strings", path)
-        if not _is_utf8(name):
+        if not (name.isascii() or _is_utf8(name)):
             raise CkptEmaError(f"the tensor name {name!r} is not valid UTF-8", path)
         _check_tensor(name, value, path)
         tensors[name] = value
@@ -388,19 +402,22 @@ def state_dict_tensors(state: Mapping[Any, Any], path: Path) -> dict[str, torch.
 
 
 def _check_tensor(name: str, t: torch.Tensor, path: Path) -> None:
-    if t.layout != torch.strided or t.is_quantized or t.device.type != "cpu":
+    if t.layout != torch.strided or t.is_quantized or not t.is_cpu:
         raise CkptEmaError(f"tensor {name!r} is not a dense CPU tensor ({t.layout}, {t.device})", path)
-    if t.numel() == 0:
+    numel = t.numel()
+    if numel == 0:
         return
-    if t.untyped_storage().resizable():  # every storage read here is fixed-size: a map, or a copy of a record
+    storage = t.untyped_storage()
+    if storage.resizable():  # every storage read here is fixed-size: a map, or a copy of a record
         raise CkptEmaError(f"tensor {name!r} is not a view of the data stored for it", path)
-    if t.storage_offset() < 0 or any(s < 0 for s in t.stride()):
+    offset, stride = t.storage_offset(), t.stride()
+    if offset < 0 or min(stride, default=0) < 0:
         raise CkptEmaError(f"tensor {name!r} has a negative stride or offset", path)
-    last = t.storage_offset() + sum((n - 1) * s for n, s in zip(t.shape, t.stride(), strict=True))
-    stored = t.untyped_storage().nbytes()
+    last = offset + (numel - 1 if t.is_contiguous() else sum((n - 1) * s for n, s in zip(t.shape, stride, strict=True)))
+    stored = storage.nbytes()
     if (last + 1) * t.element_size() > stored:
         raise CkptEmaError(f"tensor {name!r} extends past the data stored for it", path)
-    if t.numel() * t.element_size() > stored:
+    if numel * t.element_size() > stored:
         raise CkptEmaError(f"tensor {name!r} has more elements than its stored data (a broadcast view?); "
                            "save it with .contiguous()", path)
 

@@ -3,7 +3,9 @@
 ``torch.save`` (PyTorch >= 1.6) writes a zip archive: ``<prefix>/data.pkl`` (the pickled object) and one record
 ``<prefix>/data/<key>`` per storage, stored uncompressed at a 64-byte aligned offset so that it can be mapped.
 Mapping a record is only as safe as its offset and size. :func:`read_directory` reads them from the central
-directory (zip64 included) and checks every one before it is used:
+directory (zip64 included) and checks every one before it is used. It reads the file as a buffer, the map the
+tensors will view: the local headers lie all over the file, and are then read without a system call each, their
+pages mapped once for the reader and the engine that reads the data after them.
 
 * the end-of-central-directory record ends the file (no bytes after it) and the directory lies before it;
 * every record's local header is where the directory says, names the same record, and its data ends before the
@@ -16,11 +18,9 @@ Everything read is O(directory), never O(data).
 
 from __future__ import annotations
 
-import os
 import struct
 import zlib
-from dataclasses import dataclass
-from typing import BinaryIO
+from typing import Any, NamedTuple
 
 STORED, DEFLATED = 0, 8
 
@@ -42,8 +42,7 @@ class ZipError(Exception):
     """The archive's structure is wrong or unsupported; the message is one line without the file's name."""
 
 
-@dataclass(frozen=True)
-class Record:
+class Record(NamedTuple):
     """One member of the archive: ``size`` bytes (``stored_size`` in the file) starting at ``offset``."""
 
     name: str
@@ -54,26 +53,27 @@ class Record:
     crc: int
 
 
-def read_directory(f: BinaryIO) -> dict[str, Record]:
-    """Every record of the zip archive open as ``f``, by name, after checking the archive's structure."""
-    file_size = os.fstat(f.fileno()).st_size
-    entries, directory_offset, directory_size, directory_end = _end_of_directory(f, file_size)
+def read_directory(data: Any) -> dict[str, Record]:
+    """Every record of the zip archive ``data`` (the whole file as a buffer: bytes, a memoryview of its map), by
+    name, after checking the archive's structure."""
+    file_size = len(data)
+    entries, directory_offset, directory_size, directory_end = _end_of_directory(data, file_size)
     if directory_size > MAX_DIRECTORY_BYTES:
         raise ZipError(f"its zip directory of {directory_size} bytes is larger than ckpt-ema reads "
                        f"({MAX_DIRECTORY_BYTES} bytes)")
     if directory_offset + directory_size > directory_end:
         raise ZipError("its zip directory runs past the end of the archive")
-    directory = _read_at(f, directory_offset, directory_size)
+    directory = _read_at(data, directory_offset, directory_size)
     records: dict[str, Record] = {}
     starts: list[tuple[int, int, str]] = []  # (local header offset, data end, name)
     pos = 0
     for _ in range(entries):
-        record, header_offset, pos = _central_entry(directory, pos)
-        if record.name in records:
-            raise ZipError(f"the zip archive holds two records named {record.name!r}")
-        record = _checked_against_local_header(f, record, header_offset, directory_offset)
-        records[record.name] = record
-        starts.append((header_offset, record.offset + record.stored_size, record.name))
+        name, raw_name, method, crc, stored_size, size, header_offset, pos = _central_entry(directory, pos)
+        if name in records:
+            raise ZipError(f"the zip archive holds two records named {name!r}")
+        offset = _data_offset(data, name, raw_name, method, stored_size, header_offset, directory_offset)
+        records[name] = Record(name, offset, stored_size, size, method, crc)
+        starts.append((header_offset, offset + stored_size, name))
     if pos != directory_size:
         raise ZipError(f"its zip directory holds {directory_size - pos} bytes more than its {entries} records")
     starts.sort()
@@ -83,7 +83,7 @@ def read_directory(f: BinaryIO) -> dict[str, Record]:
     return records
 
 
-def read_small_record(f: BinaryIO, record: Record, limit: int) -> bytes:
+def read_small_record(data: Any, record: Record, limit: int) -> bytes:
     """The bytes of ``record`` (a pickle, a version string), expanded if deflated; at most ``limit`` bytes.
 
     The record's CRC-32 is checked when the archive records one (torch.save can be told to skip it, and then
@@ -93,26 +93,26 @@ def read_small_record(f: BinaryIO, record: Record, limit: int) -> bytes:
         raise ZipError(f"record {record.name!r} holds {record.size} bytes, more than the {limit} ckpt-ema reads")
     if record.stored_size > record.size + record.size // 1000 + 1024:  # deflate never grows data more than this
         raise ZipError(f"record {record.name!r} takes {record.stored_size} bytes to store {record.size}")
-    data = _read_at(f, record.offset, record.stored_size)
+    content = _read_at(data, record.offset, record.stored_size)
     if record.method == DEFLATED:
         inflater = zlib.decompressobj(-15)
         try:
-            data = inflater.decompress(data, record.size + 1)  # never more than the record claims (zip bombs)
+            content = inflater.decompress(content, record.size + 1)  # never more than the record claims (zip bombs)
         except zlib.error as exc:
             raise ZipError(f"record {record.name!r} is not valid deflate data: {exc}") from None
         if not inflater.eof:
             raise ZipError(f"record {record.name!r} expands to more than the {record.size} bytes it claims")
-    if len(data) != record.size:
-        raise ZipError(f"record {record.name!r} holds {len(data)} bytes, not the {record.size} it claims")
-    if record.crc and zlib.crc32(data) != record.crc:
+    if len(content) != record.size:
+        raise ZipError(f"record {record.name!r} holds {len(content)} bytes, not the {record.size} it claims")
+    if record.crc and zlib.crc32(content) != record.crc:
         raise ZipError(f"record {record.name!r} is corrupt (its CRC-32 does not match)")
-    return data
+    return content
 
 
-def _end_of_directory(f: BinaryIO, file_size: int) -> tuple[int, int, int, int]:
+def _end_of_directory(data: Any, file_size: int) -> tuple[int, int, int, int]:
     """(number of records, directory offset, directory size, where the directory must end) from the archive's end."""
     tail_size = min(file_size, _EOCD.size + _MAX_COMMENT)
-    tail = _read_at(f, file_size - tail_size, tail_size)
+    tail = _read_at(data, file_size - tail_size, tail_size)
     pos = tail.rfind(b"PK\x05\x06")
     while pos >= 0 and not _ends_at(tail, pos):
         pos = tail.rfind(b"PK\x05\x06", 0, pos)
@@ -121,12 +121,12 @@ def _end_of_directory(f: BinaryIO, file_size: int) -> tuple[int, int, int, int]:
     _, disk, directory_disk, disk_entries, entries, size, offset, _ = _EOCD.unpack_from(tail, pos)
     eocd_offset = file_size - tail_size + pos
     locator_offset = eocd_offset - _ZIP64_LOCATOR.size
-    if locator_offset >= 0 and _read_at(f, locator_offset, 4) == b"PK\x06\x07":
-        _, _, zip64_offset, _ = _ZIP64_LOCATOR.unpack(_read_at(f, locator_offset, _ZIP64_LOCATOR.size))
+    if locator_offset >= 0 and _read_at(data, locator_offset, 4) == b"PK\x06\x07":
+        _, _, zip64_offset, _ = _ZIP64_LOCATOR.unpack(_read_at(data, locator_offset, _ZIP64_LOCATOR.size))
         if zip64_offset + _ZIP64_EOCD.size > locator_offset:
             raise ZipError("its zip64 end-of-directory record lies outside the archive")
         (signature, _, _, _, disk, directory_disk, disk_entries, entries, size,
-         offset) = _ZIP64_EOCD.unpack(_read_at(f, zip64_offset, _ZIP64_EOCD.size))
+         offset) = _ZIP64_EOCD.unpack(_read_at(data, zip64_offset, _ZIP64_EOCD.size))
         if signature != b"PK\x06\x06":
             raise ZipError("its zip64 end-of-directory record is missing")
         eocd_offset = zip64_offset
@@ -140,8 +140,9 @@ def _ends_at(tail: bytes, pos: int) -> bool:
     return pos + _EOCD.size <= len(tail) and pos + _EOCD.size + struct.unpack_from("<H", tail, pos + 20)[0] == len(tail)
 
 
-def _central_entry(directory: bytes, pos: int) -> tuple[Record, int, int]:
-    """The record described at ``pos`` of the central directory, its local header's offset, and the next entry's pos."""
+def _central_entry(directory: bytes, pos: int) -> tuple[str, bytes, int, int, int, int, int, int]:
+    """The record described at ``pos`` of the central directory: its name (and as stored), method, CRC-32, stored
+    size, size and local header's offset; and the next entry's pos."""
     if pos + _CENTRAL.size > len(directory):
         raise ZipError("its zip directory is shorter than the number of records it claims")
     (signature, _, _, flags, method, _, _, crc, stored_size, size, name_len, extra_len, comment_len, disk, _, _,
@@ -156,8 +157,9 @@ def _central_entry(directory: bytes, pos: int) -> tuple[Record, int, int]:
         name = raw_name.decode("utf-8")
     except UnicodeDecodeError:
         raise ZipError(f"a zip record's name is not UTF-8: {raw_name!r}") from None
-    extra = directory[pos + _CENTRAL.size + name_len : pos + _CENTRAL.size + name_len + extra_len]
-    size, stored_size, header_offset = _zip64_values(extra, name, size, stored_size, header_offset)
+    if extra_len or 0xFFFFFFFF in (size, stored_size, header_offset):
+        extra = directory[pos + _CENTRAL.size + name_len : pos + _CENTRAL.size + name_len + extra_len]
+        size, stored_size, header_offset = _zip64_values(extra, name, size, stored_size, header_offset)
     if flags & _FLAG_ENCRYPTED:
         raise ZipError(f"zip record {name!r} is encrypted")
     if disk:
@@ -166,7 +168,7 @@ def _central_entry(directory: bytes, pos: int) -> tuple[Record, int, int]:
         raise ZipError(f"zip record {name!r} is compressed with method {method}, which ckpt-ema does not read")
     if method == STORED and stored_size != size:
         raise ZipError(f"zip record {name!r} is stored but claims {size} bytes in {stored_size}")
-    return Record(name, -1, stored_size, size, method, crc), header_offset, end
+    return name, raw_name, method, crc, stored_size, size, header_offset, end
 
 
 def _zip64_values(extra: bytes, name: str, size: int, stored_size: int, header_offset: int) -> tuple[int, int, int]:
@@ -191,26 +193,26 @@ def _zip64_values(extra: bytes, name: str, size: int, stored_size: int, header_o
     return values[0], values[1], values[2]
 
 
-def _checked_against_local_header(f: BinaryIO, record: Record, header_offset: int, directory_offset: int) -> Record:
-    """``record`` with its data offset, after checking its local header against the directory's entry."""
+def _data_offset(data: Any, name: str, raw_name: bytes, method: int, stored_size: int, header_offset: int,
+                 directory_offset: int) -> int:
+    """Where record ``name``'s data starts, after checking its local header against the directory's entry."""
     if header_offset + _LOCAL.size > directory_offset:
-        raise ZipError(f"zip record {record.name!r} starts outside the archive's data")
-    header = _read_at(f, header_offset, _LOCAL.size)
-    signature, _, flags, method, _, _, _, _, _, name_len, extra_len = _LOCAL.unpack(header)
+        raise ZipError(f"zip record {name!r} starts outside the archive's data")
+    signature, _, flags, local_method, _, _, _, _, _, name_len, extra_len = _LOCAL.unpack_from(data, header_offset)
     if signature != b"PK\x03\x04":
-        raise ZipError(f"zip record {record.name!r} is not where the zip directory says")
-    if _read_at(f, header_offset + _LOCAL.size, name_len) != record.name.encode("utf-8"):
-        raise ZipError(f"zip record {record.name!r} is not where the zip directory says (another name is there)")
-    if method != record.method or flags & _FLAG_ENCRYPTED:
-        raise ZipError(f"zip record {record.name!r}: its local header and the zip directory disagree")
+        raise ZipError(f"zip record {name!r} is not where the zip directory says")
+    if data[header_offset + _LOCAL.size : header_offset + _LOCAL.size + name_len] != raw_name:
+        raise ZipError(f"zip record {name!r} is not where the zip directory says (another name is there)")
+    if local_method != method or flags & _FLAG_ENCRYPTED:
+        raise ZipError(f"zip record {name!r}: its local header and the zip directory disagree")
     offset = header_offset + _LOCAL.size + name_len + extra_len
-    if offset + record.stored_size > directory_offset:
-        raise ZipError(f"zip record {record.name!r} runs past the archive's data (truncated or corrupt?)")
-    return Record(record.name, offset, record.stored_size, record.size, record.method, record.crc)
+    if offset + stored_size > directory_offset:
+        raise ZipError(f"zip record {name!r} runs past the archive's data (truncated or corrupt?)")
+    return offset
 
 
-def _read_at(f: BinaryIO, offset: int, size: int) -> bytes:
-    data = os.pread(f.fileno(), size, offset) if size else b""
-    if len(data) != size:
+def _read_at(data: Any, offset: int, size: int) -> bytes:
+    chunk = bytes(data[offset : offset + size])
+    if len(chunk) != size:
         raise ZipError("the file is shorter than its zip directory says (truncated?)")
-    return data
+    return chunk
