@@ -6,7 +6,8 @@ Two processes (gloo, CPU) train megatron-core's own ``GPTModel`` with tensor par
 with megatron-core's own ``dist_checkpointing.save`` (its ``torch_dist`` backend) in two layouts:
 
 * ``OUT/megatron/``: Megatron-LM's (``megatron/training/checkpointing.py``): ``iter_0000002/``, ``iter_0000004/``,
-  ``iter_0000006/`` each holding ``.metadata``, ``__R_0.distcp``, ``common.pt`` and ``metadata.json``, and
+  ``iter_0000006/`` each holding ``.metadata``, ``__R_T.distcp`` (two writer threads per rank, megatron-core's
+  default), ``common.pt`` and ``metadata.json``, and
   ``latest_checkpointed_iteration.txt`` written after each save. The saved dict is what Megatron-LM's
   ``generate_state_dict`` builds: ``args`` (an ``argparse.Namespace`` of this run's settings, with megatron-core's
   ``AttnBackend`` enum), ``checkpoint_version``, ``iteration``, ``model`` (the model's sharded state dict: keys
@@ -16,12 +17,12 @@ with megatron-core's own ``dist_checkpointing.save`` (its ``torch_dist`` backend
 * ``OUT/nemo/checkpoints/``: NeMo 2's, which cannot run here, so megatron-core's output is placed where NeMo 2's
   source puts it (``nemo/lightning/io/pl.py``, ``MegatronCheckpointIO.save_checkpoint``; ``nemo/lightning/
   megatron_parallel.py``; ``nemo/collections/llm/recipes/log/default.py``): a folder per checkpoint named
-  ``{model_name}--{val_loss:.2f}-{step}-{consumed_samples}`` (``default--val_loss=0.00-step=2-consumed_samples=8.0``, ``...-step=4-...``)
-  with the ``torch_dist`` checkpoint in its ``weights/`` subfolder, saved through ``FullyParallelSaveStrategyWrapper``
+  ``{model_name}--{val_loss:.2f}-{step}-{consumed_samples}`` (``default--val_loss=0.00-step=2-consumed_samples=8.0``,
+  ``...-step=4-...``) with the ``torch_dist`` checkpoint in its ``weights/`` subfolder, saved through ``FullyParallelSaveStrategyWrapper``
   as NeMo's default does; the model's keys under NeMo's ``module.`` prefix, the optimizer's under ``optimizer``
   (a list of one), Lightning's plain entries beside; and the ``-last`` copy that ``ModelCheckpoint(save_last=True)``
-  saves of the newest one. bfloat16 parameters (Adam steps them in bfloat16). NeMo's ``context/`` folder (its
-  model config, written by NeMo's own IO) is not made.
+  saves of the newest one. bfloat16 parameters (the model wrapped in megatron-core's ``Float16Module``; Adam
+  steps them in bfloat16). NeMo's ``context/`` folder (its model config, written by NeMo's own IO) is not made.
 * ``OUT/reference/{megatron,nemo}-STEP.safetensors``: each checkpoint's model weights, whole (tensor-parallel
   shards merged), as megatron-core's own loader returns them (``dist_checkpointing.load_plain_tensors``), under
   the model's own keys (those of ``GPTModel.sharded_state_dict()`` that are tensors: no optimizer entry, no
@@ -41,7 +42,11 @@ CPU accommodations (megatron-core assumes a GPU in a few places of its writer an
   makes it with ``device='cuda'``); its ``sharded_state_dict`` (what is saved) is megatron-core's own;
 * the CUDA random-state tracker's ``fork`` (which switches to the GPU's model-parallel random state around
   dropout) does nothing: dropout is 0, so nothing random is drawn inside it;
-* the weights are initialised on the CPU (``use_cpu_initialization``), with no fused kernels.
+* the weights are initialised on the CPU (``use_cpu_initialization``), with no fused kernels, and gradients are
+  not clipped (``clip_grad=0``: megatron-core's gradient norm allocates on the GPU).
+
+It takes about a minute on two cores. The fixtures are ~1.3 MB on disk (each stored piece of a tensor is a
+``torch.save`` zip archive with ~1.3 KB of headers), ~300 KB compressed.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ from typing import Any
 from unittest import mock
 
 import torch
-from checkpoints import DEEPSPEED_FIXTURES, RUNS, Run, dcp_model
+from checkpoints import DEEPSPEED_FIXTURES, MEGATRON_FIXTURES, RUNS, Run, dcp_model
 from timm.utils import model_ema as timm_model_ema
 from torch import nn
 
@@ -617,9 +617,6 @@ def reference_dcp(folder: Path) -> dict[str, torch.Tensor] | None:
             return {k: v for k, v in dcp_model(folder).items() if isinstance(v, torch.Tensor)}
     except (Exception, CheckpointException):  # noqa: BLE001 - any refusal of the reference counts as a refusal
         return None
-
-
-MEGATRON_FIXTURES = Path(__file__).resolve().parent / "fixtures" / "megatron"
 
 
 def _make_megatron(folder: Path) -> Path:
