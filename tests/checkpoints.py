@@ -8,7 +8,8 @@ checkpoint's weights as that library's own loader returns them (the reference ev
 Rows (:data:`FORMATS`): torch.save state dicts and Lightning-style containers, safetensors files, Hugging Face
 Trainer ``checkpoint-N/`` folders of a tiny Llama (save_pretrained, whole and sharded with an index), a PEFT LoRA
 adapter, torch DCP folders from two gloo ranks (FSDP2, and torchtitan's tensor-parallel layout), and the committed
-DeepSpeed ZeRO runs (:func:`deepspeed_run`). Nothing is downloaded; nothing imitates a layout by hand.
+DeepSpeed ZeRO runs (:func:`deepspeed_run`) and megatron-core runs in Megatron-LM's and NeMo 2's layouts
+(:func:`megatron_lm_run`, :func:`nemo2_run`). Nothing is downloaded; nothing imitates a layout by hand.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 DEEPSPEED_FIXTURES = Path(__file__).resolve().parent / "fixtures" / "deepspeed"
+MEGATRON_FIXTURES = Path(__file__).resolve().parent / "fixtures" / "megatron"
 TORCH_STEPS = (10, 20, 30, 40)
 LLAMA_STEPS = (2, 4, 6)
 DCP_WORLD = 2
@@ -411,6 +413,33 @@ def deepspeed_names() -> list[str]:
     return sorted({p.name.rpartition("-global_step")[0] for p in (DEEPSPEED_FIXTURES / "reference").glob("*.safetensors")})
 
 
+# ------------------------------------------------------------------------------------------- megatron-core
+
+
+def megatron_lm_run() -> Run:
+    """The committed Megatron-LM run ``tests/fixtures/megatron/megatron/`` (iter_000000N/ torch_dist folders and
+    latest_checkpointed_iteration.txt, written by megatron-core itself: scripts/make_megatron_fixtures.py), with the
+    model's weights as megatron-core's own load_plain_tensors returned them (``reference/megatron-N.safetensors``)."""
+    from safetensors.torch import load_file
+
+    steps = (2, 4, 6)
+    entries = {s: (f"iter_{s:07d}",) for s in steps}
+    weights = {s: load_file(MEGATRON_FIXTURES / "reference" / f"megatron-{s}.safetensors") for s in steps}
+    return Run("megatron_lm", MEGATRON_FIXTURES / "megatron", entries, weights)
+
+
+def nemo2_run() -> Run:
+    """The committed NeMo 2 run ``tests/fixtures/megatron/nemo/checkpoints/`` (megatron-core's torch_dist output in
+    NeMo 2's ``...-step=N-consumed_samples=M/weights/`` layout, bfloat16, with the ``-last`` copy of the newest),
+    with the weights megatron-core's own load_plain_tensors returned (``reference/nemo-N.safetensors``)."""
+    from safetensors.torch import load_file
+
+    steps = (2, 4)
+    entries = {s: (f"default--val_loss=0.00-step={s}-consumed_samples={float(4 * s)}",) for s in steps}
+    weights = {s: load_file(MEGATRON_FIXTURES / "reference" / f"nemo-{s}.safetensors") for s in steps}
+    return Run("nemo2", MEGATRON_FIXTURES / "nemo" / "checkpoints", entries, weights)
+
+
 # ------------------------------------------------------------------------------------------- the table
 
 MAKERS: dict[str, Callable[[Path], Run]] = {
@@ -423,7 +452,9 @@ MAKERS: dict[str, Callable[[Path], Run]] = {
     "dcp_fsdp": make_dcp_fsdp_run,
     "dcp_tp": make_dcp_tp_run,
 }
-FORMATS = [*MAKERS, *(f"deepspeed_{name}" for name in deepspeed_names())]
+# Runs committed under tests/fixtures/ (written by libraries that do not run in a test session).
+COMMITTED: dict[str, Callable[[], Run]] = {"megatron_lm": megatron_lm_run, "nemo2": nemo2_run}
+FORMATS = [*MAKERS, *COMMITTED, *(f"deepspeed_{name}" for name in deepspeed_names())]
 
 
 @dataclass
@@ -440,6 +471,8 @@ class RunTable:
         if name not in self._made:
             if name.startswith("deepspeed_"):
                 self._made[name] = deepspeed_run(name.removeprefix("deepspeed_"))
+            elif name in COMMITTED:
+                self._made[name] = COMMITTED[name]()
             else:
                 self._made[name] = MAKERS[name](self._root() / name)
         return self._made[name]

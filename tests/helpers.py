@@ -30,7 +30,7 @@ from typing import Any
 from unittest import mock
 
 import torch
-from checkpoints import DEEPSPEED_FIXTURES, RUNS, Run, dcp_model
+from checkpoints import DEEPSPEED_FIXTURES, MEGATRON_FIXTURES, RUNS, Run, dcp_model
 from timm.utils import model_ema as timm_model_ema
 from torch import nn
 
@@ -619,6 +619,31 @@ def reference_dcp(folder: Path) -> dict[str, torch.Tensor] | None:
         return None
 
 
+def _make_megatron(folder: Path) -> Path:
+    """A megatron-core torch_dist checkpoint (tensor parallel 2, scripts/make_megatron_fixtures.py): a copy."""
+    shutil.copytree(MEGATRON_FIXTURES / "megatron" / "iter_0000002", folder / "iter_0000002")
+    return folder / "iter_0000002"
+
+
+def reference_megatron(folder: Path) -> dict[str, torch.Tensor] | None:
+    """PyTorch's own DCP reader (dcp_to_torch_save, no process group, no megatron-core): the model's tensors,
+    the entries outside ``optimizer.``."""
+    state = reference_dcp_top_level(folder)
+    return None if state is None else {k: v for k, v in state.items() if not k.startswith("optimizer.")}
+
+
+def reference_dcp_top_level(folder: Path) -> dict[str, torch.Tensor] | None:
+    """PyTorch's own DCP reader: every top-level tensor; None when it refuses the folder."""
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return dcp_model(folder, key=None)
+    except (Exception, CheckpointException):  # noqa: BLE001 - any refusal of the reference counts as a refusal
+        return None
+
+
 def _deepspeed_maker(run: str) -> Callable[[Path], Path]:
     def make(folder: Path) -> Path:
         shutil.copytree(DEEPSPEED_FIXTURES / run / "global_step4", folder / "global_step4")
@@ -651,6 +676,8 @@ def reference_zero_to_fp32_mmap(tag: Path) -> dict[str, torch.Tensor] | None:
 
 
 FUZZ_FORMATS["dcp"] = FuzzFormat("dcp", _make_dcp, lambda p: sorted(p.iterdir()), (reference_dcp,))
+FUZZ_FORMATS["megatron"] = FuzzFormat("megatron", _make_megatron, lambda p: sorted(p.iterdir()),
+                                      (reference_megatron,))
 if importlib.util.find_spec("deepspeed") is not None:  # its zero_to_fp32 is the reference
     for _run in ("zero2-bf16", "zero3-bf16"):  # ZeRO-1's frozen parameter is one zero_to_fp32 leaves out
         FUZZ_FORMATS[f"deepspeed_{_run}"] = FuzzFormat(f"deepspeed_{_run}", _deepspeed_maker(_run),

@@ -41,7 +41,7 @@ import math
 import os
 import pathlib
 import pickle
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, cast
@@ -49,6 +49,7 @@ from typing import IO, Any, cast
 import torch
 from torch.distributed.checkpoint import filesystem as dcp_filesystem
 from torch.distributed.checkpoint import metadata as dcp_metadata
+from torch.distributed.checkpoint import planner as dcp_planner
 from torch.distributed.checkpoint.utils import _create_file_view
 
 from ckpt_ema.errors import CkptEmaError
@@ -69,7 +70,13 @@ _METADATA_CLASSES = (
     dcp_filesystem._StoragePrefix, torch.Size, pathlib.PosixPath, pathlib.PurePosixPath, pathlib.WindowsPath,
     pathlib.PureWindowsPath,
 )
-_METADATA_GLOBALS: dict[tuple[str, str], Any] = {(c.__module__, c.__qualname__): c for c in _METADATA_CLASSES}
+# Megatron-core's torch_dist writer also pickles every rank's save plan into the metadata (``all_local_plans``, which
+# it reads back to reuse a plan): DCP's own planner records, dataclasses of the classes above and an enum.
+_MEGATRON_PLAN_CLASSES = (
+    dcp_planner.SavePlan, dcp_planner.WriteItem, dcp_planner.WriteItemType, dcp_planner.TensorWriteData,
+)
+_METADATA_GLOBALS: dict[tuple[str, str], Any] = {(c.__module__, c.__qualname__): c
+                                                 for c in (*_METADATA_CLASSES, *_MEGATRON_PLAN_CLASSES)}
 _METADATA_GLOBALS[("torch.serialization", "_get_layout")] = torch.serialization._get_layout
 
 
@@ -147,16 +154,24 @@ class _Chunk:
     storage_offset: int = 0  # in elements
 
 
+# Which entries are the model (metadata, each flat key's path, --key, the folder): where the weights come from (said
+# to the user), and flat key -> output name. :func:`choose_model` by default; a layout with its own naming passes
+# its own.
+ModelChoice = Callable[[dcp_metadata.Metadata, dict[str, tuple[str, ...]], str | None, Path], tuple[str, dict[str, str]]]
+
+
 class DcpCheckpoint(PartedCheckpoint):
     """The model's tensors of one DCP checkpoint (``path``, whose metadata file is ``metadata_file``: its folder
-    holds the ``.distcp`` files), read piece by piece through private maps of its ``.distcp`` files."""
+    holds the ``.distcp`` files), read piece by piece through private maps of its ``.distcp`` files; the model's
+    entries are those ``choose`` picks (:func:`choose_model` by default)."""
 
-    def __init__(self, path: Path, metadata_file: Path, key: str | None = None) -> None:
+    def __init__(self, path: Path, metadata_file: Path, key: str | None = None,
+                 choose: ModelChoice | None = None) -> None:
         folder = metadata_file.parent
         metadata = read_metadata(metadata_file)
         sizes = check_storage(metadata_file, metadata)
         paths = entry_paths(metadata, metadata_file)
-        taken, model = choose_model(metadata, paths, key, folder)
+        taken, model = (choose or choose_model)(metadata, paths, key, folder)
         meta: dict[str, Any] = {}
         step = read_step(folder, metadata, paths, set(model))
         if step is not None:
@@ -182,7 +197,7 @@ class DcpCheckpoint(PartedCheckpoint):
         self.largest_piece = max(math.prod(c.sizes) * self._shape[n][1].itemsize
                                  for n, chunks in self._chunks.items() for c in chunks)
         skipped = f"; left out, not tensors: {', '.join(left_out[:5])}" if left_out else ""
-        self.weights_from = f"the DCP entry {taken}{skipped}"
+        self.weights_from = f"{taken}{skipped}" if choose else f"the DCP entry {taken}{skipped}"
         self._maps: dict[str, torch.UntypedStorage] = {}
         self._located: set[str] = set()
 
