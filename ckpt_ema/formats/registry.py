@@ -21,11 +21,12 @@ from typing import Any
 import torch
 
 from ckpt_ema.errors import CkptEmaError
-from ckpt_ema.formats import dcp, deepspeed, model_folder, safetensors, sharded, torch_save
+from ckpt_ema.formats import dcp, deepspeed, model_folder, olmo_core, safetensors, sharded, torch_save
 from ckpt_ema.formats.base import Checkpoint, Format
 
 FORMATS: tuple[Format, ...] = (
     dcp.FORMAT,
+    olmo_core.FORMAT,
     deepspeed.FORMAT,
     model_folder.FORMAT,
     sharded.FORMAT,
