@@ -79,6 +79,12 @@ _METADATA_GLOBALS: dict[tuple[str, str], Any] = {(c.__module__, c.__qualname__):
                                                  for c in (*_METADATA_CLASSES, *_MEGATRON_PLAN_CLASSES)}
 _METADATA_GLOBALS[("torch.serialization", "_get_layout")] = torch.serialization._get_layout
 
+# Trainers whose DCP writer pickles its own copy of one of DCP's metadata records: their name -> torch's record with
+# the same fields, built in its place (nothing of the trainer's is imported or run).
+# OLMo-core (ai2-olmo-core): its RemoteFileSystemWriter stores each item's file and byte range in its own
+# _StorageInfo, a dataclass of torch's fields (relative_path, offset, length) without transform_descriptors.
+_METADATA_GLOBALS[("olmo_core.distributed.checkpoint.filesystem", "_StorageInfo")] = dcp_filesystem._StorageInfo
+
 
 class _MetadataUnpickler(pickle.Unpickler):
     """Builds DCP's metadata records and nothing else: any other global in the pickle is refused."""
@@ -109,7 +115,8 @@ def read_metadata(path: Path) -> dcp_metadata.Metadata:
     except Exception as exc:  # noqa: BLE001 - a corrupt pickle breaks the unpickler in many ways; all mean the same
         raise CkptEmaError(f"not a readable DCP metadata file (truncated or corrupt?): {type(exc).__name__}",
                            path) from None
-    if (not isinstance(metadata, dcp_metadata.Metadata) or not isinstance(metadata.state_dict_metadata, dict)
+    if (not isinstance(metadata, dcp_metadata.Metadata)
+            or not isinstance(getattr(metadata, "state_dict_metadata", None), dict)  # a field a flipped byte dropped
             or not isinstance(metadata.storage_data, dict)):
         raise CkptEmaError("not a DCP metadata file written by the file system writer (no storage records)", path)
     missing = _missing_field(metadata)

@@ -21,12 +21,13 @@ from typing import Any
 import torch
 
 from ckpt_ema.errors import CkptEmaError
-from ckpt_ema.formats import dcp, deepspeed, megatron, model_folder, safetensors, sharded, torch_save
+from ckpt_ema.formats import dcp, deepspeed, megatron, model_folder, olmo_core, safetensors, sharded, torch_save
 from ckpt_ema.formats.base import Checkpoint, Format
 
 FORMATS: tuple[Format, ...] = (
     megatron.FORMAT,  # before DCP: a megatron-core torch_dist folder is a DCP folder with its own naming
     dcp.FORMAT,
+    olmo_core.FORMAT,
     deepspeed.FORMAT,
     model_folder.FORMAT,
     sharded.FORMAT,
