@@ -63,12 +63,41 @@ class Source:
     """One checkpoint of the run: a weight file or a Hugging Face folder, and where its step came from."""
 
     path: Path
-    step: int | None
+    step: int
     step_from: str  # "metadata:<key>", "trainer_state.json", "name", or "order" (one update per checkpoint)
     nbytes: int
     metadata: dict[str, Any] = field(default_factory=dict, repr=False)
     # The checkpoint opened (mapped) while probing its metadata, for the engine to read: see registry.probe.
     opened: Checkpoint | None = field(default=None, repr=False, compare=False)
+
+
+@dataclass
+class Candidate:
+    """A checkpoint while :func:`discover` sorts the run out, before every step is settled: ``step`` is None where
+    neither its metadata nor its name gives one (or the name's number is no step: an alias's ``-v1``, a timm
+    recovery snapshot's), until discovery counts one update per checkpoint. The fields are :class:`Source`'s."""
+
+    path: Path
+    step: int | None
+    step_from: str
+    nbytes: int
+    metadata: dict[str, Any] = field(default_factory=dict, repr=False)
+    opened: Checkpoint | None = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def of(cls, source: Source) -> Candidate:
+        """A source recognised from an earlier run, its recorded step standing."""
+        return cls(source.path, source.step, source.step_from, source.nbytes, source.metadata, source.opened)
+
+    def known_step(self) -> int:
+        """The step, where discovery has established that there is one (a None here is a bug in discovery)."""
+        if self.step is None:
+            raise AssertionError(f"{self.path}: no step, where discovery has given every checkpoint one")
+        return self.step
+
+    def settled(self, step: int, step_from: str) -> Source:
+        """The source, at its final step."""
+        return Source(self.path, step, step_from, self.nbytes, self.metadata, self.opened)
 
 
 @dataclass
@@ -228,19 +257,19 @@ def same_bytes(a: Path, b: Path) -> bool:
         return False
 
 
-def _drop_copies(sources: list[Source], skipped: list[str]) -> list[Source]:
+def _drop_copies(sources: list[Candidate], skipped: list[str]) -> list[Candidate]:
     """One checkpoint per content: of byte-identical copies that are second names (:func:`_second_name`: timm's
     aliases where hard links fail, ``latest.pt``, a milestone copy), keep the periodic name; the others are named
     in ``skipped``."""
-    by_size: dict[int, list[Source]] = {}
+    by_size: dict[int, list[Candidate]] = {}
     for s in sources:
         by_size.setdefault(s.nbytes, []).append(s)
-    groups: dict[tuple, list[Source]] = {}
+    groups: dict[tuple, list[Candidate]] = {}
     for same_size in by_size.values():
         if len(same_size) > 1 and _may_hold_second_names(same_size):  # else no file is opened (an append's old ones)
             for s in same_size:
                 groups.setdefault(fingerprint(s.path), []).append(s)
-    dropped: list[Source] = []
+    dropped: list[Candidate] = []
     families = Counter(family(s.path) for s in sources) if groups else Counter()
     for group in groups.values():
         while len(group) > 1:
@@ -256,7 +285,7 @@ def _drop_copies(sources: list[Source], skipped: list[str]) -> list[Source]:
     return [s for s in sources if id(s) not in gone]
 
 
-def _may_hold_second_names(group: list[Source]) -> bool:
+def _may_hold_second_names(group: list[Candidate]) -> bool:
     """Whether any checkpoint of ``group`` could be a second name of another (:func:`_second_name`): not when they
     are periodic checkpoints of one family at distinct known steps, the usual run, whose bytes are then not read."""
     steps = [s.step for s in group]
@@ -264,7 +293,7 @@ def _may_hold_second_names(group: list[Source]) -> bool:
             or any(ALIAS_PATTERN.match(s.path.name) for s in group))
 
 
-def _second_name(copy: Source, keep: Source) -> bool:
+def _second_name(copy: Candidate, keep: Candidate) -> bool:
     """Whether a byte-identical ``copy`` is a second name of ``keep``, not the same weights saved again later: an
     alias's name, another name family (timm's ``milestone-5`` beside ``checkpoint-4``), or the same step. Two
     periodic checkpoints of one family at different steps stay two (weights that did not change are still two
@@ -273,8 +302,8 @@ def _second_name(copy: Source, keep: Source) -> bool:
             or copy.step is None or keep.step is None or copy.step == keep.step)
 
 
-def _resolve_trainer_files(sources: list[Source], skipped: list[str],
-                           notes: list[str]) -> tuple[list[Source], list[str], list[str]]:
+def _resolve_trainer_files(sources: list[Candidate], skipped: list[str],
+                           notes: list[str]) -> tuple[list[Candidate], list[str], list[str]]:
     """Recovery snapshots, copies and aliases among ``sources`` (steps known from metadata and names): see the
     module docstring."""
     recovery = [s for s in sources if RECOVERY_PATTERN.match(s.path.name)]
@@ -310,7 +339,7 @@ def _resolve_trainer_files(sources: list[Source], skipped: list[str],
         else:
             skipped.append(f"{alias.path}: an alias of a periodic checkpoint without a step of its own, not "
                            "averaged a second time")
-    order = {id(s): i for i, s in enumerate(sources)}  # (by identity: comparing Sources field by field is slow)
+    order = {id(s): i for i, s in enumerate(sources)}  # (by identity: comparing Candidates field by field is slow)
     return sorted(kept, key=lambda s: order[id(s)]), skipped, notes
 
 
@@ -338,7 +367,7 @@ def expand_inputs(inputs: list[str | Path]) -> tuple[list[Path], list[str]]:
     return paths, skipped + more_skipped
 
 
-def _drop_own_outputs(sources: list[Source], skipped: list[str]) -> tuple[list[Source], list[str]]:
+def _drop_own_outputs(sources: list[Candidate], skipped: list[str]) -> tuple[list[Candidate], list[str]]:
     """Leave out earlier outputs of ckpt-ema (an average saved in the run folder) when training checkpoints remain."""
     training = [s for s in sources if OWN_OUTPUT_KEY not in s.metadata]
     if not training or len(training) == len(sources):
@@ -361,11 +390,11 @@ def discover(inputs: list[str | Path], key: str | None = None, per_checkpoint: b
     """
     paths, skipped = expand_inputs(inputs)
 
-    sources: list[Source] = []
+    sources: list[Candidate] = []
     for path in paths:
         recorded = known(path) if known is not None else None
         if recorded is not None:
-            sources.append(recorded)
+            sources.append(Candidate.of(recorded))
             continue
         meta, opened = probe(path, key)
         found = step_of(path, meta)
@@ -376,8 +405,8 @@ def discover(inputs: list[str | Path], key: str | None = None, per_checkpoint: b
         else:
             step, step_from = step_from_name(path), "name"
         nbytes = opened.nbytes if opened is not None and opened.nbytes is not None else _file_size(path)
-        sources.append(Source(path=path, step=step, step_from=step_from, nbytes=nbytes, metadata=meta,
-                              opened=opened))
+        sources.append(Candidate(path=path, step=step, step_from=step_from, nbytes=nbytes, metadata=meta,
+                                 opened=opened))
     sources, skipped = _drop_own_outputs(sources, skipped)
     # Where the weights were taken from, when the format left a choice: said once per distinct answer.
     notes = [f"weights: {text}" for text in dict.fromkeys(
@@ -394,18 +423,22 @@ def discover(inputs: list[str | Path], key: str | None = None, per_checkpoint: b
                 + ": counting one update per checkpoint, in name order"
             )
         sources.sort(key=lambda s: natural_key(str(s.path)))
-        step = max((s.step for s in counted), default=0)
+        step = max((s.known_step() for s in counted), default=0)
+        per_update: list[Source] = []
         for source in sources:
-            if source.step_from != "order":
+            if source.step_from == "order":
+                per_update.append(source.settled(source.known_step(), "order"))
+            else:
                 step += 1
-                source.step, source.step_from = step, "order"
+                per_update.append(source.settled(step, "order"))
         if counted:
-            sources.sort(key=lambda s: s.step)
-        return Discovery(sources, skipped, notes)
+            per_update.sort(key=lambda s: s.step)
+        return Discovery(per_update, skipped, notes)
 
-    sources.sort(key=lambda s: (s.step, natural_key(str(s.path))))
-    for before, after in zip(sources, sources[1:]):
+    by_step = sorted((s.settled(s.known_step(), s.step_from) for s in sources),
+                     key=lambda s: (s.step, natural_key(str(s.path))))
+    for before, after in zip(by_step, by_step[1:]):
         if before.step == after.step:
             raise CkptEmaError(f"two different checkpoints have step {after.step}: {before.path} and {after.path} (if "
                                "one is a copy of the other, leave it out; --per-checkpoint ignores steps)", after.path)
-    return Discovery(sources, skipped, notes)
+    return Discovery(by_step, skipped, notes)

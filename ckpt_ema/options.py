@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, TypedDict
 
 from ckpt_ema.errors import OptionError
-from ckpt_ema.weighting import INTERPOLATIONS, DecaySchedule, gamma_of
+from ckpt_ema.weighting import DEFAULT_DECAY, INTERPOLATIONS, DecaySchedule, gamma_of
 from ckpt_ema.window_weights import WINDOW_SHAPES
 
 DTYPE_NAMES = ("float32", "float64", "float16", "bfloat16")
@@ -187,14 +187,11 @@ class AverageOptions:
         the schedule's fields (``decay`` or ``half_life``, and the warmup's) and any other field of this class."""
         if decay is not None and half_life is not None:
             raise OptionError("half_life", "replaces --decay: give one of them, not both")
-        shape = dict(min_decay=min_decay, update_after_step=update_after_step, warmup=warmup,
-                     warmup_gamma=warmup_gamma, warmup_power=warmup_power)
         if half_life is not None:
-            schedule = DecaySchedule.from_half_life(half_life, **shape)
-        elif decay is not None:
-            schedule = DecaySchedule(decay=decay, **shape)
-        else:
-            schedule = DecaySchedule(**shape)
+            decay = DecaySchedule.from_half_life(half_life).decay
+        schedule = DecaySchedule(decay=DEFAULT_DECAY if decay is None else decay, min_decay=min_decay,
+                                 update_after_step=update_after_step, warmup=warmup, warmup_gamma=warmup_gamma,
+                                 warmup_power=warmup_power)
         unknown = sorted(set(rest) - {f.name for f in fields(cls)})
         if unknown:
             raise TypeError(f"unknown option(s): {', '.join(unknown)}")
@@ -210,7 +207,8 @@ class AverageOptions:
         unset = {"last": None, "sigma_rel": None, "weights": None, "window_steps": None, "window_tokens": None}
         for weights in ("last", "sigma_rel", "weights", "window_steps", "window_tokens"):
             if changes.get(weights) is not None:  # a uniform mean, a power EMA, a window: no schedule, no others
-                window = {k: changes[k] for k in ("weights", "window_steps", "window_tokens") if k in changes}
+                window: dict[str, Any] = {k: changes[k] for k in ("weights", "window_steps", "window_tokens")
+                                          if k in changes}
                 chosen = {**unset, weights: changes[weights], **window}
                 rest = {k: v for k, v in changes.items() if k not in chosen}
                 return replace(self, schedule=DecaySchedule(), bias_correction=False, **chosen).replaced(**rest)

@@ -231,7 +231,7 @@ def _cannot_append(manifest: Manifest, changed: list[str], new: list[Source]) ->
         if newest.step_from == "order":
             if natural_key(str(source.path.absolute())) < natural_key(newest.path):
                 return f"{source.path} is new but comes before {newest.path}, the newest averaged, in name order"
-        elif source.step is not None and source.step <= newest.step:
+        elif source.step <= newest.step:
             return (f"{source.path} (step {source.step}) is new but not after the newest checkpoint averaged "
                     f"(step {newest.step})")
     return None
@@ -277,7 +277,7 @@ def _fold_and_commit(manifest: Manifest | None, found: Discovery, new: list[Sour
     commit the outputs, with the next state when there is one (:meth:`StateFolder.commit`)."""
     base = targets[0].options
     sources = found.sources if manifest is None else _sources_so_far(manifest, found, new)
-    steps = [int(s.step) for s in sources]  # (discovery gives every source a step)
+    steps = [s.step for s in sources]
     again = [] if manifest is None else _read_again(sources, len(sources) - len(new), targets)
     reread = [sources[i] for i in again]
     prior = [] if manifest is None else _prior(manifest, state, new, reread, base)  # type: ignore[arg-type]
@@ -285,7 +285,7 @@ def _fold_and_commit(manifest: Manifest | None, found: Discovery, new: list[Sour
     appending = None
     if manifest is not None:
         order = [*again, *([None] if prior else []), *range(len(sources) - len(new), len(sources))]
-        appending = Appending(manifest.inputs[-1].step, [int(s.step) for s in new], order, bool(manifest.theta))
+        appending = Appending(manifest.inputs[-1].step, [s.step for s in new], order, bool(manifest.theta))
     folds = [candidate_fold(t.options, steps, None if manifest is None else manifest.candidates[k], appending)  # type: ignore[arg-type]
              for k, t in enumerate(targets)]
     discovery = Discovery(sources, found.skipped, found.notes)
@@ -406,7 +406,7 @@ def _sources_so_far(manifest: Manifest, found: Discovery, new: list[Source]) -> 
 def _read_again(sources: list[Source], folded: int, targets: Sequence[Target]) -> list[int]:
     """The indices of the checkpoints folded before (the first ``folded`` of ``sources``) that an average keeping
     no running mean (a uniform mean of the newest K, a window merge) weighs: it reads them again."""
-    steps = [int(s.step) for s in sources]
+    steps = [s.step for s in sources]
     wanted: set[int] = set()
     for t in targets:
         if t.keeps_mean:
@@ -430,11 +430,11 @@ def _prior(manifest: Manifest, state: StateFolder, new: list[Source], reread: li
     weighed by none. The fold strips ``--strip-prefix`` from every checkpoint: state files, which hold the names
     as averaged, get it back first; a linked checkpoint is read like any input."""
     if manifest.theta in manifest.links:
-        return [state.open(manifest.theta, options.key)]  # type: ignore[arg-type]
+        return [state.open(manifest.theta, options.key)]
     if manifest.theta:
         prior = state.open(manifest.theta)
     elif not new and not reread:
-        prior = state.open(next(c.mean for c in manifest.candidates if c.mean))  # type: ignore[arg-type]
+        prior = state.open(next(c.mean for c in manifest.candidates if c.mean))
     else:
         return []
     return [prior.with_prefix(options.strip_prefix) if options.strip_prefix else prior]
@@ -444,4 +444,4 @@ def _record(source: Source, listing: tuple[int, int] | None) -> Recorded:
     if listing is None:
         raise CkptEmaError("gone before its listing could be taken", source.path)
     size, mtime = listing
-    return Recorded(str(source.path.absolute()), int(source.step), source.step_from, size, mtime)  # type: ignore[arg-type]
+    return Recorded(str(source.path.absolute()), source.step, source.step_from, size, mtime)

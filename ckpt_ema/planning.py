@@ -96,7 +96,7 @@ class Plan:
         window = self.options.window
         if window is None or len(self.sources) < 2:
             return []
-        steps = [int(s.step) for s in self.sources]  # (discovery gives every source a step)
+        steps = [s.step for s in self.sources]
         if steps[-1] - window >= steps[0] or window_start(steps, window) != 0:
             return []
         return [f"the window of {window} steps reaches before the first checkpoint (step {steps[0]}): it begins "
@@ -147,7 +147,7 @@ def percent(share: float) -> str:
 def make_plan(inputs: list[str | Path], options: AverageOptions) -> Plan:
     """Resolve the checkpoints ``inputs`` name and their weights under ``options``, reading no tensor."""
     found = discover_window(inputs, options)
-    weighting = weighting_for(options, [s.step for s in found.sources])  # type: ignore[misc]
+    weighting = weighting_for(options, [s.step for s in found.sources])
     if not any(weighting.weights):
         raise nothing_to_average(options)
     return Plan(found, weighting, options)
@@ -165,7 +165,7 @@ def within_window(found: Discovery, from_step: int | None, to_step: int | None) 
         return found
     low = -1 if from_step is None else from_step
     high = float("inf") if to_step is None else to_step
-    kept = [s for s in found.sources if low <= s.step <= high]  # type: ignore[operator]
+    kept = [s for s in found.sources if low <= s.step <= high]
     if not kept:
         steps = f"{found.sources[0].step}..{found.sources[-1].step}"
         window = f"{'…' if from_step is None else from_step}..{'…' if to_step is None else to_step}"

@@ -551,7 +551,7 @@ def _ema_continuation(steps: list[int], schedule: DecaySchedule, bias_correction
         # with bias correction, runs from step 0 held at theta_0.
         ends, prior_total = list(steps), 0.0
         first = interval_coefficients(schedule, 0, steps[0], "step", True) if bias_correction else (0.0, 0.0, 1.0)
-        coefficients = [first]
+        coefficients: list[tuple[float, float, float] | None] = [first]
     else:
         if steps and steps[0] <= after.step:
             raise ValueError(f"step {steps[0]} is not after the newest step already folded, {after.step}")
@@ -561,11 +561,13 @@ def _ema_continuation(steps: list[int], schedule: DecaySchedule, bias_correction
     raw = [0.0] * len(ends)
     tail = 1.0  # prod_{j>i} F_j: how much of what interval i left survives to the end
     for i in range(len(ends) - 1, 0 if after is not None else -1, -1):
-        survive, older, newer = coefficients[i]  # type: ignore[misc]
+        coefficient = coefficients[i]
+        assert coefficient is not None, "only the interval ending at the earlier newest has none, and it is not walked"
+        survives, older, newer = coefficient
         raw[i] += newer * tail
         if i > 0:
             raw[i - 1] += older * tail
-        tail *= survive
+        tail *= survives
     prior = prior_total * tail
     total = prior + sum(raw)
     state = EmaState(ends[-1], total)
@@ -815,8 +817,8 @@ def _unsettled_excess(schedule: DecaySchedule, bias_corrected: bool, a: int, b: 
     def stretch(lo: int, hi: int, tail: float) -> float:  # steps lo+1..hi; tail = prod_{hi<r<=b} d(r)
         if hi - lo <= _EXCESS_STEPS:
             d = schedule.decays(lo + 1, hi, bias_corrected)
-            later = torch.cat([torch.flip(torch.cumprod(torch.flip(d[1:], [0]), 0), [0]), d.new_ones(1)])
-            return float(((1 - d) * later * (after * tail) - mean).clamp(min=0).sum())
+            later_each = torch.cat([torch.flip(torch.cumprod(torch.flip(d[1:], [0]), 0), [0]), d.new_ones(1)])
+            return float(((1 - d) * later_each * (after * tail) - mean).clamp(min=0).sum())
         whole = schedule.run(lo, hi, bias_corrected)
         d_first = schedule.decay_at(lo + 1, bias_corrected)
         later = whole.survive / d_first if d_first > 0 else schedule.run(lo + 1, hi, bias_corrected).survive
@@ -920,11 +922,11 @@ def ema_unresolved(steps: list[int], schedule: DecaySchedule, bias_correction: b
         hi = steps[last]
         while hi > start:
             lo = max(start + 1, hi - _CHUNK + 1)
-            d = schedule.decays(lo, hi, bias_correction)
-            logs = torch.log(d)
+            decays = schedule.decays(lo, hi, bias_correction)
+            logs = torch.log(decays)
             suffix = torch.flip(torch.cumsum(torch.flip(logs, [0]), 0), [0])  # sum_{r=s..hi} log d(r)
             later = torch.cat([suffix[1:], torch.zeros(1, dtype=torch.float64)]) + log_after
-            e = (1 - d) * torch.exp(later) / total
+            e = (1 - decays) * torch.exp(later) / total
             i = torch.searchsorted(b, torch.arange(lo, hi + 1, dtype=torch.float64))
             excess += float((e - mean[i]).clamp(min=0).sum())
             log_after += float(suffix[0])

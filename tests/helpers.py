@@ -1,12 +1,12 @@
 """Helpers shared by the tests: the independent references (timm's own ModelEmaV3, float64 brute-force EMAs over
-every training step) and the fixtures (tiny real training runs, plain checkpoints). Tests import from here only;
-they never import one another.
+every training step, the average of a run of the fixture table) and the fixtures (tiny real training runs, plain
+checkpoints; the runs of every format are the table's, in checkpoints.py). Tests import from here and from
+checkpoints.py only; they never import one another.
 """
 
 from __future__ import annotations
 
 import argparse
-import atexit
 import contextlib
 import copy
 import importlib.util
@@ -19,7 +19,6 @@ import shutil
 import struct
 import subprocess
 import sys
-import tempfile
 import warnings
 import zipfile
 import zlib
@@ -31,6 +30,7 @@ from typing import Any
 from unittest import mock
 
 import torch
+from checkpoints import DEEPSPEED_FIXTURES, RUNS, Run, dcp_model
 from timm.utils import model_ema as timm_model_ema
 from torch import nn
 
@@ -240,6 +240,39 @@ def linear_weights(steps: list[int], **kwargs: float) -> list[float]:
     return linear_reference(onehots, **kwargs)["x"].tolist()
 
 
+def reference_average(run: Run, *, decay: float | None = None, last: int | None = None) -> dict[str, torch.Tensor]:
+    """The average of ``run`` in float64, by name: timm's EMA with ``decay`` (every step, linear between saves), or
+    the mean of the newest ``last`` checkpoints; a tensor that is not floating point is the newest checkpoint's."""
+    newest = run.weights[run.steps[-1]]
+    floats = {s: {n: t for n, t in w.items() if t.is_floating_point()} for s, w in run.weights.items()}
+    if last is not None:
+        kept = run.steps[-last:]
+        mean = {n: sum(floats[s][n].double() for s in kept) / len(kept) for n in floats[kept[0]]}
+    else:
+        assert decay is not None, "a decay or a count of checkpoints"
+        mean = linear_reference(floats, decay=decay)
+    return {n: mean.get(n, t) for n, t in newest.items()}
+
+
+def assert_average(run: Run, got: dict[str, torch.Tensor], *, decay: float | None = None,
+                   last: int | None = None) -> None:
+    """``got`` (an output's tensors) holds the names of ``run``'s checkpoints, each in its input dtype and shape and
+    equal to :func:`reference_average` to that dtype's rounding: TOLERANCE, plus one unit in the last place (float32:
+    nothing to speak of; bfloat16: 1/128 of the value)."""
+    want = reference_average(run, decay=decay, last=last)
+    dtypes = {n: t.dtype for n, t in run.weights[run.steps[-1]].items()}
+    assert sorted(got) == sorted(want)
+    for name, w in want.items():
+        g = got[name]
+        assert (g.dtype, g.shape) == (dtypes[name], w.shape), name
+        if g.is_floating_point():
+            bound = TOLERANCE + torch.finfo(g.dtype).eps * w.abs()
+            excess = ((g.double() - w).abs() - bound).max().item()
+            assert excess <= 0, f"{run.name} {name}: off by {excess:.3g} beyond {g.dtype} rounding"
+        else:
+            assert torch.equal(g, w), name
+
+
 # ------------------------------------------------------------------------------------------- checkpoints
 
 
@@ -267,156 +300,7 @@ def max_abs_diff(got: torch.Tensor, want: torch.Tensor) -> float:
     return (got.double() - want.double()).abs().max().item()
 
 
-# ------------------------------------------------------------------------------------------- large-run formats
-# Checkpoints written by the real libraries: torch.distributed.checkpoint under gloo with two processes, PEFT and
-# transformers on a tiny Llama built from its config (no download). DeepSpeed's are kept in tests/fixtures/deepspeed
-# (written by scripts/make_deepspeed_fixtures.py with DeepSpeed itself).
-
-DEEPSPEED_FIXTURES = Path(__file__).resolve().parent / "fixtures" / "deepspeed"
-DCP_WORLD = 2
-DCP_STEPS = (2, 4, 6)
-
-
-class ShardedNet(nn.Module):
-    """Embedding, Linear, BatchNorm (float and int64 buffers), a bias-free Linear and a bare 5x7 parameter."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(37, 16)
-        self.l1 = nn.Linear(16, 24)
-        self.bn = nn.BatchNorm1d(24)
-        self.l2 = nn.Linear(24, 8, bias=False)
-        self.l2t = nn.Parameter(torch.randn(5, 7))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.l2(self.bn(self.l1(self.emb(x).mean(1)))).sum(1) + self.l2t.sum()
-
-
-def _dcp_worker(rank: int, out: str, init: str) -> None:
-    """One of DCP_WORLD processes: an FSDP2 run (fully_shard, AdamW) saving {model, optim, train_state} at
-    DCP_STEPS into out/fsdp/step-N; then a tensor-parallel model (dimension-0 and uneven dimension-1 shards) saved
-    torchtitan's way, the model's tensors at the top level, into out/tp/step-N."""
-    import torch.distributed as dist
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-    from torch.distributed.tensor import Shard, distribute_tensor
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=DCP_WORLD, init_method=f"file://{init}")
-    try:
-        torch.manual_seed(0)
-        model = ShardedNet()
-        fully_shard(model.l1)
-        fully_shard(model)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        g = torch.Generator().manual_seed(rank)
-        for step in range(1, max(DCP_STEPS) + 1):
-            model(torch.randint(0, 37, (4, 3), generator=g)).pow(2).mean().backward()
-            opt.step()
-            opt.zero_grad()
-            if step in DCP_STEPS:
-                msd, osd = get_state_dict(model, opt)
-                dcp.save({"model": msd, "optim": osd, "train_state": {"step": step}},
-                         checkpoint_id=f"{out}/fsdp/step-{step}")
-        mesh = init_device_mesh("cpu", (DCP_WORLD,))
-        for step in (1, 2):
-            torch.manual_seed(step)
-            tp = ShardedNet()
-            parallelize_module(tp, mesh, {"l1": ColwiseParallel(), "l2": RowwiseParallel()})
-            state = tp.state_dict()
-            state["l2t"] = distribute_tensor(tp.l2t.detach(), mesh, [Shard(1)])  # 7 columns: 4 and 3
-            dcp.save({**state, "train_state": {"step": step * 100}, "dataloader": {"position": step}},
-                     checkpoint_id=f"{out}/tp/step-{step * 100}")
-        # Both ranks done before either tears gloo down: a rank whose peer closed the connections first died once in
-        # the teardown ("terminate called without an active exception", SIGABRT).
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-
-
-def make_dcp_runs(folder: Path) -> tuple[Path, Path]:
-    """Write the DCP runs of :func:`_dcp_worker` with DCP_WORLD processes; returns (fsdp run, tp run)."""
-    import torch.multiprocessing as mp
-
-    folder.mkdir(parents=True, exist_ok=True)
-    mp.spawn(_dcp_worker, args=(str(folder), str(folder / "init")), nprocs=DCP_WORLD)
-    (folder / "init").unlink(missing_ok=True)
-    return folder / "fsdp", folder / "tp"
-
-
-def dcp_model(folder: Path, key: str | None = "model") -> dict[str, torch.Tensor]:
-    """The model of a DCP checkpoint as PyTorch consolidates it: dcp_to_torch_save, then the ``key`` entry (None:
-    the top-level tensors)."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    out = folder.parent / f"{folder.name}.consolidated.pt"
-    dcp_to_torch_save(folder, out)
-    state = torch.load(out, weights_only=False)
-    out.unlink()
-    if key is None:
-        return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
-    return state[key]
-
-
-def tiny_llama_config(tie: bool = True):  # noqa: ANN201 - a transformers LlamaConfig
-    from transformers import LlamaConfig
-
-    return LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                       num_key_value_heads=1, max_position_embeddings=32, tie_word_embeddings=tie)
-
-
-def tiny_tokenizer():  # noqa: ANN201 - a transformers PreTrainedTokenizerFast
-    """A word-level tokenizer of 64 tokens, built locally."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"[UNK]": 0, "[PAD]": 1} | {f"w{i}": i for i in range(2, 64)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]")
-
-
-def _trainer_files(folder: Path, step: int) -> None:
-    """What a Hugging Face Trainer saves beside the weights, which an output folder must never copy."""
-    (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
-    torch.save({"state": {}, "param_groups": []}, folder / "optimizer.pt")
-    torch.save({"python": step}, folder / "rng_state.pth")
-
-
-def make_llama_run(folder: Path, steps: tuple[int, ...] = (2, 4, 6), *, adapter: bool = False) -> Path:
-    """A Hugging Face Trainer-style run of a tiny Llama (tied embeddings) trained with AdamW: checkpoint-N folders
-    saved with save_pretrained, with the tokenizer and the trainer's files; with ``adapter``, a LoRA fine-tune
-    (PEFT) whose folders hold only the adapter. Also saves the base model in ``folder/base``."""
-    from transformers import LlamaForCausalLM
-
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(tiny_llama_config())
-    model.save_pretrained(folder / "base")
-    if adapter:
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                 init_lora_weights=False))
-    tokenizer = tiny_tokenizer()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    run = folder / "run"
-    for step in range(1, max(steps) + 1):
-        x = torch.randint(2, 64, (2, 8))
-        model(input_ids=x, labels=x).loss.backward()
-        opt.step()
-        opt.zero_grad()
-        if step in steps:
-            out = run / f"checkpoint-{step}"
-            model.save_pretrained(out)
-            tokenizer.save_pretrained(out)
-            _trainer_files(out, step)
-    return run
-
-
-def run_cli(*args: str | Path):  # noqa: ANN201 - a click Result
+def run_cli(*args: object):  # noqa: ANN201 - a click Result
     """``ckpt-ema ARGS`` in this process, stdout and stderr apart."""
     from click.testing import CliRunner
 
@@ -428,10 +312,12 @@ def run_cli(*args: str | Path):  # noqa: ANN201 - a click Result
 def assert_refused(args: list, *fragments: str, out: Path | str) -> str:
     """``ckpt-ema average ARGS -o OUT`` (a file, or a folder when OUT ends in /) fails as a user error: exit 2, one
     line ``ckpt-ema: error: ...`` holding every fragment (after the notes on the inputs, when the error shows while
-    reading tensors), no traceback, and nothing new beside OUT."""
+    reading tensors), no traceback, and nothing new beside OUT. An exception the command ended with is raised here."""
     parent = Path(str(out).rstrip("/")).parent
     before = sorted(parent.iterdir())
     res = run_cli("average", *args, "-o", out)
+    if res.exception is not None and not isinstance(res.exception, SystemExit):
+        raise res.exception
     assert res.exit_code == 2, (res.exit_code, res.output, res.exception)
     *notes, error = res.stderr.splitlines()
     assert error.startswith("ckpt-ema: error: ") and all(n.startswith(("note: ", "warning: ", "skipped ")) for n in notes), res.stderr
@@ -715,16 +601,9 @@ FUZZ_FORMATS: dict[str, FuzzFormat] = {f.name: f for f in [
 ]}
 
 
-_DCP_WRITTEN: list[Path] = []  # the DCP run written once per process (spawning two ranks takes seconds)
-
-
 def _make_dcp(folder: Path) -> Path:
-    """A DCP checkpoint written by dcp.save under gloo with two ranks (FSDP2): a copy of one written once."""
-    if not _DCP_WRITTEN:
-        workdir = Path(tempfile.mkdtemp(prefix="ckpt_ema_fuzz_dcp_"))
-        atexit.register(shutil.rmtree, workdir, True)
-        _DCP_WRITTEN.append(make_dcp_runs(workdir)[0] / "step-2")
-    shutil.copytree(_DCP_WRITTEN[0], folder / "step-2")
+    """A DCP checkpoint written by dcp.save under gloo with two ranks (FSDP2): a copy of the table's."""
+    shutil.copytree(RUNS["dcp_fsdp"].folder / "step-2", folder / "step-2")
     return folder / "step-2"
 
 

@@ -274,6 +274,7 @@ def distance(path: Path, target: torch.Tensor) -> float:
     return (load_file(str(path))["layer.weight"].double() - target.double()).abs().sum().item()
 
 
+@pytest.mark.slow
 def test_eval_cmd_scores_every_candidate_and_the_final_model_and_copies_the_best(run_folder, tmp_path: Path) -> None:
     folder, saved = run_folder
     # the target is the mean of the three newest checkpoints: last-3 is the answer; the final model is not

@@ -1,6 +1,7 @@
 """PyTorch Distributed Checkpoint (DCP) folders as inputs: written by torch.distributed.checkpoint under gloo with two
 processes (FSDP2 and tensor-parallel DTensors), read in this one process, compared with what PyTorch's own
-dcp_to_torch_save consolidates."""
+dcp_to_torch_save consolidates. The tests that read those runs are marked slow: a spawn of two ranks writes them
+(once per session, for the fixture table of tests/checkpoints.py)."""
 
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import (DCP_STEPS, ShardedNet, assert_refused, dcp_model, make_dcp_runs, max_abs_diff, run_cli,
-                     torchrun)
+from checkpoints import DCP_STEPS, RUNS, SmallNet, dcp_model
+from helpers import assert_average, assert_refused, run_cli, torchrun
 from safetensors.torch import load_file
 
 import ckpt_ema
@@ -28,9 +29,10 @@ from ckpt_ema.formats.dcp_reader import read_metadata as read_metadata_file
 from ckpt_ema.formats.registry import open_checkpoint
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    return make_dcp_runs(tmp_path_factory.mktemp("dcp"))
+@pytest.fixture()
+def runs() -> tuple[Path, Path]:
+    """The FSDP2 run and the tensor-parallel one of the fixture table (one spawn of two ranks per session)."""
+    return RUNS["dcp_fsdp"].folder, RUNS["dcp_tp"].folder
 
 
 def dcp_checkpoint(path: Path, key: str | None = None) -> DcpCheckpoint:
@@ -44,30 +46,23 @@ def read_metadata(folder: Path):  # noqa: ANN201 - DCP's Metadata
     return read_metadata_file(folder / METADATA_FILE)
 
 
-def weighted(refs: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:
-    return {n: sum(w * r[n].double() for w, r in zip(weights, refs)) for n in refs[0]}
-
-
-def test_ema_of_an_fsdp_run_equals_the_consolidated_checkpoints(runs: tuple[Path, Path], tmp_path: Path) -> None:
-    fsdp, _ = runs
-    res = run_cli("average", fsdp, "--decay", "0.7", "-o", f"{tmp_path / 'out'}/")
+@pytest.mark.slow
+def test_ema_of_an_fsdp_run_equals_the_consolidated_checkpoints(tmp_path: Path) -> None:
+    """The model's own names (buffers, the bfloat16 layer) from the entry 'model', the steps from train_state.step;
+    the average is the reference's, made from what dcp_to_torch_save consolidates."""
+    run = RUNS["dcp_fsdp"]
+    res = run_cli("average", run.folder, "--decay", "0.7", "-o", f"{tmp_path / 'out'}/")
     assert res.exit_code == 0, res.output
     assert "note: weights: the DCP entry 'model'" in res.stderr
-    got = load_file(tmp_path / "out" / "model.safetensors")
-    plan = ckpt_ema.plan(fsdp, decay=0.7)
-    assert [s.step for s in plan.sources] == list(DCP_STEPS)
+    plan = ckpt_ema.plan(run.folder, decay=0.7)
+    assert [s.step for s in plan.sources] == run.steps
     assert {s.step_from for s in plan.sources} == {"metadata:step"}  # train_state.step, not the name
-    refs = [dcp_model(fsdp / f"step-{s}") for s in DCP_STEPS]
-    assert sorted(got) == sorted(ShardedNet().state_dict())  # the model's own names, buffers included
-    want = weighted(refs, plan.weighting.weights)
-    for name, t in got.items():
-        if t.is_floating_point():
-            assert t.dtype == refs[0][name].dtype
-            assert max_abs_diff(t, want[name]) < 1e-6, name
-        else:
-            assert torch.equal(t, refs[-1][name]), name  # num_batches_tracked: the newest
+    got = load_file(tmp_path / "out" / "model.safetensors")
+    assert sorted(got) == sorted(SmallNet().state_dict())
+    assert_average(run, got, decay=0.7)
 
 
+@pytest.mark.slow
 def test_tensor_parallel_shards_and_top_level_model(runs: tuple[Path, Path]) -> None:
     """Dimension-1 shards of uneven size (7 columns over 2 ranks) and torchtitan's layout (the model's tensors at
     the top level beside train_state and dataloader): every piece the engine could ask for equals PyTorch's."""
@@ -88,6 +83,7 @@ def test_tensor_parallel_shards_and_top_level_model(runs: tuple[Path, Path]) -> 
             assert torch.equal(ckpt.piece(name, a, b), flat[a:b]), (name, a, b)
 
 
+@pytest.mark.slow
 def test_a_piece_costs_at_most_its_own_size(runs: tuple[Path, Path]) -> None:
     """A piece is a view of the mapped file or a copy of just its elements, never of the whole tensor or chunk:
     memory stays within the engine's chunk whatever the tensor's size."""
@@ -102,6 +98,7 @@ def test_a_piece_costs_at_most_its_own_size(runs: tuple[Path, Path]) -> None:
                 assert maps or piece.untyped_storage().nbytes() == piece.nbytes, (name, a, b)
 
 
+@pytest.mark.slow
 def test_key_chooses_the_entry_and_a_wrong_key_is_refused(runs: tuple[Path, Path], tmp_path: Path) -> None:
     fsdp, tp = runs
     assert dcp_checkpoint(fsdp / "step-2", key="model").names == dcp_checkpoint(fsdp / "step-2").names
@@ -146,6 +143,7 @@ def item_ends(folder: Path) -> dict[str, tuple[int, int]]:
     return ends
 
 
+@pytest.mark.slow
 def test_truncated_distcp_is_refused_in_a_line_saying_how_short_it_is(runs: tuple[Path, Path],
                                                                         tmp_path: Path) -> None:
     """Even when only optimizer bytes are gone (the model's are all there): the file, what it holds, what the
@@ -162,6 +160,7 @@ def test_truncated_distcp_is_refused_in_a_line_saying_how_short_it_is(runs: tupl
                      f"(it stores {last!r} up to there): truncated")
 
 
+@pytest.mark.slow
 def test_a_missing_distcp_is_refused_in_a_line_naming_it(runs: tuple[Path, Path], tmp_path: Path) -> None:
     run = copy_run(runs[0], tmp_path)
     (run / "step-6" / "__1_0.distcp").unlink()
@@ -170,6 +169,7 @@ def test_a_missing_distcp_is_refused_in_a_line_naming_it(runs: tuple[Path, Path]
                         r"metadata stores '[\w.]+' in it\)", error), error
 
 
+@pytest.mark.slow
 def test_watch_folds_a_dcp_run_once_its_metadata_is_written(runs: tuple[Path, Path], tmp_path: Path) -> None:
     """Each checkpoint copied in as DCP saves it (every rank's .distcp files, then .metadata, renamed into place):
     left alone until its .metadata is there, then folded; the result is the average of the run read at once. A
@@ -200,6 +200,7 @@ def test_watch_folds_a_dcp_run_once_its_metadata_is_written(runs: tuple[Path, Pa
         fold(w, 8)
 
 
+@pytest.mark.slow
 def test_corrupt_item_header_refused(runs: tuple[Path, Path], tmp_path: Path) -> None:
     run = copy_run(runs[0], tmp_path)
     folder = run / "step-2"
@@ -218,6 +219,7 @@ def mutate_metadata(folder: Path, change) -> None:  # noqa: ANN001 - a function 
         pickle.dump(md, f)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("what", ["chunk outside", "chunks overlap", "dtype", "path escapes", "planner map"])
 def test_inconsistent_metadata_refused(runs: tuple[Path, Path], tmp_path: Path, what: str) -> None:
     run = copy_run(runs[0], tmp_path)
@@ -245,6 +247,14 @@ def test_inconsistent_metadata_refused(runs: tuple[Path, Path], tmp_path: Path, 
     assert_refused([run], fragment, out=tmp_path / "ema.safetensors")
 
 
+@pytest.mark.slow
+def test_a_storage_entry_missing_a_field_is_refused(runs: tuple[Path, Path], tmp_path: Path) -> None:
+    """A .metadata whose storage entry lost a field (a flipped byte in its pickle did this) is refused in a line."""
+    run = copy_run(runs[0], tmp_path)
+    mutate_metadata(run / "step-4", lambda md: delattr(next(iter(md.storage_data.values())), "length"))
+    assert_refused([run], ".metadata", "_StorageInfo without all its fields", out=tmp_path / "ema.safetensors")
+
+
 class RunsCode:
     """Pickles as a call to os.system, which must never run: its command would create a marker file."""
 
@@ -257,6 +267,7 @@ class RunsCode:
         return os.system, (f"touch {self.marker}",)
 
 
+@pytest.mark.slow
 def test_metadata_pickling_code_is_refused_not_run(runs: tuple[Path, Path], tmp_path: Path) -> None:
     run = copy_run(runs[0], tmp_path)
     marker = tmp_path / "ran"
@@ -265,15 +276,17 @@ def test_metadata_pickling_code_is_refused_not_run(runs: tuple[Path, Path], tmp_
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_reading_needs_no_process_group(runs: tuple[Path, Path], tmp_path: Path) -> None:
     """A fresh interpreter reads and averages without torch.distributed ever being initialized."""
     code = ("import ckpt_ema, torch.distributed as d, sys; r = ckpt_ema.average(sys.argv[1], None, last=2); "
             "assert not d.is_initialized(); print(len(r.state_dict))")
     done = subprocess.run([sys.executable, "-c", code, str(runs[1])], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == str(len(ShardedNet().state_dict()))
+    assert done.stdout.strip() == str(len(SmallNet().state_dict()))
 
 
+@pytest.mark.slow
 def test_under_torchrun_each_rank_folds_its_share_into_a_new_folder(runs: tuple[Path, Path], tmp_path: Path) -> None:
     """Two processes read the same DCP run, each folding its share of the tensors, into a folder neither found:
     bit for bit what one process writes."""

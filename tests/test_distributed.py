@@ -105,6 +105,7 @@ def distributed_average(
     return run, out, torchrun("average", run, "-o", out, *OPTIONS)
 
 
+@pytest.mark.slow
 def test_two_ranks_average_like_one_process(distributed_average, tmp_path: Path) -> None:
     run, out, result = distributed_average
     assert result.returncode == 0, result.stderr
@@ -129,6 +130,7 @@ def test_two_ranks_average_like_one_process(distributed_average, tmp_path: Path)
     assert no_temporaries(out.parent)
 
 
+@pytest.mark.slow
 def test_two_ranks_sweep_like_one_process(tmp_path: Path, distributed_average) -> None:
     run, _, _ = distributed_average
     out = tmp_path / "sweep"
@@ -143,6 +145,7 @@ def test_two_ranks_sweep_like_one_process(tmp_path: Path, distributed_average) -
     assert no_temporaries(out)
 
 
+@pytest.mark.slow
 def test_a_failing_rank_fails_every_rank_and_leaves_no_output(tmp_path: Path, distributed_average) -> None:
     _, previous, _ = distributed_average
     out_dir = tmp_path / "out"

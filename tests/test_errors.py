@@ -514,6 +514,7 @@ def test_disk_full_while_writing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert files_in(out.parent) == {"ema.safetensors"}
 
 
+@pytest.mark.slow
 def test_sigint_to_a_real_process(tmp_path: Path) -> None:
     """`python -m ckpt_ema average` on enough data to take a moment, Ctrl-C (SIGINT) while it works.
 

@@ -370,6 +370,7 @@ print("done", flush=True)
 """
 
 
+@pytest.mark.slow
 def test_killed_at_random_moments_the_next_run_gives_the_full_result(tmp_path):
     """SIGKILL (no cleanup at all) an appending process at moments spread over its run, several times: every
     next run ends with the full rerun's result."""
@@ -434,6 +435,7 @@ def _cli(*args: object, **popen: object) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
 
 
+@pytest.mark.slow
 def test_watch_follows_a_trainer_in_another_process(tmp_path):
     """A trainer writes each checkpoint in place, slowly, and keeps only its last 4; a watching average and a
     watching sweep fold every checkpoint, never a half-written one, and end with the full rerun's result."""
@@ -466,6 +468,7 @@ def test_watch_follows_a_trainer_in_another_process(tmp_path):
     assert len(list(run.glob("ckpt_*.pt"))) == 4
 
 
+@pytest.mark.slow
 def test_watch_stops_cleanly_on_sigterm(tmp_path):
     run = tmp_path / "run"
     write_run(run, [1, 2, 3])
@@ -485,6 +488,7 @@ def test_watch_stops_cleanly_on_sigterm(tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))
 
 
+@pytest.mark.slow
 def test_the_demo_trainer_keeps_its_last_k(cifar_dir, tmp_path):
     """``ckpt-ema train --keep-last 3``: after every save only the newest 3 checkpoints are left, and an average
     kept current while it trains (appended after the run here) needs no more."""

@@ -577,7 +577,8 @@ def test_output_metadata(tmp_path: Path) -> None:
 def registry_case(folder: Path, case: str) -> tuple[Path, str, list[Path]]:
     """A checkpoint of one format, written by its library: its path, the module declaring its format, and the
     files it consists of."""
-    from helpers import DEEPSPEED_FIXTURES, make_hf_sharded
+    from checkpoints import RUNS
+    from helpers import make_hf_sharded
 
     folder.mkdir()
     if case in ("pt", "legacy-pt"):
@@ -595,7 +596,7 @@ def registry_case(folder: Path, case: str) -> tuple[Path, str, list[Path]]:
         hf_folder(folder / "checkpoint-3", weights(3), 3, "sharded")
         path = folder / "checkpoint-3"
         return path, "model_folder", sorted(path.glob("model*"))
-    run = shutil.copytree(DEEPSPEED_FIXTURES / "zero2", folder / "run")
+    run = shutil.copytree(RUNS["deepspeed_zero2-bf16"].folder, folder / "run")
     path = run / (run / "latest").read_text().strip()  # the tag `latest` names: complete whatever the files' times
     return path, "deepspeed", sorted(path.iterdir())
 

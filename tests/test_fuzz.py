@@ -17,9 +17,11 @@ from ckpt_ema.cli import main
 from helpers import FUZZ_FORMATS, fuzz, mutate_checkpoint
 
 MUTANTS = 40
+# Every format; DCP's checkpoint comes from a spawn of two ranks (seconds, once per session): outside the fast subset.
+FORMATS = [pytest.param(name, marks=[pytest.mark.slow] if name == "dcp" else []) for name in sorted(FUZZ_FORMATS)]
 
 
-@pytest.mark.parametrize("name", sorted(FUZZ_FORMATS))
+@pytest.mark.parametrize("name", FORMATS)
 def test_every_mutant_is_refused_in_one_line_or_read_as_an_independent_reader_reads_it(tmp_path: Path,
                                                                                      name: str) -> None:
     outcomes = fuzz(FUZZ_FORMATS[name], tmp_path, seed=12, count=MUTANTS)
@@ -27,7 +29,7 @@ def test_every_mutant_is_refused_in_one_line_or_read_as_an_independent_reader_re
     assert outcomes["refused"] and outcomes["read"]  # both kinds of mutant occur: the run tests something
 
 
-@pytest.mark.parametrize("name", sorted(FUZZ_FORMATS))
+@pytest.mark.parametrize("name", FORMATS)
 def test_mutants_through_the_command_line(tmp_path: Path, name: str) -> None:
     """A sample through `ckpt-ema average`: exit 2 with one error line and no output, or exit 0 with the output
     holding what the independent reader reads (accumulated in float64: the float64 tensors come back exact)."""

@@ -98,6 +98,7 @@ def python(code: str, **env: str) -> subprocess.CompletedProcess:
                           env={**os.environ, **env})
 
 
+@pytest.mark.slow
 def test_the_engine_never_imports_the_demo() -> None:
     code = ("import sys\n" + "".join(f"import {m}\n" for m in ENGINE_MODULES)
             + "print(sorted(m for m in sys.modules if m.startswith('ckpt_ema.cifar') or m.startswith('torchvision')))")
@@ -118,6 +119,7 @@ def test_help_does_not_import_torch(args: list[str]) -> None:
     assert "Usage:" in done.stdout or "version" in done.stdout
 
 
+@pytest.mark.slow
 def test_the_api_runs_in_one_process_even_under_a_torchrun_environment(tmp_path: Path) -> None:
     """A script that calls average() on rank 0 only must not wait for other ranks: no process group is joined
     unless the caller passes a World."""

@@ -8,25 +8,28 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_refused, make_llama_run, max_abs_diff, run_cli
+from checkpoints import LLAMA_STEPS, RUNS
+from helpers import assert_refused, max_abs_diff, run_cli
 from safetensors.torch import load_file, save_file
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-STEPS = (2, 4, 6)
+STEPS = LLAMA_STEPS
 MODEL_FILES = {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"}
 TRAINER_FILES = {"trainer_state.json", "optimizer.pt", "rng_state.pth"}
 
 
-@pytest.fixture(scope="module")
-def llama_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_llama_run(tmp_path_factory.mktemp("llama"), STEPS)
+@pytest.fixture()
+def llama_run() -> Path:
+    """The fixture table's Hugging Face Trainer run of a tiny Llama."""
+    return RUNS["hf_trainer"].folder
 
 
-@pytest.fixture(scope="module")
-def lora_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_llama_run(tmp_path_factory.mktemp("lora"), STEPS, adapter=True)
+@pytest.fixture()
+def lora_run() -> Path:
+    """The fixture table's PEFT LoRA run (the base model beside it, in ``../base``)."""
+    return RUNS["peft_lora"].folder
 
 
 def mean_of(files: list[Path]) -> dict[str, torch.Tensor]:

@@ -176,6 +176,7 @@ def wait_for_temporary(folder: Path, proc: subprocess.Popen, timeout: float = 12
     return False
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
 def test_sigterm_and_sighup_clean_up_like_ctrl_c(tmp_path: Path, signum: int) -> None:
     run = big_run(tmp_path / "run")
@@ -202,6 +203,7 @@ def test_sigterm_and_sighup_clean_up_like_ctrl_c(tmp_path: Path, signum: int) ->
         assert proc.returncode == 0 and set(load_file(out)) == {"w"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("delay", [0.3, 1.0, 2.5])
 def test_ctrl_c_at_any_moment_exits_130_without_a_traceback(tmp_path: Path, delay: float) -> None:
     """From the first second (click, then torch being imported) to the fold: exit 130, one line, nothing left."""
@@ -240,6 +242,7 @@ def test_handlers_are_restored_and_ignored_signals_stay_ignored() -> None:
 # ------------------------------------------------------------------------------------------- kill -9 leftovers
 
 
+@pytest.mark.slow
 def test_leftovers_of_a_killed_run_are_removed_by_the_next(tmp_path: Path) -> None:
     run = big_run(tmp_path / "run", count=6)
     out_dir = tmp_path / "out"

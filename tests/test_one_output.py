@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import make_llama_run, run_cli, write_run
+from checkpoints import RUNS
+from helpers import run_cli, write_run
 from safetensors.torch import load_file
 
 import ckpt_ema
@@ -51,8 +52,9 @@ def test_whatever_is_deleted_the_same_command_gives_the_same_bytes(tmp_path: Pat
         assert state.is_dir()
 
 
+@pytest.mark.slow
 def test_a_model_folder_is_written_byte_for_byte_the_same(tmp_path: Path) -> None:
-    run = make_llama_run(tmp_path)
+    run = RUNS["hf_trainer"].folder
     for name in ("a", "b"):
         done = run_cli("average", run, "--decay", "0.8", "-o", f"{tmp_path / name}/", "-q")
         assert done.exit_code == 0, done.output
@@ -60,6 +62,8 @@ def test_a_model_folder_is_written_byte_for_byte_the_same(tmp_path: Path) -> Non
     assert a == b and "model.safetensors" in a
 
 
+@pytest.mark.slow
+@pytest.mark.slow
 def test_a_second_run_on_a_locked_output_refuses_in_one_line(tmp_path: Path) -> None:
     run, out = tmp_path / "run", tmp_path / "ema.safetensors"
     write_run(run, [1, 2, 3])
@@ -73,6 +77,8 @@ def test_a_second_run_on_a_locked_output_refuses_in_one_line(tmp_path: Path) -> 
     assert not lock_path_of(out).exists()
 
 
+@pytest.mark.slow
+@pytest.mark.slow
 def test_a_killed_holder_leaves_the_output_unlocked(tmp_path: Path) -> None:
     run, out = tmp_path / "run", tmp_path / "ema.safetensors"
     write_run(run, [1, 2, 3])
@@ -87,6 +93,8 @@ def test_a_killed_holder_leaves_the_output_unlocked(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
 
 
+@pytest.mark.slow
+@pytest.mark.slow
 def test_two_runs_at_once_give_one_complete_result_and_no_orphan(tmp_path: Path) -> None:
     run, out = tmp_path / "run", tmp_path / "ema.safetensors"
     write_run(run, list(range(1, 41)))
@@ -110,6 +118,8 @@ def test_two_runs_at_once_give_one_complete_result_and_no_orphan(tmp_path: Path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ema.ckpt-ema-state", "ema.safetensors", "run"]
 
 
+@pytest.mark.slow
+@pytest.mark.slow
 def test_a_sweep_whose_eval_fails_leaves_no_folder_it_made(tmp_path: Path) -> None:
     run, outdir = tmp_path / "run", tmp_path / "sweep"
     write_run(run, [1, 2, 3, 4])
@@ -118,6 +128,8 @@ def test_a_sweep_whose_eval_fails_leaves_no_folder_it_made(tmp_path: Path) -> No
     assert not outdir.exists()
 
 
+@pytest.mark.slow
+@pytest.mark.slow
 def test_a_sweep_rerun_with_fewer_candidates_leaves_one_sweeps_files(tmp_path: Path) -> None:
     run, outdir = tmp_path / "run", tmp_path / "sweep"
     write_run(run, [1, 2, 3, 4])
@@ -132,6 +144,8 @@ def test_a_sweep_rerun_with_fewer_candidates_leaves_one_sweeps_files(tmp_path: P
     assert sorted(p.name for p in outdir.glob("*.safetensors")) == ["ema-0.9.safetensors", "notes.safetensors"]
 
 
+@pytest.mark.slow
+@pytest.mark.slow
 def test_the_summary_counts_the_checkpoints_that_weigh_something(tmp_path: Path) -> None:
     run = tmp_path / "run"
     write_run(run, [1, 2, 3, 4, 5, 6])
@@ -141,6 +155,7 @@ def test_the_summary_counts_the_checkpoints_that_weigh_something(tmp_path: Path)
     assert "averaged 1 checkpoint (" in done.stderr and "1 checkpoints" not in done.stderr, done.stderr
 
 
+@pytest.mark.slow
 def test_half_life_with_decay_names_both_flags(tmp_path: Path) -> None:
     write_run(tmp_path / "run", [1, 2])
     done = cli("average", tmp_path / "run", "--half-life", "10", "--decay", "0.9", "--dry-run")
@@ -148,12 +163,15 @@ def test_half_life_with_decay_names_both_flags(tmp_path: Path) -> None:
     assert done.stderr.strip() == "ckpt-ema: error: --half-life replaces --decay: give one of them, not both"
 
 
+@pytest.mark.slow
 def test_help_shows_defaults_as_values(tmp_path: Path) -> None:
     done = cli("average", "--help")
     text = " ".join(done.stdout.split())
     assert "[default: 5GB]" in text and "[default: 2/3]" in text and "(5GB)" not in text, text
 
 
+@pytest.mark.slow
+@pytest.mark.slow
 def test_until_step_without_watch_is_refused_as_a_flag(tmp_path: Path) -> None:
     write_run(tmp_path / "run", [1, 2])
     done = cli("average", tmp_path / "run", "--until-step", "5", "-o", tmp_path / "a.safetensors")

@@ -474,6 +474,7 @@ def memory_state(seed: int, contiguous: bool) -> dict[str, torch.Tensor]:
     }
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="RssAnon is read from /proc (Linux)")
 def test_peak_memory_stays_within_the_budget(tmp_path: Path) -> None:
     runs = {"pt": tmp_path / "pt", "safetensors": tmp_path / "st"}

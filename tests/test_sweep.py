@@ -489,6 +489,7 @@ def assert_png(path: Path) -> None:
 SWEPT = ["ema-0.5", "ema-0.9", "last-3"]
 
 
+@pytest.mark.slow
 def test_sweep_eval_chooses_the_best_on_validation(cifar_runs: dict[str, Path], cifar_dir: Path,
                                                    tmp_path: Path) -> None:
     """--eval is ``--eval-cmd 'ckpt-ema eval --score val {weights}'``: the best candidate on validation is copied
@@ -529,6 +530,7 @@ def test_sweep_eval_chooses_the_best_on_validation(cifar_runs: dict[str, Path], 
     assert_png(out / "accuracy.png")
 
 
+@pytest.mark.slow
 def test_sweep_eval_without_a_validation_split_chooses_nothing(cifar_runs: dict[str, Path], cifar_dir: Path,
                                                                tmp_path: Path) -> None:
     out = tmp_path / "sweep"

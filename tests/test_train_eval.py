@@ -69,6 +69,7 @@ def data_env(cifar_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 # ---------------------------------------------------------------------------------------------------- train
 
 
+@pytest.mark.slow
 def test_train_writes_checkpoints_with_steps_and_metadata(net_run: Path) -> None:
     expected_steps = [*range(0, TOTAL_STEPS, SAVE_EVERY), TOTAL_STEPS]
     files = sorted(net_run.glob("*.pt"))
@@ -108,6 +109,7 @@ def test_online_ema_update_is_timms_model_ema_v3() -> None:
     assert all(torch.equal(ours[k], v) for k, v in theirs.module.state_dict().items())
 
 
+@pytest.mark.slow
 def test_resume_continues_from_the_newest_checkpoint_and_matches_an_uninterrupted_run(
     cifar_dir: Path, tmp_path: Path
 ) -> None:
@@ -143,6 +145,7 @@ def test_resume_continues_from_the_newest_checkpoint_and_matches_an_uninterrupte
 # ---------------------------------------------------------------------------------------------------- eval
 
 
+@pytest.mark.slow
 def test_eval_of_the_trained_model_beats_chance_by_a_wide_margin(net_run: Path) -> None:
     last = net_run / f"step_{TOTAL_STEPS:08d}.pt"
     first = net_run / "step_00000000.pt"
@@ -175,6 +178,7 @@ def test_eval_of_the_trained_model_beats_chance_by_a_wide_margin(net_run: Path) 
     )
 
 
+@pytest.mark.slow
 def test_eval_reads_pt_average_safetensors_and_lightning_ckpt(net_run: Path, tmp_path: Path) -> None:
     last = net_run / f"step_{TOTAL_STEPS:08d}.pt"
     ckpt = torch.load(last, weights_only=True)
@@ -203,6 +207,7 @@ def test_eval_reads_pt_average_safetensors_and_lightning_ckpt(net_run: Path, tmp
     assert (ema_key["accuracy"], ema_key["loss"]) == (online["accuracy"], online["loss"])
 
 
+@pytest.mark.slow
 def test_eval_errors_are_one_clear_line(net_run: Path, tmp_path: Path) -> None:
     weights = torch.load(net_run / "step_00000000.pt", weights_only=True)["state_dict"]
     save_file(weights, tmp_path / "bare.safetensors")  # no metadata: no architecture
@@ -213,6 +218,7 @@ def test_eval_errors_are_one_clear_line(net_run: Path, tmp_path: Path) -> None:
         assert result.stderr.startswith("ckpt-ema: error: ") and len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_missing_data_is_a_clear_error(net_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     for var in (
         "http_proxy",
@@ -234,6 +240,7 @@ def test_missing_data_is_a_clear_error(net_run: Path, tmp_path: Path, monkeypatc
 # ---------------------------------------------------------------------------------------------------- BatchNorm
 
 
+@pytest.mark.slow
 def test_bn_recalibration_changes_running_stats_not_parameters(cifar_dir: Path, tmp_path: Path) -> None:
     result = train(
         TrainConfig(

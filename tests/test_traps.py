@@ -141,6 +141,7 @@ def test_a_best_link_never_hides_the_periodic_checkpoint(tmp_path: Path, per_che
     assert f"step_20_copy.pt: the same bytes as {run / 'step_20.pt'}, counted once" in skipped
 
 
+@pytest.mark.slow
 def test_lightning_last_ckpt(tmp_path: Path) -> None:
     """A real Lightning run: a last.ckpt written at the end of training (step 60, newest periodic 56) is averaged
     as its own step, with a note; Lightning's "net." prefix is cut by --strip-prefix."""

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import DEEPSPEED_FIXTURES, TOLERANCE, make_llama_run, make_state, max_abs_diff
+from checkpoints import RUNS
+from helpers import TOLERANCE, make_state, max_abs_diff
 from safetensors.torch import load_file, save
 
 import ckpt_ema
@@ -98,6 +99,7 @@ def _legacy_bytes(obj: object) -> bytes:
     return blob.getvalue()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["safetensors", "pt"])
 def test_a_file_is_folded_once_it_is_whole(tmp_path: Path, fmt: str) -> None:
     """A checkpoint file written in place is left alone while half written, and folded once whole."""
@@ -127,11 +129,13 @@ def test_an_old_style_pickle_is_taken_once_nothing_writes_to_it(tmp_path: Path) 
     assert_average_of(out, sorted(run.glob("*.pt")))
 
 
-@pytest.fixture(scope="module")
-def llama_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_llama_run(tmp_path_factory.mktemp("llama"))
+@pytest.fixture()
+def llama_run() -> Path:
+    """The fixture table's Hugging Face Trainer run of a tiny Llama."""
+    return RUNS["hf_trainer"].folder
 
 
+@pytest.mark.slow
 def test_model_folders_are_folded_once_their_weights_are_whole(llama_run: Path, tmp_path: Path) -> None:
     """A Trainer's checkpoint-N folders, filled file by file (the weights in two halves): each is folded once its
     weights are whole, at the step its trainer_state.json records."""
@@ -153,11 +157,12 @@ def test_model_folders_are_folded_once_their_weights_are_whole(llama_run: Path, 
     assert_average_of(out, checkpoints)
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
-def test_deepspeed_tags_are_folded_once_latest_names_them(tmp_path: Path, stage: int) -> None:
+@pytest.mark.slow
+@pytest.mark.parametrize("run_name", ["zero1-fp32", "zero2-bf16", "zero3-fp16"])
+def test_deepspeed_tags_are_folded_once_latest_names_them(tmp_path: Path, run_name: str) -> None:
     """DeepSpeed writes every rank's files into the tag folder, then ``latest``: a tag newer than what ``latest``
     names is left alone, and folded once ``latest`` names it."""
-    fixture = DEEPSPEED_FIXTURES / f"zero{stage}"
+    fixture = RUNS[f"deepspeed_{run_name}"].folder
     run, out = tmp_path / "run", tmp_path / "ema.safetensors"
     run.mkdir()
     w = watcher(run, out, [], poll=0.05)
@@ -176,6 +181,7 @@ def test_deepspeed_tags_are_folded_once_latest_names_them(tmp_path: Path, stage:
 # ------------------------------------------------------------------------------------------- inputs
 
 
+@pytest.mark.slow
 def test_a_missing_folder_is_one_line_at_once(tmp_path: Path) -> None:
     """``--watch`` on a path that is not there: the same line as without --watch, exit 2, no waiting."""
     env = {**os.environ, "PYTHONPATH": str(Path(ckpt_ema.__file__).parents[1])}
@@ -247,6 +253,7 @@ def named_steps(notes: list[str]) -> set[int]:
     return named
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("fmt", "every", "count"), [("pt", 0.3, 20), ("safetensors", 1.0, 8)])
 def test_behind_a_fast_trainer_every_checkpoint_is_folded_or_named(tmp_path: Path, fmt: str, every: float,
                                                                    count: int) -> None:

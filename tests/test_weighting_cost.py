@@ -80,6 +80,7 @@ def test_a_gap_of_10_to_the_12_steps_is_closed_form() -> None:
     assert newer == pytest.approx(1 - 0.999 / (0.001 * n), rel=1e-12)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("warmup", [False, True])
 def test_huge_gaps_cost_no_memory_per_step(warmup: bool) -> None:
     """Peak memory for a gap of 10^12 steps (warmup never reaching decay 1.0: the longest warmup there is) stays

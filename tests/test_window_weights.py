@@ -124,6 +124,8 @@ def test_a_sweep_compares_the_rules(tmp_path: Path) -> None:
         assert_close(load_file(c.output), reference_merge(run, steps, shape, int(window.removesuffix("steps"))))
 
 
+@pytest.mark.slow
+@pytest.mark.slow
 def test_the_dry_run_shows_the_weights_and_the_cli_refuses_what_does_not_fit(tmp_path: Path) -> None:
     write_run(tmp_path / "run", [0, 10, 20, 30])
 

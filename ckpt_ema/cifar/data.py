@@ -159,9 +159,9 @@ def read_split(root: Path, files: tuple[str, ...], limit: int | None = None) -> 
     wanted = len(files) * IMAGES_PER_FILE if limit is None else limit
     images, labels = [], []
     for name in files[: -(-wanted // IMAGES_PER_FILE)]:  # ceil: the files that hold the first `wanted` images
-        x, y = read_batch_file(root / BATCHES_FOLDER / name)
-        images.append(x)
-        labels.append(y)
+        batch_images, batch_labels = read_batch_file(root / BATCHES_FOLDER / name)
+        images.append(batch_images)
+        labels.append(batch_labels)
     x = torch.from_numpy(np.concatenate(images)[:wanted].copy())
     y = torch.from_numpy(np.concatenate(labels)[:wanted].copy())
     return Split(x, y)

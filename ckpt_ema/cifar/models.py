@@ -39,7 +39,8 @@ class Net(nn.Module):
             # point is to reproduce the seed's run, quirks included.
             elif isinstance(layer, nn.Conv1d):
                 nn.init.xavier_normal_(layer.weight)
-                nn.init.constant_(layer.bias, 0)
+                if layer.bias is not None:
+                    nn.init.constant_(layer.bias, 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.pool(F.relu(self.conv1(x)))

@@ -33,8 +33,9 @@ class PinnedStager:
             total += nbytes + (-nbytes % ALIGN)
         slot = self.turn % len(self.buffers)
         self.turn += 1
-        if self.done[slot] is not None:
-            self.done[slot].synchronize()  # the GPU has finished copying out of this buffer: safe to refill
+        done = self.done[slot]
+        if done is not None:
+            done.synchronize()  # the GPU has finished copying out of this buffer: safe to refill
         buf = self.buffers[slot]
         if buf is None or buf.numel() < total:
             buf = self.buffers[slot] = torch.empty(max(total, 1), dtype=torch.uint8, pin_memory=True)

@@ -165,7 +165,7 @@ class Watcher:
         if done.action != "up to date":
             self.on_update(done)
         newest = done.plans[0].sources[-1].step
-        return self.until_step is not None and newest is not None and newest >= self.until_step
+        return self.until_step is not None and newest >= self.until_step
 
     def _ready(self, folded: dict[str, tuple[int, int]]) -> tuple[list[Path], list[Path], int | None]:
         """(checkpoints folded before and still listed unchanged; new ones ready to fold, in order, up to the first
@@ -226,7 +226,7 @@ class Watcher:
         those named as missed already (a checkpoint listed, then deleted before it was read)."""
         if any(s.step_from == "order" for s in sources):
             return  # steps counted per checkpoint: a gap says nothing
-        steps = sorted({s.step for s in sources if s.step is not None} | self._missed_steps)
+        steps = sorted({s.step for s in sources} | self._missed_steps)
         spacing = run_spacing(steps)
         if spacing is None:
             return

@@ -34,6 +34,8 @@ the rest of the readers together: :mod:`ckpt_ema.formats.dcp` imports it when a 
 
 from __future__ import annotations
 
+import dataclasses
+
 import io
 import math
 import os
@@ -42,7 +44,7 @@ import pickle
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, cast
 
 import torch
 from torch.distributed.checkpoint import filesystem as dcp_filesystem
@@ -103,7 +105,32 @@ def read_metadata(path: Path) -> dcp_metadata.Metadata:
     if (not isinstance(metadata, dcp_metadata.Metadata) or not isinstance(metadata.state_dict_metadata, dict)
             or not isinstance(metadata.storage_data, dict)):
         raise CkptEmaError("not a DCP metadata file written by the file system writer (no storage records)", path)
+    missing = _missing_field(metadata)
+    if missing is not None:
+        raise CkptEmaError(f"not a readable DCP metadata file (a {missing} without all its fields: corrupt?)", path)
     return metadata
+
+
+def _missing_field(root: object) -> str | None:
+    """The name of the first DCP record (a dataclass, as the unpickler built it) in ``root``'s graph that lacks one
+    of its fields (a flipped byte in the pickle can drop one): every later check may then read every field."""
+    seen: set[int] = set()
+    todo = [root]
+    while todo:
+        obj = todo.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, dict):
+            todo += [*obj.keys(), *obj.values()]
+        elif isinstance(obj, list | tuple):
+            todo += list(obj)
+        elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+            for f in dataclasses.fields(obj):
+                if not hasattr(obj, f.name):
+                    return type(obj).__name__
+                todo.append(getattr(obj, f.name))
+    return None
 
 
 @dataclass
@@ -194,14 +221,15 @@ class DcpCheckpoint(PartedCheckpoint):
 
     def _chunk_tensor(self, chunk: _Chunk, dtype: torch.dtype) -> torch.Tensor:
         """The chunk as a tensor over the private map of its file (checked by :func:`_locate_data`)."""
-        storage = self._maps.get(chunk.file)
-        if storage is None:
+        if chunk.file not in self._maps:
             path = self.folder / chunk.file
             try:
-                storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=self.file_sizes[chunk.file])
+                # (torch annotates from_file on the storage base class, as returning any storage)
+                self._maps[chunk.file] = torch.UntypedStorage.from_file(  # type: ignore[assignment]
+                    str(path), shared=False, nbytes=self.file_sizes[chunk.file])
             except RuntimeError as exc:
                 raise CkptEmaError(f"cannot map the file: {str(exc).splitlines()[0]}", path) from None
-            self._maps[chunk.file] = storage
+        storage = self._maps[chunk.file]
         nbytes = _extent(chunk.sizes, chunk.stride, chunk.storage_offset) * dtype.itemsize
         data = storage[chunk.data_offset : chunk.data_offset + nbytes]
         return torch.empty(0, dtype=dtype).set_(data, chunk.storage_offset, chunk.sizes, chunk.stride)
@@ -224,8 +252,9 @@ def check_storage(metadata_file: Path, metadata: dcp_metadata.Metadata) -> dict[
         if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or os.sep in name:
             raise CkptEmaError(f"the storage record of {index.fqn!r} names {name!r}, not a file of this folder",
                                metadata_file)
-        if getattr(info, "transform_descriptors", None):
-            raise CkptEmaError(f"{name} was written through stream transforms ({', '.join(map(str, info.transform_descriptors))}), "
+        transforms = getattr(info, "transform_descriptors", None)  # (absent from torch versions without transforms)
+        if transforms:
+            raise CkptEmaError(f"{name} was written through stream transforms ({', '.join(map(str, transforms))}), "
                                "which ckpt-ema does not read", metadata_file)
         if not (_is_count(info.offset) and _is_count(info.length)):
             raise CkptEmaError(f"the storage record of {index.fqn!r} has no valid byte range", metadata_file)
@@ -344,13 +373,17 @@ def _locate_data(path: Path, chunk: _Chunk, dtype: torch.dtype) -> None:
     where = f"the item of a chunk at byte {chunk.item_offset}"
     try:
         with open(path, "rb") as f:
-            view = _create_file_view(f, chunk.item_offset, chunk.item_length)
+            # a byte reader over the item's range (torch's own DCP reader casts it so too)
+            view = cast(IO[bytes], _create_file_view(f, chunk.item_offset, chunk.item_length))
             reader = torch._C.PyTorchFileReader(view)
             records = [r for r in reader.get_all_records() if r.startswith("data/")]
-            little = not reader.has_record("byteorder") or reader.get_record("byteorder") == b"little"
+            # (torch's stub of the reader lacks has_record and get_record_offset, which torch.serialization calls)
+            little = (not reader.has_record("byteorder")  # type: ignore[attr-defined]
+                      or reader.get_record("byteorder") == b"little")
             view.seek(0)
             header = torch.load(view, map_location="meta", weights_only=True)
-            offset, size = (reader.get_record_offset(records[0]), reader.get_record_size(records[0])) if records else (0, 0)
+            offset = reader.get_record_offset(records[0]) if records else 0  # type: ignore[attr-defined]
+            size = reader.get_record_size(records[0]) if records else 0
     except Exception as exc:  # noqa: BLE001 - torch's zip reader and the unpickler fail in many ways on bad bytes
         first = str(exc).strip().splitlines()[0].split(". ")[0] if str(exc).strip() else type(exc).__name__
         raise CkptEmaError(f"{where} is not a readable tensor (truncated or corrupt?): {first}", path) from None
@@ -359,7 +392,7 @@ def _locate_data(path: Path, chunk: _Chunk, dtype: torch.dtype) -> None:
     if tuple(header.shape) != chunk.sizes or header.dtype != dtype:
         raise CkptEmaError(f"{where} holds {header.dtype} {list(header.shape)}, the metadata says {dtype} "
                            f"{list(chunk.sizes)}", path)
-    stride, storage_offset = tuple(header.stride()), header.storage_offset()
+    stride, storage_offset = tuple(header.stride()), int(header.storage_offset())  # (no SymInt: a loaded tensor)
     needed = _extent(chunk.sizes, stride, storage_offset) * dtype.itemsize
     nbytes = header.untyped_storage().nbytes()
     if min(stride, default=0) < 0 or needed > nbytes or nbytes > size or offset + size > chunk.item_length:

@@ -23,6 +23,7 @@ def map_privately(f: BinaryIO, path: Path, size: int) -> torch.UntypedStorage:
     by_descriptor = f"/proc/self/fd/{f.fileno()}" if os.path.isdir("/proc/self/fd") else f"/dev/fd/{f.fileno()}"
     name = by_descriptor if os.path.exists(by_descriptor) else os.fsdecode(path)
     try:
-        return torch.UntypedStorage.from_file(name, shared=False, nbytes=size)
+        # (torch annotates from_file on the storage base class, as returning any storage)
+        return torch.UntypedStorage.from_file(name, shared=False, nbytes=size)  # type: ignore[return-value]
     except (RuntimeError, UnicodeEncodeError) as exc:  # the file shrank since it was checked; an unmappable name
         raise CkptEmaError(f"cannot map: {str(exc).strip().splitlines()[0]}", path) from None

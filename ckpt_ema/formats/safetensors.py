@@ -92,6 +92,8 @@ class SafetensorsFile:
         dtype, shape, begin, end = self.entries[name]
         if end == begin:
             return torch.empty(shape, dtype=dtype)
+        if self._bytes is None:  # the header's ranges lie inside the file (checked): bytes, so a map
+            raise AssertionError(f"{self.path}: tensor {name!r} has bytes in a file mapped as having none")
         offset = self._data_start + begin
         piece = self._bytes[offset : offset + end - begin]
         if offset % dtype.itemsize:

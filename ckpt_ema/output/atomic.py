@@ -107,7 +107,7 @@ def remove_stale_temporaries(final: Path) -> list[str]:
     process's, or a name without its writer); a file that vanishes meanwhile is another writer's business."""
     pattern = re.compile(re.escape(f".{final.name}.") + r"(?:(\d+)@([A-Za-z0-9_-]*)\.)?[^.]+\.tmp")
     here = _writer_tag().split("@", 1)[1]
-    notes = []
+    notes: list[str] = []
     try:
         found = sorted(final.parent.glob(glob_escape(f".{final.name}.") + "*.tmp"))
     except OSError:

@@ -15,12 +15,13 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+from collections.abc import Callable
 
 FALLOC_FL_KEEP_SIZE = 1  # reserve blocks past the end without changing the file's size
 SYNC_FILE_RANGE_WRITE = 2  # start writeback of dirty pages in the range; do not wait
 
 
-def _libc_function(name: str, argtypes: list[type]) -> ctypes._CFuncPtr | None:
+def _libc_function(name: str, argtypes: list[type]) -> Callable[..., int] | None:
     try:  # the process's own symbols, libc's among them (find_library would run ldconfig on every start)
         function = getattr(ctypes.CDLL(None, use_errno=True), name)
     except (OSError, AttributeError, TypeError):  # no such call in this libc (macOS), or no libc (Windows)

@@ -73,7 +73,8 @@ class StreamingWriter:
         if not begin <= self._written < end and begin != end:
             raise AssertionError(f"tensor {name!r} written out of order")
         data = piece.detach().to(device="cpu", dtype=self._dtypes[name]).contiguous().reshape(-1).view(torch.uint8)
-        self.file.write(memoryview(data.numpy()))
+        # (numpy's stubs give ndarray its buffer protocol, __buffer__, only from Python 3.12)
+        self.file.write(memoryview(data.numpy()))  # type: ignore[arg-type]
         self._written += data.numel()
 
     def close(self) -> None:
