@@ -84,7 +84,7 @@ measure_memory = options.pop("measure_memory", True)
 import torch
 import ckpt_ema
 # Start-up is not timed: the modules the methods import when first used are imported before the clock starts.
-import ckpt_ema.api, ckpt_ema.engine.fold, ckpt_ema.follow.state, ckpt_ema.follow.update, safetensors.torch
+import ckpt_ema.api, ckpt_ema.engine.fold, ckpt_ema.follow.state, ckpt_ema.pipeline, safetensors.torch
 baseline = rss_anon_kib()
 if measure_memory:  # a sampling thread costs time: timed runs go without it
     threading.Thread(target=sample, daemon=True).start()
@@ -324,7 +324,7 @@ OPENING = r"""
 import json, statistics, sys, time
 from pathlib import Path
 import torch
-from ckpt_ema.formats.checkpoint import open_checkpoint
+from ckpt_ema.formats.registry import open_checkpoint
 path, repeats = Path(sys.argv[1]), int(sys.argv[2])
 ways = {"ckpt-ema": lambda: open_checkpoint(path),
         "torch.load": lambda: torch.load(path, mmap=True, weights_only=True)}
