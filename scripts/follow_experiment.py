@@ -80,7 +80,7 @@ def main() -> None:
     # The watcher's lines go to a file (a pipe nobody reads until the end would fill and stall it), and training
     # starts once it is watching, so that it sees the first checkpoint.
     log_path = args.run.with_name(args.run.name + "-watch.log")
-    log_path.parent.mkdir(parents=True, exist_ok=True)
+    args.run.mkdir(parents=True, exist_ok=True)  # the watcher waits for an empty folder; a missing one is a typo
     log = open(log_path, "w")
     watcher = subprocess.Popen(
         [*cli, "sweep", str(args.run), "--watch", "--until-step", str(final_step), "--poll", str(args.poll),
