@@ -31,6 +31,7 @@ from ckpt_ema.formats.registry import load_state_dict
 from ckpt_ema.options import AverageOptions
 from ckpt_ema.output.atomic import check_output_path
 from ckpt_ema.output.folder import check_folder_output, is_folder_output
+from ckpt_ema.output.like_input import check_like_input_options, check_like_input_output
 from ckpt_ema.output.lock import output_lock
 from ckpt_ema.pipeline import Outcome, Target
 from ckpt_ema.pipeline import run as run_pipeline
@@ -118,6 +119,9 @@ class AverageResult:
             others = [f.name for f in self.files if f not in weights]
             beside = f" + {', '.join(others)}" if others else ""
             where = f" -> {shown}{shards}{beside} ({human_bytes(size)})"
+        elif self.files:  # a checkpoint written like the input
+            where = (f" -> {self.output}/ (step {self.plan.sources[-1].step}'s checkpoint, its model averaged: "
+                     f"{len(self.files)} files, {human_bytes(size)})")
         sources = self.plan.sources
         weighed = sum(1 for w in self.plan.weighting.weights if w > 0)
         counted = (f"{weighed} checkpoint{'' if weighed == 1 else 's'}" if weighed == len(sources) else
@@ -154,11 +158,12 @@ def check_output(output: str | Path) -> Path:
 def average(inputs: Sequence[str | Path] | str | Path, output: str | Path | None = None,
             options: AverageOptions | None = None, *, keep_state: bool = True, world: World | None = None,
             report: Reporter | None = None, progress: bool = False, watch: bool = False,
-            poll: float = DEFAULT_POLL_SECONDS, until_step: int | None = None,
+            poll: float = DEFAULT_POLL_SECONDS, until_step: int | None = None, like_input: bool = False,
             **fields: Unpack[OptionFields]) -> AverageResult | None:
     """Average checkpoints with timm's EMA recurrence (or a power EMA, or a uniform mean of the newest ``last``);
     write the result to ``output`` (.safetensors, or a model folder ``DIR/``) if given, else keep it in memory
-    (``result.state_dict``).
+    (``result.state_dict``). With ``like_input``, ``output`` is a folder that becomes a checkpoint of the run's own
+    format: the newest checkpoint with its model entries averaged (:mod:`ckpt_ema.output.like_input`).
 
     With an output and ``keep_state``, what the average needs to go on is kept beside it (``OUT.ckpt-ema-state``)
     and a later call folds in only the checkpoints that are new since (:mod:`ckpt_ema.pipeline`); ``result.note``
@@ -172,14 +177,18 @@ def average(inputs: Sequence[str | Path] | str | Path, output: str | Path | None
     report = report or Reporter(progress=progress)
     shared = world is not None and world.is_distributed
     if output is None:
-        if watch:
-            raise OptionError("watch", "needs an output to keep current")
+        if watch or like_input:
+            raise OptionError("watch" if watch else "like_input", "needs an output to write")
         target = Target("average", opts, None)
         done = run_pipeline(_input_list(inputs), [target], world=world, progress=report.progress,
                             on_discovery=report.discovery)
         return _average_result(done, target, report, state_kept=False, said=False)
-    out = check_output(output)  # before reading anything: a typo in -o should not cost a whole run
-    target = Target("average", opts, out, folder=is_folder_output(output))
+    if like_input:
+        check_like_input_options(opts.out_dtype, shared)
+        out = check_like_input_output(Path(output))
+    else:
+        out = check_output(output)  # before reading anything: a typo in -o should not cost a whole run
+    target = Target("average", opts, out, folder=is_folder_output(output) and not like_input, like_input=like_input)
     _check_watch(watch, keep_state, shared, until_step, poll)
     state = StateFolder(state_folder_of(out)) if keep_state and not shared else None
     with _locked(out, world):

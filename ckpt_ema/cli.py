@@ -112,6 +112,10 @@ def main() -> None:
 @click.option("-o", "--output", type=click.Path(),
               help="Where to write the average: a .safetensors file, or a model folder (DIR/: the weights plus the "
                    "newest checkpoint's config, tokenizer and adapter files, for from_pretrained).")
+@click.option("--like-input", is_flag=True,
+              help="Write -o DIR as a checkpoint of the run's own format (DCP: torchtitan, OLMo-core, Megatron, NeMo, "
+                   "FSDP): the newest checkpoint with its model averaged, its optimizer and train state kept, for the "
+                   "trainer's own loader (to resume from the merge).")
 @click.option("--decay", type=float, default=None,
               help="EMA decay per training step, as passed to timm's ModelEmaV3.  [default: 0.999]")
 @click.option("--half-life", type=float, default=None,
@@ -131,8 +135,8 @@ def main() -> None:
 @click.option("--dry-run", is_flag=True, help="Print the checkpoints, steps and weights; read no tensor.")
 def average_command(inputs: tuple[str, ...], output: str | None, decay: float | None, half_life: float | None,
                     last: int | None, sigma_rel: float | None, shape: str | None, window_steps: int | None,
-                    window_tokens: int | None, dry_run: bool, quiet: bool, keep_state: bool, watch: bool,
-                    until_step: int | None, poll: float, **params: Any) -> None:
+                    window_tokens: int | None, like_input: bool, dry_run: bool, quiet: bool, keep_state: bool,
+                    watch: bool, until_step: int | None, poll: float, **params: Any) -> None:
     """Average checkpoints INPUTS (files, globs, folders) into one .safetensors file or a model folder.
 
     Checkpoints are taken in training-step order and folded into timm's EMA recurrence; with a checkpoint saved
@@ -159,7 +163,7 @@ def average_command(inputs: tuple[str, ...], output: str | None, decay: float | 
             click.echo(the_plan.table())
         return
     ckpt_ema.average(list(inputs), output, options, keep_state=keep_state, world=world, report=report, watch=watch,
-                poll=poll, until_step=until_step)
+                     poll=poll, until_step=until_step, like_input=like_input)
 
 
 @main.command("sweep")

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from ckpt_ema.errors import CkptEmaError
-from ckpt_ema.formats.base import Checkpoint
+from ckpt_ema.formats.base import OWN_OUTPUT_KEY, Checkpoint
 from ckpt_ema.formats.registry import (check_run_folder, checkpoint_files, format_of, is_weight_file, probe, step_of,
                                        strip_weight_suffix, weight_suffixes)
 
@@ -51,7 +51,6 @@ NOT_WEIGHTS_PATTERN = re.compile(
     r"^(optimizer|scheduler|scaler|rng_state(_\d+)?|training_args|trainer_state|lr_scheduler)\.(pt|pth|bin|json)$"
 )
 # The metadata key every output of ckpt-ema carries.
-OWN_OUTPUT_KEY = "ckpt_ema_version"
 # What trainers write under a temporary name and rename once complete (Hugging Face's tmp-checkpoint-N folders,
 # *.tmp, *.partial), and hidden files: never a checkpoint, and maybe half written. (timm's tmp.pth.tar: below.)
 TEMPORARY_PATTERN = re.compile(r"^(\.|tmp-)|\.(tmp|partial)$")

@@ -49,6 +49,7 @@ from ckpt_ema.formats.base import Checkpoint
 from ckpt_ema.options import AverageOptions
 from ckpt_ema.output.atomic import check_not_an_input, output_files
 from ckpt_ema.output.folder import ADAPTER_WEIGHTS, MODEL_WEIGHTS, FolderOutput, model_files_of
+from ckpt_ema.output.like_input import LikeInputOutput, metadata_file_of
 from ckpt_ema.output.metadata import CARRIED_METADATA, output_metadata
 from ckpt_ema.output.sinks import MemoryOutput, SafetensorsOutput
 from ckpt_ema.planning import (Appending, Plan, candidate_fold, keeps_mean, nothing_to_average, weighting_for,
@@ -59,6 +60,8 @@ from ckpt_ema.weighting import Weighting
 # state), and where and within what memory the fold runs.
 OUTPUT_OPTIONS = ("out_dtype", "max_shard_size")
 RUN_OPTIONS = ("device", "max_memory")
+# What writes an output to disk: a .safetensors file (or a model folder), or a checkpoint like the input.
+OutputFile = SafetensorsOutput | LikeInputOutput
 
 
 class FullInputsNeeded(CkptEmaError):
@@ -74,28 +77,36 @@ class NothingYet(OptionError):
 @dataclass(frozen=True)
 class Target:
     """One average: its name (a sweep's candidate), options and output: a .safetensors file, with ``folder`` a
-    model folder (:mod:`ckpt_ema.output.folder`), or None to keep the tensors in memory."""
+    model folder (:mod:`ckpt_ema.output.folder`), with ``like_input`` a checkpoint of the run's own format
+    (:mod:`ckpt_ema.output.like_input`), or None to keep the tensors in memory."""
 
     name: str
     options: AverageOptions
     output: Path | None
     folder: bool = False
+    like_input: bool = False
 
     @property
     def weights(self) -> Path | None:
-        """The output's weights: the file itself, or the model folder's (adapter) weights file."""
-        if not self.folder or self.output is None:
+        """The file that records the output: the file itself, the model folder's (adapter) weights file, or the
+        DCP metadata of a checkpoint written like the input."""
+        if self.output is None or not (self.folder or self.like_input):
             return self.output
+        if self.like_input:
+            return metadata_file_of(self.output)
         adapter = self.output / ADAPTER_WEIGHTS
         return adapter if output_files(adapter) else self.output / MODEL_WEIGHTS
 
-    def sink(self, plan: Plan, metadata: dict[str, str]) -> SafetensorsOutput | MemoryOutput:
-        """What writes the output; a model folder takes its model files from the newest checkpoint's folder."""
+    def sink(self, plan: Plan, metadata: dict[str, str]) -> OutputFile | MemoryOutput:
+        """What writes the output; a model folder takes its model files from the newest checkpoint's folder, a
+        checkpoint like the input is a copy of the newest checkpoint."""
         if self.output is None:
             return MemoryOutput()
+        newest = plan.sources[-1].path
+        if self.like_input:
+            return LikeInputOutput(self.output, newest, self.options.key, self.options.strip_prefix, metadata)
         if self.folder:
-            return FolderOutput(self.output, model_files_of(plan.sources[-1].path), metadata,
-                                self.options.max_shard_size)
+            return FolderOutput(self.output, model_files_of(newest), metadata, self.options.max_shard_size)
         return SafetensorsOutput(self.output, metadata, self.options.max_shard_size)
 
     @property
@@ -293,18 +304,18 @@ def _fold_and_commit(manifest: Manifest | None, found: Discovery, new: list[Sour
     if not any(any(w > 0 for w in p.weighting.weights) for p in plans):
         error = nothing_to_average(base)
         raise NothingYet(error.param, error.problem)
-    outputs: list[SafetensorsOutput | MemoryOutput] = [t.sink(p, output_metadata(p)) for t, p in zip(targets, plans)]
-    files = [out for out in outputs if isinstance(out, SafetensorsOutput)]
+    outputs: list[OutputFile | MemoryOutput] = [t.sink(p, output_metadata(p)) for t, p in zip(targets, plans)]
+    files = [out for out in outputs if not isinstance(out, MemoryOutput)]
     check_not_an_input([f for file in files for f in _replaced_by(file)], plans[0].input_files())
     for file in files:
-        check_not_inside_an_input(file.path if not isinstance(file, FolderOutput) else file.folder, plans[0])
+        check_not_inside_an_input(file.folder if isinstance(file, FolderOutput) else file.path, plans[0])
     generation = new_generation()
     state_files: list[SafetensorsOutput | InputLink] = []
     try:
         for k, (target, out, f) in enumerate(zip(targets, outputs, folds)):
             initial = state.open(manifest.candidates[k].mean) if (  # type: ignore[union-attr, arg-type]
                 f.continues and manifest is not None and manifest.candidates[k].mean) else None
-            if state is not None and target.keeps_mean and isinstance(out, SafetensorsOutput):
+            if state is not None and target.keeps_mean and not isinstance(out, MemoryOutput):
                 mean = state.new_mean(generation, k, out)
                 state_files.append(mean)
                 job.add(f.lerps, initial, Tee(out, mean), [(out, "output"), (mean, "accum")])
@@ -327,7 +338,7 @@ def _fold_and_commit(manifest: Manifest | None, found: Discovery, new: list[Sour
             written = [out.written for out in files]
         elif state is None:
             dtypes, passes = run_job(job, base, progress=progress, desc=desc)
-            written = [out.commit() if isinstance(out, SafetensorsOutput) else [] for out in outputs]
+            written = [[] if isinstance(out, MemoryOutput) else out.commit() for out in outputs]
         else:
             dtypes, passes = run_job(job, base, progress=progress, desc=desc)
             records = {} if manifest is None else {r.path: r for r in manifest.inputs}
@@ -357,7 +368,7 @@ def _fold_and_commit(manifest: Manifest | None, found: Discovery, new: list[Sour
                    read, time.perf_counter() - started, passes, notes)
 
 
-def _fold_on_ranks(job: Job, outputs: list[SafetensorsOutput], options: AverageOptions, world: World,
+def _fold_on_ranks(job: Job, outputs: list[OutputFile], options: AverageOptions, world: World,
                    progress: bool, desc: str) -> tuple[dict[str, str], int]:
     """This rank's share of the fold under torchrun, and the commit the ranks agree to
     (:func:`ckpt_ema.engine.runner.commit_on_ranks`); a failure on any rank is raised on every rank, after every
@@ -388,8 +399,11 @@ def check_not_inside_an_input(path: Path, plan: Plan) -> None:
             raise CkptEmaError(f"the output would be written into the input checkpoint {source.path}", path)
 
 
-def _replaced_by(out: SafetensorsOutput) -> list[Path]:
-    """The files writing ``out`` replaces: its weights' files and, for a model folder, the model files."""
+def _replaced_by(out: OutputFile) -> list[Path]:
+    """The files writing ``out`` replaces: its weights' files and, for a model folder, the model files; every file
+    of an earlier checkpoint written like the input."""
+    if isinstance(out, LikeInputOutput):
+        return sorted(p for p in out.path.rglob("*") if p.is_file()) if out.path.is_dir() else []
     model = [out.folder / f.name for f in out.model_files] if isinstance(out, FolderOutput) else []
     return output_files(out.path) + model
 

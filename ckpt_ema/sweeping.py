@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ckpt_ema.discover import OWN_OUTPUT_KEY
+from ckpt_ema.formats.base import OWN_OUTPUT_KEY
 from ckpt_ema.errors import CkptEmaError, OptionError
 from ckpt_ema.formats.safetensors import SafetensorsFile
 from ckpt_ema.options import AverageOptions

@@ -8,8 +8,9 @@ checkpoint's weights as that library's own loader returns them (the reference ev
 Rows (:data:`FORMATS`): torch.save state dicts and Lightning-style containers, safetensors files, Hugging Face
 Trainer ``checkpoint-N/`` folders of a tiny Llama (save_pretrained, whole and sharded with an index), a PEFT LoRA
 adapter, torch DCP folders from two gloo ranks (FSDP2, and torchtitan's tensor-parallel layout), and the committed
-DeepSpeed ZeRO runs (:func:`deepspeed_run`) and megatron-core runs in Megatron-LM's and NeMo 2's layouts
-(:func:`megatron_lm_run`, :func:`nemo2_run`). Nothing is downloaded; nothing imitates a layout by hand.
+runs of OLMo-core (:func:`make_olmo_core_run`), DeepSpeed ZeRO (:func:`deepspeed_run`) and megatron-core in
+Megatron-LM's and NeMo 2's layouts (:func:`megatron_lm_run`, :func:`nemo2_run`). Nothing is downloaded; nothing
+imitates a layout by hand.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
 
 DEEPSPEED_FIXTURES = Path(__file__).resolve().parent / "fixtures" / "deepspeed"
 MEGATRON_FIXTURES = Path(__file__).resolve().parent / "fixtures" / "megatron"
+OLMO_ARCHIVE = Path(__file__).resolve().parent / "fixtures" / "olmo_core" / "olmo_core_run.tar.xz"
 TORCH_STEPS = (10, 20, 30, 40)
 LLAMA_STEPS = (2, 4, 6)
 DCP_WORLD = 2
@@ -440,6 +442,24 @@ def nemo2_run() -> Run:
     return Run("nemo2", MEGATRON_FIXTURES / "nemo" / "checkpoints", entries, weights)
 
 
+# ------------------------------------------------------------------------------------------- OLMo-core
+
+
+def make_olmo_core_run(folder: Path) -> Run:
+    """The committed OLMo-core run (``stepN/`` folders written by ai2-olmo-core 3.0.0's own Trainer, FSDP over two
+    gloo ranks: scripts/make_olmo_fixtures.py), unpacked, with each checkpoint's model as OLMo-core's own
+    load_model_and_optim_state loaded it (``reference/stepN.safetensors``)."""
+    import tarfile
+
+    from safetensors.torch import load_file
+
+    with tarfile.open(OLMO_ARCHIVE) as tar:
+        tar.extractall(folder, filter="data")
+    steps = sorted(int(p.name[len("step"):]) for p in (folder / "run").glob("step*"))
+    return Run("olmo_core", folder / "run", {s: (f"step{s}",) for s in steps},
+               {s: load_file(folder / "reference" / f"step{s}.safetensors") for s in steps})
+
+
 # ------------------------------------------------------------------------------------------- the table
 
 MAKERS: dict[str, Callable[[Path], Run]] = {
@@ -451,6 +471,7 @@ MAKERS: dict[str, Callable[[Path], Run]] = {
     "peft_lora": make_peft_run,
     "dcp_fsdp": make_dcp_fsdp_run,
     "dcp_tp": make_dcp_tp_run,
+    "olmo_core": make_olmo_core_run,
 }
 # Runs committed under tests/fixtures/ (written by libraries that do not run in a test session).
 COMMITTED: dict[str, Callable[[], Run]] = {"megatron_lm": megatron_lm_run, "nemo2": nemo2_run}

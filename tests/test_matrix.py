@@ -1,5 +1,5 @@
 """Every format of the fixture table (tests/checkpoints.py) through every path an average takes: to a .safetensors
-file, to a model folder (-o DIR/), in memory, a sweep, an append to an earlier output, --watch, and torchrun. Each
+file, to a model folder (-o DIR/), to a checkpoint like the input (--like-input), in memory, a sweep, an append to an earlier output, --watch, and torchrun. Each
 output must equal a float64 reference computed here from the weights as the format's own library loads them: timm's
 EMA run at every step over the weights moving linearly between saves, or the uniform mean of the newest checkpoints
 (helpers.reference_average); each tensor in its input dtype, to that dtype's rounding (float32: 1e-5); integer
@@ -21,6 +21,7 @@ import pytest
 from checkpoints import FORMATS, RUNS, copy_checkpoints
 from helpers import (
     assert_average,
+    assert_refused,
     reference_average,
     reference_hf_sharded,
     run_cli,
@@ -39,6 +40,8 @@ WATCH_DEADLINE = 10.0  # seconds after which a watch still running is sent SIGTE
 KNOWN_FAILURES: dict[tuple[str, str], tuple[str, type[BaseException]]] = {}
 # Formats whose runs a spawn of two ranks writes (seconds, once per session): outside the fast subset.
 SLOW_FORMATS = {"dcp_fsdp", "dcp_tp"}
+# The rows whose checkpoints are built on torch DCP: what --like-input writes.
+DCP_BASED = ("dcp_", "olmo_core", "megatron_lm", "nemo2")
 # A torchrun cell costs seconds: DeepSpeed's runs go through it once per ZeRO stage. The runs of one stage differ in
 # the optimizer's dtypes, which the other paths cover; under torchrun each rank reads its share with the same reader.
 TORCHRUN_DEEPSPEED = {"deepspeed_zero1-fp32", "deepspeed_zero2-bf16", "deepspeed_zero3-fp16"}
@@ -89,6 +92,21 @@ def test_average_to_a_model_folder(name: str, tmp_path: Path) -> None:
     assert_average(run, load_file(out / run.weights_file), decay=DECAY)
     if run.load_folder is not None:
         assert_average(run, run.load_folder(out), decay=DECAY)
+
+
+@pytest.mark.parametrize("name", formats("like_input"))
+def test_average_like_the_input(name: str, tmp_path: Path) -> None:
+    """-o DIR --like-input: a format built on torch DCP gets a checkpoint of its own layout holding the average (read
+    back as any input: tests/test_like_input.py loads it with torch DCP's own loader); any other is refused in one
+    line, before anything is written."""
+    run = RUNS[name]
+    out = tmp_path / "merged"
+    if name.startswith(DCP_BASED):
+        cli_ok("average", run.folder, "--decay", DECAY, "-o", out, "--like-input")
+        assert_average(run, ckpt_ema.load_state_dict(out)[0], decay=DECAY)
+    else:
+        assert_refused([run.folder, "--decay", DECAY, "--like-input"], "--like-input writes checkpoints built on "
+                       "PyTorch Distributed Checkpoint", out=out)
 
 
 @pytest.mark.parametrize("name", formats("memory"))

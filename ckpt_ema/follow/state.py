@@ -57,6 +57,7 @@ from ckpt_ema.formats.safetensors import SAFETENSORS_SUFFIX
 from ckpt_ema.formats.torch_save import TORCH_SUFFIXES
 from ckpt_ema.output.atomic import close_on_disk, copy_on_disk
 from ckpt_ema.output.folder import FolderOutput
+from ckpt_ema.output.like_input import LikeInputOutput
 from ckpt_ema.output.sinks import SafetensorsOutput, index_path_of
 
 MANIFEST = "manifest.json"
@@ -253,7 +254,7 @@ class StateFolder:
         self._make()
         return SafetensorsOutput(self.path / f"{generation}.{role}.safetensors", {STATE_KEY: generation}, None)
 
-    def new_mean(self, generation: str, k: int, output: SafetensorsOutput) -> MeanFile:
+    def new_mean(self, generation: str, k: int, output: SafetensorsOutput | LikeInputOutput) -> MeanFile:
         """A sink for candidate k's running mean, a link to ``output`` where it holds the same bytes."""
         self._make()
         return MeanFile(self.path / f"{generation}.mean-{k}.safetensors", {STATE_KEY: generation}, output)
@@ -281,7 +282,7 @@ class StateFolder:
         return InputLink(link)
 
     def commit(self, manifest: Manifest, state_files: Sequence[SafetensorsOutput | InputLink],
-               outputs: Sequence[SafetensorsOutput]) -> list[list[Path]]:
+               outputs: Sequence[SafetensorsOutput | LikeInputOutput]) -> list[list[Path]]:
         """Make the new generation and its outputs current, in the order of the module docstring; returns the
         files each output wrote. The sinks must be written (not prepared); on failure they are left for the caller
         to abort."""
@@ -354,7 +355,7 @@ class MeanFile(SafetensorsOutput):
     float tensor in the accumulator's dtype), nothing is written: the output's file, once flushed, is hard-linked
     (or, where links fail, copied) to the mean's name. Otherwise it is a file of its own."""
 
-    def __init__(self, path: Path, metadata: dict[str, str], output: SafetensorsOutput) -> None:
+    def __init__(self, path: Path, metadata: dict[str, str], output: SafetensorsOutput | LikeInputOutput) -> None:
         super().__init__(path, metadata, None)
         self.output = output
         self._source: Path | None = None  # the output's temporary file, when the mean is it

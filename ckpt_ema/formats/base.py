@@ -26,6 +26,10 @@ from ckpt_ema.errors import CkptEmaError
 
 # Top-level metadata keys that hold the training step, in order of preference.
 STEP_KEYS = ("global_step", "step", "num_updates", "iteration")
+# What ckpt-ema writes into a checkpoint folder it made (``--like-input``): what was averaged. Its presence tells
+# the folder from a training checkpoint (its metadata then carries OWN_OUTPUT_KEY, as a safetensors output's does).
+OWN_RECORD = "ckpt-ema.json"
+OWN_OUTPUT_KEY = "ckpt_ema_version"
 
 
 class MappedTensors(Protocol):

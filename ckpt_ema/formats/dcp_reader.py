@@ -148,7 +148,7 @@ def _missing_field(root: object) -> str | None:
 
 
 @dataclass
-class _Chunk:
+class Chunk:
     """One stored piece of a tensor: where it sits in the global tensor, and where its data lies in its file."""
 
     offsets: tuple[int, ...]
@@ -186,8 +186,13 @@ class DcpCheckpoint(PartedCheckpoint):
         super().__init__(path=path, names=[], metadata=meta)
         self.folder = folder
         self.file_sizes = sizes
+        self.dcp_metadata = metadata
+        self.metadata_file = metadata_file
         self._shape: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
-        self._chunks: dict[str, list[_Chunk]] = {}
+        self._chunks: dict[str, list[Chunk]] = {}
+        # Every flat key that holds each tensor, the one it is read from first: what a writer of the run's own
+        # format (ckpt_ema.output.like_input) replaces with the average.
+        self.entries: dict[str, list[str]] = {}
         left_out = []
         for fqn, name in model.items():
             entry = metadata.state_dict_metadata[fqn]
@@ -198,6 +203,7 @@ class DcpCheckpoint(PartedCheckpoint):
             self.names.append(name)
             self._shape[name] = (shape, dtype)
             self._chunks[name] = chunks
+            self.entries[name] = [fqn]
         if not self.names:
             raise CkptEmaError(f"{taken} holds no tensors", folder)
         self.nbytes = sum(c.item_length for chunks in self._chunks.values() for c in chunks)
@@ -226,8 +232,8 @@ class DcpCheckpoint(PartedCheckpoint):
         if len(boxes) == 1:
             _, lo, hi = boxes[0]
             for chunk in chunks:
-                if _holds(chunk, lo, hi):
-                    view = self._chunk_tensor(chunk, dtype)[_window(lo, hi, chunk.offsets)]
+                if holds(chunk, lo, hi):
+                    view = self._chunk_tensor(chunk, dtype)[window(lo, hi, chunk.offsets)]
                     if view.is_contiguous():
                         return view.reshape(-1)
         out = torch.empty(max(stop - start, 0), dtype=dtype)
@@ -238,23 +244,42 @@ class DcpCheckpoint(PartedCheckpoint):
                 low = tuple(max(a, o) for a, o in zip(lo, chunk.offsets))
                 high = tuple(min(b, o + n) for b, o, n in zip(hi, chunk.offsets, chunk.sizes))
                 if all(a < b for a, b in zip(low, high)):
-                    target[_window(low, high, lo)].copy_(self._chunk_tensor(chunk, dtype)[_window(low, high, chunk.offsets)])
+                    target[window(low, high, lo)].copy_(self._chunk_tensor(chunk, dtype)[window(low, high, chunk.offsets)])
         return out
 
-    def _chunk_tensor(self, chunk: _Chunk, dtype: torch.dtype) -> torch.Tensor:
+    def _chunk_tensor(self, chunk: Chunk, dtype: torch.dtype) -> torch.Tensor:
         """The chunk as a tensor over the private map of its file (checked by :func:`_locate_data`)."""
         if chunk.file not in self._maps:
-            path = self.folder / chunk.file
-            try:
-                # (torch annotates from_file on the storage base class, as returning any storage)
-                self._maps[chunk.file] = torch.UntypedStorage.from_file(  # type: ignore[assignment]
-                    str(path), shared=False, nbytes=self.file_sizes[chunk.file])
-            except RuntimeError as exc:
-                raise CkptEmaError(f"cannot map the file: {str(exc).splitlines()[0]}", path) from None
-        storage = self._maps[chunk.file]
-        nbytes = _extent(chunk.sizes, chunk.stride, chunk.storage_offset) * dtype.itemsize
-        data = storage[chunk.data_offset : chunk.data_offset + nbytes]
-        return torch.empty(0, dtype=dtype).set_(data, chunk.storage_offset, chunk.sizes, chunk.stride)
+            self._maps[chunk.file] = map_file(self.folder / chunk.file, self.file_sizes[chunk.file], shared=False)
+        return chunk_tensor(self._maps[chunk.file], chunk, dtype)
+
+    def stored_chunks(self, fqn: str) -> tuple[tuple[int, ...], torch.dtype, list[Chunk]]:
+        """The global shape, dtype and chunks of the tensor stored under the flat key ``fqn``, each chunk located
+        in its file (its item's header read and checked): where a writer puts that tensor's elements."""
+        entry = self.dcp_metadata.state_dict_metadata.get(fqn)
+        if not isinstance(entry, dcp_metadata.TensorStorageMetadata):
+            raise CkptEmaError(f"the DCP metadata holds no tensor {fqn!r}", self.metadata_file)
+        shape, dtype, chunks = _tensor_chunks(fqn, entry, self.dcp_metadata.storage_data, self.metadata_file)
+        for chunk in chunks:
+            _locate_data(self.folder / chunk.file, chunk, dtype)
+        return shape, dtype, chunks
+
+
+def map_file(path: Path, nbytes: int, *, shared: bool) -> torch.UntypedStorage:
+    """The first ``nbytes`` of the file ``path`` as a storage over its memory map: private (copy on write, for
+    reading) or ``shared`` (writes go to the file)."""
+    try:
+        # (torch annotates from_file on the storage base class, as returning any storage)
+        return torch.UntypedStorage.from_file(str(path), shared=shared, nbytes=nbytes)  # type: ignore[return-value]
+    except RuntimeError as exc:
+        raise CkptEmaError(f"cannot map the file: {str(exc).splitlines()[0]}", path) from None
+
+
+def chunk_tensor(storage: torch.UntypedStorage, chunk: Chunk, dtype: torch.dtype) -> torch.Tensor:
+    """A located chunk (:func:`_locate_data`) as a tensor over ``storage``, the map of its file."""
+    nbytes = extent(chunk.sizes, chunk.stride, chunk.storage_offset) * dtype.itemsize
+    data = storage[chunk.data_offset : chunk.data_offset + nbytes]
+    return torch.empty(0, dtype=dtype).set_(data, chunk.storage_offset, chunk.sizes, chunk.stride)
 
 
 # ---------------------------------------------------------------------------------------------------- metadata
@@ -350,7 +375,7 @@ def choose_model(metadata: dcp_metadata.Metadata, paths: dict[str, tuple[str, ..
 
 
 def _tensor_chunks(fqn: str, entry: dcp_metadata.TensorStorageMetadata, storage: dict, where: Path
-                   ) -> tuple[tuple[int, ...], torch.dtype, list[_Chunk]]:
+                   ) -> tuple[tuple[int, ...], torch.dtype, list[Chunk]]:
     """A tensor's global shape, dtype and chunks, checked: each chunk inside the shape with a storage record,
     all of them together covering every element exactly once (``where``: the metadata file, for messages)."""
     shape = _counts(entry.size)
@@ -365,13 +390,13 @@ def _tensor_chunks(fqn: str, entry: dcp_metadata.TensorStorageMetadata, storage:
         info = storage.get(dcp_metadata.MetadataIndex(fqn, offsets))
         if info is None:
             raise CkptEmaError(f"no storage record for the chunk of {fqn!r} at {list(offsets)}", where)
-        chunks.append(_Chunk(offsets, sizes, info.relative_path, info.offset, info.length))
+        chunks.append(Chunk(offsets, sizes, info.relative_path, info.offset, info.length))
     if sum(math.prod(c.sizes) for c in chunks) != math.prod(shape) or not _tiles(shape, chunks):
         raise CkptEmaError(f"the chunks of {fqn!r} do not cover its shape {list(shape)} exactly once", where)
     return shape, dtype, chunks
 
 
-def _tiles(shape: tuple[int, ...], chunks: list[_Chunk]) -> bool:
+def _tiles(shape: tuple[int, ...], chunks: list[Chunk]) -> bool:
     """Whether the chunks cover every element of ``shape`` exactly once: counted on the grid of their cut points."""
     if math.prod(shape) == 0:  # nothing to read (sizes summed to 0 already)
         return True
@@ -388,7 +413,7 @@ def _tiles(shape: tuple[int, ...], chunks: list[_Chunk]) -> bool:
     return bool((grid == 1).all())
 
 
-def _locate_data(path: Path, chunk: _Chunk, dtype: torch.dtype) -> None:
+def _locate_data(path: Path, chunk: Chunk, dtype: torch.dtype) -> None:
     """Read the ``torch.save`` header of a chunk's item (weights-only, no tensor data) and record where its data
     lies in the file; refuse an item that is not one tensor of the metadata's shape and dtype, or whose strides
     reach outside its data."""
@@ -415,7 +440,7 @@ def _locate_data(path: Path, chunk: _Chunk, dtype: torch.dtype) -> None:
         raise CkptEmaError(f"{where} holds {header.dtype} {list(header.shape)}, the metadata says {dtype} "
                            f"{list(chunk.sizes)}", path)
     stride, storage_offset = tuple(header.stride()), int(header.storage_offset())  # (no SymInt: a loaded tensor)
-    needed = _extent(chunk.sizes, stride, storage_offset) * dtype.itemsize
+    needed = extent(chunk.sizes, stride, storage_offset) * dtype.itemsize
     nbytes = header.untyped_storage().nbytes()
     if min(stride, default=0) < 0 or needed > nbytes or nbytes > size or offset + size > chunk.item_length:
         raise CkptEmaError(f"{where} points outside its data", path)
@@ -498,15 +523,15 @@ def flat_boxes(shape: tuple[int, ...], start: int, stop: int) -> Iterator[tuple[
     yield from split(tuple(shape), start, stop, 0)
 
 
-def _holds(chunk: _Chunk, lo: tuple[int, ...], hi: tuple[int, ...]) -> bool:
+def holds(chunk: Chunk, lo: tuple[int, ...], hi: tuple[int, ...]) -> bool:
     return all(o <= a and b <= o + n for a, b, o, n in zip(lo, hi, chunk.offsets, chunk.sizes))
 
 
-def _window(lo: tuple[int, ...], hi: tuple[int, ...], origin: tuple[int, ...]) -> tuple[slice, ...]:
+def window(lo: tuple[int, ...], hi: tuple[int, ...], origin: tuple[int, ...]) -> tuple[slice, ...]:
     return tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, origin))
 
 
-def _extent(sizes: tuple[int, ...], stride: tuple[int, ...], storage_offset: int) -> int:
+def extent(sizes: tuple[int, ...], stride: tuple[int, ...], storage_offset: int) -> int:
     """How many elements of its storage a tensor of this geometry reaches (0 for an empty tensor)."""
     if math.prod(sizes) == 0:
         return 0

@@ -14,6 +14,7 @@ read as DeepSpeed's.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ import torch
 
 from ckpt_ema.errors import CkptEmaError
 from ckpt_ema.formats import dcp, deepspeed, megatron, model_folder, olmo_core, safetensors, sharded, torch_save
-from ckpt_ema.formats.base import Checkpoint, Format
+from ckpt_ema.formats.base import OWN_OUTPUT_KEY, OWN_RECORD, Checkpoint, Format
 
 FORMATS: tuple[Format, ...] = (
     megatron.FORMAT,  # before DCP: a megatron-core torch_dist folder is a DCP folder with its own naming
@@ -95,9 +96,23 @@ def probe(path: Path, key: str | None = None) -> tuple[dict[str, Any], Checkpoin
     and again to read it). A sharded set is probed through its first shard only and not kept open."""
     fmt = format_for(path)
     if fmt.probe is not None:
-        return fmt.probe(path, key)
-    ckpt = fmt.open(path, key)
-    return ckpt.metadata, ckpt
+        metadata, ckpt = fmt.probe(path, key)
+    else:
+        ckpt = fmt.open(path, key)
+        metadata = ckpt.metadata
+    if path.is_dir() and (path / OWN_RECORD).is_file():  # a checkpoint folder ckpt-ema wrote (--like-input)
+        metadata = {**metadata, OWN_OUTPUT_KEY: _own_version(path / OWN_RECORD)}
+    return metadata, ckpt
+
+
+def _own_version(record: Path) -> str:
+    """The ckpt-ema version that wrote a checkpoint folder, from its record ("unknown" when unreadable)."""
+    try:
+        with open(record, "rb") as f:
+            value = json.loads(f.read(1 << 20)).get(OWN_OUTPUT_KEY)
+    except (OSError, ValueError, AttributeError):
+        return "unknown"
+    return value if isinstance(value, str) else "unknown"
 
 
 def step_of(path: Path, metadata: Mapping[str, Any]) -> tuple[int, str] | None:

@@ -33,6 +33,7 @@ _MAX_COMMENT = 0xFFFF
 _ZIP64_EXTRA = 0x0001
 _FLAG_ENCRYPTED = 0x0001 | 0x0040
 _FLAG_UTF8 = 0x0800
+_FLAG_DATA_DESCRIPTOR = 0x0008
 
 # The largest central directory read into memory (about 2 million records; torch.save writes one per storage).
 MAX_DIRECTORY_BYTES = 256 << 20
@@ -51,6 +52,9 @@ class Record(NamedTuple):
     size: int
     method: int
     crc: int
+    header_offset: int = 0  # where its local header starts
+    entry_offset: int = 0  # where its entry in the central directory starts
+    flags: int = 0  # its general-purpose flags (bit 3: a data descriptor follows the data)
 
 
 def read_directory(data: Any) -> dict[str, Record]:
@@ -68,11 +72,14 @@ def read_directory(data: Any) -> dict[str, Record]:
     starts: list[tuple[int, int, str]] = []  # (local header offset, data end, name)
     pos = 0
     for _ in range(entries):
+        entry = pos
         name, raw_name, method, crc, stored_size, size, header_offset, pos = _central_entry(directory, pos)
         if name in records:
             raise ZipError(f"the zip archive holds two records named {name!r}")
         offset = _data_offset(data, name, raw_name, method, stored_size, header_offset, directory_offset)
-        records[name] = Record(name, offset, stored_size, size, method, crc)
+        flags = _CENTRAL.unpack_from(directory, entry)[3]
+        records[name] = Record(name, offset, stored_size, size, method, crc, header_offset,
+                               directory_offset + entry, flags)
         starts.append((header_offset, offset + stored_size, name))
     if pos != directory_size:
         raise ZipError(f"its zip directory holds {directory_size - pos} bytes more than its {entries} records")
@@ -107,6 +114,16 @@ def read_small_record(data: Any, record: Record, limit: int) -> bytes:
     if record.crc and zlib.crc32(content) != record.crc:
         raise ZipError(f"record {record.name!r} is corrupt (its CRC-32 does not match)")
     return content
+
+
+def crc_fields(data: Any, record: Record) -> list[int]:
+    """Where ``record``'s CRC-32 is written in the archive ``data``: its local header, its directory entry, and its
+    data descriptor when it has one (what a writer that changes the record's bytes must rewrite)."""
+    where = [record.header_offset + 14, record.entry_offset + 16]
+    if record.flags & _FLAG_DATA_DESCRIPTOR:
+        end = record.offset + record.stored_size
+        where.append(end + 4 if _read_at(data, end, 4) == b"PK\x07\x08" else end)
+    return where
 
 
 def _end_of_directory(data: Any, file_size: int) -> tuple[int, int, int, int]:

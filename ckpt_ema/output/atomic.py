@@ -58,7 +58,8 @@ def check_output_path(path: str | Path) -> Path:
     return path
 
 
-def _umask() -> int:
+def umask() -> int:
+    """The process's umask (read without changing it for longer than the call)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -69,7 +70,7 @@ def close_on_disk(f: BinaryIO, tmp: Path) -> None:
     with f:
         f.flush()
         os.fsync(f.fileno())
-    os.chmod(tmp, 0o666 & ~_umask())
+    os.chmod(tmp, 0o666 & ~umask())
 
 
 def copy_on_disk(source: Path, f: BinaryIO, tmp: Path) -> None:
@@ -89,6 +90,11 @@ def create_temporary(final: Path) -> tuple[int, Path]:
     """A new, empty temporary file beside ``final`` named ``.NAME.<pid>@<host>.<random>.tmp``; its descriptor."""
     fd, name = tempfile.mkstemp(prefix=f".{final.name}.{_writer_tag()}.", suffix=".tmp", dir=final.parent)
     return fd, Path(name)
+
+
+def create_temporary_folder(final: Path) -> Path:
+    """A new, empty temporary folder beside ``final`` named like :func:`create_temporary`'s files."""
+    return Path(tempfile.mkdtemp(prefix=f".{final.name}.{_writer_tag()}.", suffix=".tmp", dir=final.parent))
 
 
 def _running(pid: int) -> bool:
@@ -119,7 +125,10 @@ def remove_stale_temporaries(final: Path) -> list[str]:
         pid, host = match.group(1), match.group(2)
         if pid is not None and host == here and not _running(int(pid)):
             try:
-                path.unlink()
+                if path.is_dir() and not path.is_symlink():  # a checkpoint folder's copy (--like-input)
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
             except FileNotFoundError:
                 continue
             except OSError as exc:
