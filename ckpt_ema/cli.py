@@ -129,7 +129,8 @@ def main() -> None:
 @click.option("--window-steps", type=int, default=None, metavar="N",
               help="The window of --weights: the newest N training steps.")
 @click.option("--window-tokens", type=int, default=None, metavar="T",
-              help="The window of --weights in tokens (needs --tokens-per-step).")
+              help="The window of --weights in tokens: the steps that trained the newest T tokens (at "
+                   "--tokens-per-step, or by the token counts the checkpoints record).")
 @averaging_options()
 @follow_options()
 @click.option("--dry-run", is_flag=True, help="Print the checkpoints, steps and weights; read no tensor.")
@@ -180,7 +181,7 @@ def average_command(inputs: tuple[str, ...], output: str | None, decay: float | 
 @click.option("--window-steps", "windows", cls=NumbersOption, type=int, multiple=True,
               help="Windows, in steps, of the window merges (uniform without --weights): 1000 5000 ...")
 @click.option("--window-tokens", "token_windows", cls=NumbersOption, type=int, multiple=True,
-              help="Windows in tokens (needs --tokens-per-step).")
+              help="Windows in tokens (by --tokens-per-step, or the checkpoints' own token counts).")
 @averaging_options()
 @click.option("--eval-cmd", default=None, metavar="CMD",
               help="Score every candidate and the final model with this shell command; {weights} is replaced by a "

@@ -95,7 +95,8 @@ def averaging_options() -> Any:
         click.option("--from-step", type=int, default=d("from_step"), help="Use only checkpoints at this step or later."),
         click.option("--to-step", type=int, default=d("to_step"), help="Use only checkpoints at this step or earlier."),
         click.option("--tokens-per-step", type=int, default=d("tokens_per_step"), metavar="N",
-                     help="Tokens one optimizer step trains on (batch x sequence length), for --window-tokens."),
+                     help="Tokens one optimizer step trains on (batch x sequence length), for --window-tokens "
+                          "(without it: the token counts the checkpoints record)."),
         click.option("--per-checkpoint", is_flag=True, default=d("per_checkpoint"),
                      help="Ignore steps: every checkpoint counts as one update."),
         click.option("--key", default=d("key"), help="Where the weights are inside each checkpoint (e.g. state_dict_ema)."),

@@ -14,7 +14,9 @@ reported in :attr:`Discovery.skipped`:
   (Lightning's ``last.ckpt`` saved at the end of training) is no alias: it is kept, at its own step, with a note;
 * timm's ``recovery-E-B.pth.tar`` snapshots, taken inside epoch E (between ``checkpoint-(E-1)`` and
   ``checkpoint-E``) at a step no name or metadata gives, and the partial files of a killed save (``tmp.pth.tar``);
-* training state that is not weights (``optimizer.pt``, ``scheduler.pt``, ``rng_state.pth``, ``training_args.bin``).
+* training state that is not weights (``optimizer.pt``, ``scheduler.pt``, ``rng_state.pth``, ``training_args.bin``);
+* checkpoints a format leaves out of a run's folder (:attr:`~ckpt_ema.formats.base.Format.left_out`: NeMo 2's
+  ``-last`` copy of the newest checkpoint).
 
 Which files and folders are checkpoints, and where each records its step (its metadata:
 :data:`ckpt_ema.formats.base.STEP_KEYS`, or Hugging Face's ``trainer_state.json``), the formats say
@@ -36,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from ckpt_ema.errors import CkptEmaError
-from ckpt_ema.formats.base import OWN_OUTPUT_KEY, Checkpoint
+from ckpt_ema.formats.base import OWN_OUTPUT_KEY, Checkpoint, tokens_from_metadata
 from ckpt_ema.formats.registry import (check_run_folder, checkpoint_files, format_of, is_weight_file, probe, step_of,
                                        strip_weight_suffix, weight_suffixes)
 
@@ -59,7 +61,8 @@ SHARD_PATTERN = re.compile(r"-\d{5}-of-\d{5}\.(safetensors|bin)$")
 
 @dataclass
 class Source:
-    """One checkpoint of the run: a weight file or a Hugging Face folder, and where its step came from."""
+    """One checkpoint of the run: a weight file or a Hugging Face folder, where its step came from, and the tokens
+    trained on up to it where it records them."""
 
     path: Path
     step: int
@@ -68,6 +71,7 @@ class Source:
     metadata: dict[str, Any] = field(default_factory=dict, repr=False)
     # The checkpoint opened (mapped) while probing its metadata, for the engine to read: see registry.probe.
     opened: Checkpoint | None = field(default=None, repr=False, compare=False)
+    tokens: int | None = None  # its metadata's count (ckpt_ema.formats.base.TOKEN_KEYS); None: it records none
 
 
 @dataclass
@@ -82,11 +86,13 @@ class Candidate:
     nbytes: int
     metadata: dict[str, Any] = field(default_factory=dict, repr=False)
     opened: Checkpoint | None = field(default=None, repr=False, compare=False)
+    tokens: int | None = None
 
     @classmethod
     def of(cls, source: Source) -> Candidate:
-        """A source recognised from an earlier run, its recorded step standing."""
-        return cls(source.path, source.step, source.step_from, source.nbytes, source.metadata, source.opened)
+        """A source recognised from an earlier run, its recorded step and tokens standing."""
+        return cls(source.path, source.step, source.step_from, source.nbytes, source.metadata, source.opened,
+                   source.tokens)
 
     def known_step(self) -> int:
         """The step, where discovery has established that there is one (a None here is a bug in discovery)."""
@@ -96,7 +102,7 @@ class Candidate:
 
     def settled(self, step: int, step_from: str) -> Source:
         """The source, at its final step."""
-        return Source(self.path, step, step_from, self.nbytes, self.metadata, self.opened)
+        return Source(self.path, step, step_from, self.nbytes, self.metadata, self.opened, self.tokens)
 
 
 @dataclass
@@ -175,7 +181,10 @@ def _scan_folder(folder: Path) -> tuple[list[Path], list[str]]:
             continue
         if entry.is_dir():
             fmt = format_of(entry)
-            if fmt is not None and fmt.in_run(entry):
+            why = fmt.left_out(entry) if fmt is not None else None
+            if why is not None:
+                skipped.append(f"{entry}: {why}")
+            elif fmt is not None and fmt.in_run(entry):
                 found.append(entry)
         elif is_weight_file(entry):
             if NOT_WEIGHTS_PATTERN.match(entry.name):
@@ -405,7 +414,7 @@ def discover(inputs: list[str | Path], key: str | None = None, per_checkpoint: b
             step, step_from = step_from_name(path), "name"
         nbytes = opened.nbytes if opened is not None and opened.nbytes is not None else _file_size(path)
         sources.append(Candidate(path=path, step=step, step_from=step_from, nbytes=nbytes, metadata=meta,
-                                 opened=opened))
+                                 opened=opened, tokens=tokens_from_metadata(meta)))
     sources, skipped = _drop_own_outputs(sources, skipped)
     # Where the weights were taken from, when the format left a choice: said once per distinct answer.
     notes = [f"weights: {text}" for text in dict.fromkeys(

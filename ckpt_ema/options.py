@@ -96,7 +96,7 @@ class AverageOptions:
     last: int | None = None  # instead of an EMA: the plain mean of the newest ``last`` checkpoints
     sigma_rel: float | None = None  # instead of timm's EMA: EDM2's power-function EMA of this relative width
     # instead of an EMA: merge weights shaped like a learning-rate decay over a window (ckpt_ema.window_weights),
-    # the window in steps, or in tokens at tokens_per_step
+    # the window in steps, or in tokens: at tokens_per_step, or (None) by the token counts the checkpoints record
     weights: str | None = None
     window_steps: int | None = None
     window_tokens: int | None = None
@@ -145,8 +145,8 @@ class AverageOptions:
             raise OptionError("strip_prefix", f"must be a non-empty string, got {self.strip_prefix!r}")
 
     def _check_window(self) -> None:
-        """A window merge: a shape, and a window in steps or in tokens (at tokens_per_step); no other weights.
-        A window alone is the uniform mean of the window."""
+        """A window merge: a shape, and a window in steps or in tokens (at tokens_per_step, or by the checkpoints'
+        own token counts); no other weights. A window alone is the uniform mean of the window."""
         for name in ("window_steps", "window_tokens", "tokens_per_step"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
@@ -155,8 +155,6 @@ class AverageOptions:
             raise OptionError("weights", f"must be one of {', '.join(WINDOW_SHAPES)}, got {self.weights!r}")
         if self.window_steps is not None and self.window_tokens is not None:
             raise OptionError("window_tokens", "replaces --window-steps: give one of them, not both")
-        if self.window_tokens is not None and self.tokens_per_step is None:
-            raise OptionError("window_tokens", "needs --tokens-per-step (how many tokens one optimizer step trains on)")
         windowed = self.window_steps is not None or self.window_tokens is not None
         if self.weights is not None and not windowed:
             raise OptionError("weights", f"{self.weights} merges a window: give --window-steps or --window-tokens")
@@ -174,7 +172,9 @@ class AverageOptions:
 
     @property
     def window(self) -> int | None:
-        """The window of a window merge, in steps (a window in tokens rounded up to whole steps)."""
+        """The window of a window merge in steps, where the options alone give it: the window in steps, or in
+        tokens at tokens_per_step rounded up to whole steps. None for a window in tokens read from the checkpoints'
+        records (:func:`ckpt_ema.planning.window_of` places it on the run)."""
         if self.window_tokens is not None and self.tokens_per_step is not None:
             return -(-self.window_tokens // self.tokens_per_step)
         return self.window_steps

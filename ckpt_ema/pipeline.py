@@ -53,7 +53,7 @@ from ckpt_ema.output.like_input import LikeInputOutput, metadata_file_of
 from ckpt_ema.output.metadata import CARRIED_METADATA, output_metadata
 from ckpt_ema.output.sinks import MemoryOutput, SafetensorsOutput
 from ckpt_ema.planning import (Appending, Plan, candidate_fold, keeps_mean, nothing_to_average, weighting_for,
-                               within_window)
+                               window_of, within_window)
 from ckpt_ema.weighting import Weighting
 
 # Options that do not change the running means: how the outputs are written (a change rewrites them from the
@@ -228,7 +228,8 @@ class _Lister:
         if not record.matches(listing):
             self.changed.append(key)
             return None
-        source = Source(path=path, step=record.step, step_from=record.step_from, nbytes=record.size)
+        source = Source(path=path, step=record.step, step_from=record.step_from, nbytes=record.size,
+                        tokens=record.tokens)
         self.recognised[key] = source
         return source
 
@@ -288,7 +289,6 @@ def _fold_and_commit(manifest: Manifest | None, found: Discovery, new: list[Sour
     commit the outputs, with the next state when there is one (:meth:`StateFolder.commit`)."""
     base = targets[0].options
     sources = found.sources if manifest is None else _sources_so_far(manifest, found, new)
-    steps = [s.step for s in sources]
     again = [] if manifest is None else _read_again(sources, len(sources) - len(new), targets)
     reread = [sources[i] for i in again]
     prior = [] if manifest is None else _prior(manifest, state, new, reread, base)  # type: ignore[arg-type]
@@ -297,7 +297,7 @@ def _fold_and_commit(manifest: Manifest | None, found: Discovery, new: list[Sour
     if manifest is not None:
         order = [*again, *([None] if prior else []), *range(len(sources) - len(new), len(sources))]
         appending = Appending(manifest.inputs[-1].step, [s.step for s in new], order, bool(manifest.theta))
-    folds = [candidate_fold(t.options, steps, None if manifest is None else manifest.candidates[k], appending)  # type: ignore[arg-type]
+    folds = [candidate_fold(t.options, sources, None if manifest is None else manifest.candidates[k], appending)  # type: ignore[arg-type]
              for k, t in enumerate(targets)]
     discovery = Discovery(sources, found.skipped, found.notes)
     plans = [Plan(discovery, f.weighting, t.options) for t, f in zip(targets, folds)]
@@ -412,7 +412,8 @@ def _sources_so_far(manifest: Manifest, found: Discovery, new: list[Source]) -> 
     """Every checkpoint folded before (from the listing, or from its record where it is gone), then the new ones;
     the newest folded before carries the training metadata the state kept."""
     present = {str(s.path.absolute()): s for s in found.sources}
-    old = [present.get(r.path) or Source(Path(r.path), r.step, r.step_from, r.size) for r in manifest.inputs]
+    old = [present.get(r.path) or Source(Path(r.path), r.step, r.step_from, r.size, tokens=r.tokens)
+           for r in manifest.inputs]
     old[-1].metadata = {**manifest.carried, **old[-1].metadata}
     return old + new
 
@@ -420,16 +421,15 @@ def _sources_so_far(manifest: Manifest, found: Discovery, new: list[Source]) -> 
 def _read_again(sources: list[Source], folded: int, targets: Sequence[Target]) -> list[int]:
     """The indices of the checkpoints folded before (the first ``folded`` of ``sources``) that an average keeping
     no running mean (a uniform mean of the newest K, a window merge) weighs: it reads them again."""
-    steps = [s.step for s in sources]
     wanted: set[int] = set()
     for t in targets:
         if t.keeps_mean:
             continue
-        needed = [i for i, w in enumerate(weighting_for(t.options, steps).weights) if w > 0 and i < folded]
+        needed = [i for i, w in enumerate(weighting_for(t.options, sources).weights) if w > 0 and i < folded]
         for i in needed:
             if not sources[i].path.exists():
                 what = (f"a uniform mean of the newest {t.options.last} checkpoints" if t.options.last is not None
-                        else f"a {t.options.weights} merge over {t.options.window} steps")
+                        else f"a {t.options.weights} merge over {window_of(t.options, sources)} steps")
                 raise CkptEmaError(f"{what} needs this one again, and it is gone (the trainer keeps fewer?)",
                                    sources[i].path)
         wanted.update(needed)
@@ -458,4 +458,4 @@ def _record(source: Source, listing: tuple[int, int] | None) -> Recorded:
     if listing is None:
         raise CkptEmaError("gone before its listing could be taken", source.path)
     size, mtime = listing
-    return Recorded(str(source.path.absolute()), source.step, source.step_from, size, mtime)
+    return Recorded(str(source.path.absolute()), source.step, source.step_from, size, mtime, source.tokens)

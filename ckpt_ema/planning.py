@@ -7,6 +7,7 @@ options that produced them.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
@@ -19,7 +20,7 @@ from ckpt_ema.options import AverageOptions
 from ckpt_ema.weighting import (EmaState, Weighting, ema_continuation, ema_total, ema_unresolved,
                                 ema_unresolved_continued, ema_weighting, power_continuation, power_weighting,
                                 uniform_weighting)
-from ckpt_ema.window_weights import window_start, window_weighting
+from ckpt_ema.window_weights import token_window, window_start, window_weighting
 
 
 # Warn when the first checkpoint carries more than this share of an EMA's weight. That share is what the EMA
@@ -71,8 +72,8 @@ class Plan:
         if self.options.last is not None:
             return "a uniform mean of checkpoints: nothing between them is asked for (unresolved 0%)"
         if self.options.weights is not None:
-            return (f"a {self.options.weights} merge over {self.options.window} steps weighs checkpoints: the decay "
-                    "it stands for is averaged over each interval between them")
+            return (f"a {self.options.weights} merge over {self.window_words()} weighs checkpoints: the decay it "
+                    "stands for is averaged over each interval between them")
         return (f"unresolved {percent(self.weighting.unresolved)}: the share of the per-step weights asked for that "
                 "lies in their shape between checkpoints, which the checkpoints cannot place")
 
@@ -80,7 +81,7 @@ class Plan:
         """The traps this plan falls into, one line each: a single checkpoint, checkpoints too far apart for the
         average asked for, and a first checkpoint that holds a large share of the weight
         (:meth:`first_checkpoint_warnings`)."""
-        lines = self.first_checkpoint_warnings() + self.window_warnings()
+        lines = self.first_checkpoint_warnings() + self.window_warnings() + self.tokens_per_step_warnings()
         if len(self.sources) == 1:  # no average at all, whatever the spacing would need
             lines.insert(0, f"only one checkpoint, {self.sources[0].path}: the result is its weights, not an average; "
                             "give the run's folder (or a glob) to average its checkpoints")
@@ -93,14 +94,49 @@ class Plan:
 
     def window_warnings(self) -> list[str]:
         """A line when the window asked for reaches before the first checkpoint (it then begins there)."""
-        window = self.options.window
+        window = self.window
         if window is None or len(self.sources) < 2:
             return []
         steps = [s.step for s in self.sources]
         if steps[-1] - window >= steps[0] or window_start(steps, window) != 0:
             return []
-        return [f"the window of {window} steps reaches before the first checkpoint (step {steps[0]}): it begins "
-                f"there, {steps[-1] - steps[0]} steps before the newest"]
+        tokens = f" ({self.options.window_tokens} tokens)" if self.options.window_tokens is not None else ""
+        return [f"the window of {window} steps{tokens} reaches before the first checkpoint (step {steps[0]}): it "
+                f"begins there, {steps[-1] - steps[0]} steps before the newest"]
+
+    def tokens_per_step_warnings(self) -> list[str]:
+        """A line when --tokens-per-step places a window in tokens although the checkpoints record their tokens,
+        and some interval between two of them trained on another number per step. The flag stands (it is what was
+        asked, and a record may count another thing: a Trainer's non-padding tokens), but the window then is not
+        the newest T tokens the run records."""
+        n = self.options.tokens_per_step
+        if n is None or self.options.window_tokens is None:
+            return []
+        for before, after in zip(self.sources, self.sources[1:]):
+            if before.tokens is None or after.tokens is None:
+                continue
+            trained, steps = after.tokens - before.tokens, after.step - before.step
+            if trained != n * steps:
+                return [f"--tokens-per-step {n} is not what the checkpoints record: {trained} tokens over the "
+                        f"{steps} steps from {before.path} to {after.path} ({trained / steps:.6g} per step); the "
+                        f"window is taken at {n} per step as asked (leave --tokens-per-step out to use the records)"]
+        return []
+
+    @property
+    def window(self) -> int | None:
+        """The window of a window merge, in steps (:func:`window_of`); None for any other average."""
+        return window_of(self.options, self.sources)
+
+    def window_words(self) -> str:
+        """The window of a window merge as asked and as placed on the run's steps, for people."""
+        window, end = self.window, self.sources[-1].step
+        assert window is not None, "a window merge has a window"
+        steps = f"steps {end - window}..{end}"
+        if self.options.window_tokens is None:
+            return f"the newest {window} steps ({steps})"
+        at = (f"at --tokens-per-step {self.options.tokens_per_step}" if self.options.tokens_per_step is not None
+              else "by the token counts the checkpoints record")
+        return f"the newest {self.options.window_tokens} tokens: {window} steps {at} ({steps})"
 
     @property
     def first_share(self) -> float:
@@ -147,7 +183,7 @@ def percent(share: float) -> str:
 def make_plan(inputs: list[str | Path], options: AverageOptions) -> Plan:
     """Resolve the checkpoints ``inputs`` name and their weights under ``options``, reading no tensor."""
     found = discover_window(inputs, options)
-    weighting = weighting_for(options, [s.step for s in found.sources])
+    weighting = weighting_for(options, found.sources)
     if not any(weighting.weights):
         raise nothing_to_average(options)
     return Plan(found, weighting, options)
@@ -173,16 +209,45 @@ def within_window(found: Discovery, from_step: int | None, to_step: int | None) 
     return replace(found, sources=kept)
 
 
-def weighting_for(options: AverageOptions, steps: list[int]) -> Weighting:
-    """The weights ``options`` ask for over a whole run: a uniform mean of the newest ``last``, a power EMA, or
-    timm's EMA. (Every weight may be zero: every step before ``update_after_step``; the caller says so.)"""
+def weighting_for(options: AverageOptions, sources: Sequence[Source]) -> Weighting:
+    """The weights ``options`` ask for over a whole run (its checkpoints ``sources``, in training order): a uniform
+    mean of the newest ``last``, a window merge, a power EMA, or timm's EMA. (Every weight may be zero: every step
+    before ``update_after_step``; the caller says so.)"""
+    steps = [s.step for s in sources]
     if options.last is not None:
         return uniform_weighting(steps, options.last)
-    if options.weights is not None and options.window is not None:
-        return window_weighting(steps, options.weights, options.window)
+    window = window_of(options, sources)
+    if options.weights is not None and window is not None:
+        return window_weighting(steps, options.weights, window)
     if options.sigma_rel is not None:
         return power_weighting(steps, options.sigma_rel, options.interpolate)
     return ema_weighting(steps, options.schedule, options.bias_correction, options.interpolate)
+
+
+def window_of(options: AverageOptions, sources: Sequence[Source]) -> int | None:
+    """The window of a window merge in steps (None: no window merge): ``--window-steps``; ``--window-tokens`` at
+    ``--tokens-per-step``, rounded up to whole steps; or ``--window-tokens`` alone, the steps that trained the newest
+    T tokens by the counts the checkpoints record (:func:`ckpt_ema.window_weights.token_window`)."""
+    if options.weights is None or options.window_tokens is None or options.tokens_per_step is not None:
+        return options.window
+    return token_window([s.step for s in sources], recorded_tokens(sources), options.window_tokens)
+
+
+def recorded_tokens(sources: Sequence[Source]) -> list[int]:
+    """The tokens trained on that each checkpoint records, checked to grow with the step: a checkpoint without a
+    count (the first is named, and the cure) or counts that do not grow are refused in one line."""
+    missing = next((s for s in sources if s.tokens is None), None)
+    if missing is not None:
+        raise CkptEmaError("records no count of the tokens trained on (OLMo-core's global_train_tokens_seen, a "
+                           "Hugging Face Trainer's num_input_tokens_seen), which --window-tokens reads without "
+                           "--tokens-per-step: give --tokens-per-step", missing.path)
+    tokens = [s.tokens for s in sources if s.tokens is not None]
+    for (before, t0), (after, t1) in zip(zip(sources, tokens), zip(sources[1:], tokens[1:])):
+        if t1 <= t0:
+            raise CkptEmaError(f"records {t1} tokens trained on at step {after.step}, not more than the {t0} of "
+                               f"{before.path} at step {before.step}: these counts cannot place a window in tokens "
+                               "(give --tokens-per-step)", after.path)
+    return tokens
 
 
 def nothing_to_average(options: AverageOptions) -> OptionError:
@@ -227,19 +292,20 @@ class CandidateFold:
     continues: bool
 
 
-def candidate_fold(options: AverageOptions, steps: list[int], record: Kept | None = None,
+def candidate_fold(options: AverageOptions, sources: Sequence[Source], record: Kept | None = None,
                    appending: Appending | None = None) -> CandidateFold:
     """The weights of one candidate: over every checkpoint from the start (no ``appending``), or appended to the
-    state ``record`` kept (``steps``: every checkpoint so far, the new ones last). The one place an average's
+    state ``record`` kept (``sources``: every checkpoint so far, the new ones last). The one place an average's
     weights are chosen."""
+    steps = [s.step for s in sources]
     if appending is None:
-        weighting = weighting_for(options, steps)
+        weighting = weighting_for(options, sources)
         total = (ema_total(steps[-1], options.schedule, options.bias_correction)
                  if keeps_mean(options) and options.sigma_rel is None else None)
         return CandidateFold(weighting, list(weighting.lerps), total, False)
     read = appending.read
     if not keeps_mean(options):  # its weights follow from the steps alone: what it weighs is read again
-        weighting = weighting_for(options, steps)
+        weighting = weighting_for(options, sources)
         at_read = tuple(0.0 if i is None else weighting.weights[i] for i in read)
         return CandidateFold(weighting, list(Weighting(tuple(range(len(read))), at_read).lerps), None, False)
     assert record is not None

@@ -83,8 +83,7 @@ class Candidate:
         if opts.last is not None:
             return f"uniform mean of the newest {opts.last}"
         if opts.weights is not None:
-            tokens = f" ({opts.window_tokens} tokens)" if opts.window_tokens is not None else ""
-            return f"{opts.weights} merge over the newest {opts.window} steps{tokens}"
+            return f"{opts.weights} merge over {self.plan.window_words()}"
         if opts.sigma_rel is not None:
             return f"power EMA sigma_rel {opts.sigma_rel:g} (gamma {gamma_of(opts.sigma_rel):.4g}, {opts.interpolate})"
         return f"EMA decay {opts.schedule.decay:.6g} ({opts.interpolate})"
@@ -108,8 +107,9 @@ def sweep_variants(base: AverageOptions, *, decays: Sequence[float] = (), half_l
                    lasts: Sequence[int] = (), sigma_rels: Sequence[float] = (), shapes: Sequence[str] = (),
                    windows: Sequence[int] = (), token_windows: Sequence[int] = ()) -> list[tuple[str, AverageOptions]]:
     """(name, options) of each candidate: one per decay, half-life, sigma_rel and K, and one per shape and window
-    (in steps, or in tokens at the options' tokens_per_step; no shape: the uniform mean of each window); every
-    other option is ``base``'s (a uniform mean or a window merge takes none of the EMA's)."""
+    (in steps, or in tokens: at the options' tokens_per_step, or by the checkpoints' own token counts; no shape:
+    the uniform mean of each window); every other option is ``base``'s (a uniform mean or a window merge takes none
+    of the EMA's)."""
     if not (decays or half_lives or lasts or sigma_rels or windows or token_windows):
         raise OptionError("decays", "are empty, as are half_lives, sigma_rels, lasts and windows: give at least one "
                                     "candidate to sweep")
@@ -272,15 +272,18 @@ def sweep_table(result: SweepResult, scoring: Scoring | None = None) -> str:
 
 def sweep_warnings(candidates: list[Candidate]) -> list[str]:
     """One line naming the candidates whose checkpoints are too far apart for what they ask (see
-    :meth:`ckpt_ema.weighting.Weighting.too_sparse`), or saying that there is only one checkpoint."""
+    :meth:`ckpt_ema.weighting.Weighting.too_sparse`), or saying that there is only one checkpoint; and one when
+    --tokens-per-step disagrees with the token counts the checkpoints record (every window in tokens takes it)."""
     if candidates and len(candidates[0].plan.sources) == 1:
         return [f"only one checkpoint, {candidates[0].plan.sources[0].path}: every candidate is its weights, not an "
                 "average; give the run's folder (or a glob) to average its checkpoints"]
+    lines = next((w for c in candidates if (w := c.plan.tokens_per_step_warnings())), [])
     poor = [c for c in candidates if c.plan.weighting.too_sparse()]
     if not poor:
-        return []
+        return lines
     named = ", ".join(f"{c.name} ({percent(c.plan.weighting.unresolved)} unresolved)" for c in poor)
-    return [f"the checkpoints are too far apart for {named}: those averages are mostly the newest checkpoint or two"]
+    return [f"the checkpoints are too far apart for {named}: those averages are mostly the newest checkpoint or two",
+            *lines]
 
 
 def _short(key: str) -> str:

@@ -21,6 +21,16 @@ the paper's Theorem 3.1); with sparser checkpoints, the decay averaged over each
 
 A window longer than the run begins at the first checkpoint. The weights depend on steps alone, so an average of
 this kind keeps no running mean: each update reads the checkpoints of the window again.
+
+**A window in tokens** (``--window-tokens T``) is the window of steps that trained the newest T tokens, and the
+decay runs over those steps, as a learning-rate scheduler steps per optimizer step. With ``--tokens-per-step N`` it
+is ``ceil(T / N)`` steps. Without it, :func:`token_window` reads it from the token counts the checkpoints record
+(OLMo-core's ``global_train_tokens_seen``, a Hugging Face Trainer's ``num_input_tokens_seen``): the window begins at
+the step at which the run had seen T tokens fewer than at the newest checkpoint, the count taken to grow at a
+constant rate between two checkpoints (a batch size that changes between checkpoints, a ramp, is followed; one that
+changes between two saves is averaged over them), and before the first checkpoint at the first interval's rate.
+That step is rounded down, so the window holds at least T tokens: at a constant N tokens per step both give
+``ceil(T / N)`` steps.
 """
 
 from __future__ import annotations
@@ -55,6 +65,20 @@ def window_start(steps: list[int], window: int) -> int:
     start = steps[-1] - window
     before = [i for i, s in enumerate(steps) if s <= start]
     return before[-1] if before else 0
+
+
+def token_window(steps: list[int], tokens: list[int], window_tokens: int) -> int:
+    """The window in steps that trained the newest ``window_tokens`` tokens of a run whose checkpoints at ``steps``
+    record ``tokens`` seen (both strictly increasing; see the module docstring): ``steps[-1] - s``, s the whole step
+    at or before the one at which ``tokens[-1] - window_tokens`` tokens had been seen, the count linear between
+    checkpoints and extended before the first at the first interval's rate. A run of one checkpoint has no rate:
+    its window is that checkpoint alone (1 step)."""
+    if len(steps) == 1:
+        return 1
+    start = tokens[-1] - window_tokens
+    i = max([0] + [j for j in range(len(steps) - 1) if tokens[j] <= start])  # the interval that holds it, or the first
+    s0, s1, t0, t1 = steps[i], steps[i + 1], tokens[i], tokens[i + 1]
+    return steps[-1] - (s0 + (start - t0) * (s1 - s0) // (t1 - t0))  # floor division: rounded down, also before s0
 
 
 def window_weighting(steps: list[int], shape: str, window: int) -> Weighting:

@@ -2,6 +2,7 @@
 
     python scripts/bench_dcp.py                        # 3 checkpoints of 64M float32 params (256 MB), --max-memory 64MB
     python scripts/bench_dcp.py --params 256e6 --max-memory 256MB --repeats 5
+    python scripts/bench_dcp.py --params 64e6 --checkpoints 8 --repeats 5 --workdir /var/tmp   # a disk, not tmpfs
 
 It writes, once, a run of ``--checkpoints`` DCP checkpoints with ``dcp.save`` under gloo with 2 ranks (each
 tensor a DTensor sharded on its first dimension, beside AdamW-like optimizer state of twice the model's size, as
@@ -13,7 +14,9 @@ times each, in a fresh interpreter per run (start-up excluded):
 * ``ckpt-ema``: ``ckpt_ema.average(folders, out, max_memory=...)``, the uniform mean of the checkpoints written
   as one safetensors file (the model entry only; the optimizer bytes are never read);
 * ``dcp_to_torch_save``: today's route: ``torch.distributed.checkpoint.format_utils.dcp_to_torch_save`` of each
-  checkpoint to a ``.pt`` file, then torch.load each file's model entry and average the state dicts in memory.
+  checkpoint to a ``.pt`` file, then torch.load each file's model entry and average the state dicts in memory;
+* ``cp -r newest``: a copy of the newest checkpoint, flushed: the least that writing a checkpoint like it costs;
+* ``--like-input``: the same average written as a copy of the newest checkpoint (``like_input=True``).
 
 It prints medians, ratios to ``cat``, and peak anonymous memory (RssAnon: memory the process owns, not the page
 cache it maps) from one more run of each with a sampling thread, next to ``--max-memory`` plus the largest stored
@@ -25,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -72,6 +76,9 @@ if measure:
 t0 = time.perf_counter()
 if method == "ckpt-ema":
     ckpt_ema.average(folders, out, last=len(folders), max_memory=max_memory)
+elif method == "--like-input":
+    ckpt_ema.average(folders, out + ".like", last=len(folders), max_memory=max_memory, like_input=True,
+                     keep_state=False)
 else:
     avg = None
     for i, folder in enumerate(folders):
@@ -118,9 +125,20 @@ def run_cat(folders: list[Path]) -> dict:
     return {"seconds": time.perf_counter() - t0, "peak_anon_bytes": 0}
 
 
+def run_cp(folders: list[Path], out: Path) -> dict:
+    """``cp -r`` of the newest checkpoint: what writing a checkpoint like it costs at the least."""
+    target = out.with_name(out.name + ".copy")
+    shutil.rmtree(target, ignore_errors=True)
+    os.sync()
+    t0 = time.perf_counter()
+    subprocess.run(["cp", "-r", str(folders[-1]), str(target)], check=True)
+    subprocess.run(["sync", "-f", str(target)], check=True)  # as the outputs are flushed before their rename
+    return {"seconds": time.perf_counter() - t0, "peak_anon_bytes": 0}
+
+
 def run_worker(method: str, folders: list[Path], out: Path, max_memory: int, measure: bool) -> dict:
     for earlier in out.parent.glob(f"{out.name}*"):
-        earlier.unlink()
+        shutil.rmtree(earlier) if earlier.is_dir() else earlier.unlink()
     os.sync()
     done = subprocess.run([sys.executable, "-c", WORKER, method, json.dumps([str(f) for f in folders]), str(out),
                            str(max_memory), "1" if measure else "0"], capture_output=True, text=True, check=True)
@@ -148,13 +166,15 @@ def main() -> None:
         piece = largest_piece(folders)
         out = tmp / "avg.safetensors"
         run_cat(folders)  # warm the page cache
-        times: dict[str, list[float]] = {"cat": [], "ckpt-ema": [], "dcp_to_torch_save": []}
+        workers = ("ckpt-ema", "dcp_to_torch_save", "--like-input")
+        times: dict[str, list[float]] = {"cat": [], "ckpt-ema": [], "dcp_to_torch_save": [], "cp -r newest": [],
+                                         "--like-input": []}
         for _ in range(args.repeats):
             times["cat"].append(run_cat(folders)["seconds"])
-            for method in ("ckpt-ema", "dcp_to_torch_save"):
+            times["cp -r newest"].append(run_cp(folders, out)["seconds"])
+            for method in workers:
                 times[method].append(run_worker(method, folders, out, max_memory, False)["seconds"])
-        peaks = {m: run_worker(m, folders, out, max_memory, True)["peak_anon_bytes"]
-                 for m in ("ckpt-ema", "dcp_to_torch_save")}
+        peaks = {m: run_worker(m, folders, out, max_memory, True)["peak_anon_bytes"] for m in workers}
     cat = statistics.median(times["cat"])
     mb = 1e6
     print(f"{args.checkpoints} DCP checkpoints (2 ranks), model {model_bytes / mb:.0f} MB each, "

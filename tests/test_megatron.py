@@ -82,6 +82,9 @@ def test_runs_are_found_with_their_steps() -> None:
            [(f"iter_{s:07d}", s, "name") for s in MEGATRON_STEPS]
     plan = ckpt_ema.plan(NEMO, decay=0.9)
     assert [(s.path, s.step) for s in plan.sources] == [(nemo_checkpoint(s), s) for s in NEMO_STEPS]
+    last = nemo_checkpoint(4, last=True)
+    assert plan.discovery.skipped == [f"{last}: NeMo 2's -last copy of {nemo_checkpoint(4).name} (the same checkpoint "
+                                      "saved twice), not averaged a second time"]
 
 
 def weighted(refs: list[dict[str, torch.Tensor]], coefficients: list[float]) -> dict[str, torch.Tensor]:

@@ -6,7 +6,7 @@ outputs never record it, so that they depend on their inputs and options alone):
 
 * ``manifest.json``: the generation's id; each candidate's options, output (and the listing of the file holding it
   as committed) and total weight R (see "Appending" in :mod:`ckpt_ema.weighting`); each input folded so far as a listing shows it (absolute path, bytes, modification
-  time, step), so that it is recognised later without being opened; the dtypes of the run's tensors and the
+  time, step, and the tokens it records), so that it is recognised later without being opened; the dtypes of the run's tensors and the
   newest checkpoint's training metadata, so that an output can be rewritten from the state alone;
 * ``<id>.mean-<k>.safetensors``: candidate k's running mean, its float tensors in the accumulator's dtype (the
   output may be 16-bit; the mean goes on in full precision). When the output is one file holding exactly those
@@ -95,6 +95,9 @@ class Recorded:
     step_from: str
     size: int
     mtime_ns: int
+    # The tokens trained on that it records, which a window in tokens read from the checkpoints needs again at each
+    # append (None: it records none; a manifest written before this field reads as None)
+    tokens: int | None = None
 
     def matches(self, listing: tuple[int, int]) -> bool:
         return (self.size, self.mtime_ns) == listing
@@ -148,7 +151,8 @@ class Manifest:
             if raw.get("version") != MANIFEST_VERSION:
                 raise ValueError(f"version {raw.get('version')!r}, not {MANIFEST_VERSION}")
             inputs = [Recorded(str(r["path"]), _int(r["step"]), str(r["step_from"]), _int(r["size"]),
-                               _int(r["mtime_ns"])) for r in raw["inputs"]]
+                               _int(r["mtime_ns"]), None if r.get("tokens") is None else _int(r["tokens"]))
+                      for r in raw["inputs"]]
             candidates = [CandidateRecord(str(c["name"]), str(c["output"]), dict(c["options"]),
                                           None if c["total"] is None else _finite(c["total"]),
                                           None if c["mean"] is None else _file_name(c["mean"]),

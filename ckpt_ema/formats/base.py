@@ -30,6 +30,9 @@ STEP_KEYS = ("global_step", "step", "num_updates", "iteration")
 # the folder from a training checkpoint (its metadata then carries OWN_OUTPUT_KEY, as a safetensors output's does).
 OWN_RECORD = "ckpt-ema.json"
 OWN_OUTPUT_KEY = "ckpt_ema_version"
+# Top-level metadata keys that hold the number of tokens trained on up to the checkpoint: OLMo-core's trainer state
+# (train/rank0.pt), a Hugging Face Trainer's trainer_state.json (with include_num_input_tokens_seen).
+TOKEN_KEYS = ("global_train_tokens_seen", "num_input_tokens_seen")
 
 
 class MappedTensors(Protocol):
@@ -214,6 +217,15 @@ def step_from_metadata(meta: Mapping[str, Any]) -> tuple[int, str] | None:
     return None
 
 
+def tokens_from_metadata(meta: Mapping[str, Any]) -> int | None:
+    """The number of tokens trained on that a checkpoint's metadata records (:data:`TOKEN_KEYS`); None: none."""
+    for key in TOKEN_KEYS:
+        value = meta.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return value
+    return None
+
+
 def step_in_metadata(path: Path, meta: Mapping[str, Any]) -> tuple[int, str] | None:
     """A :attr:`Format.step` for formats that keep the step beside the weights: the step and ``"metadata:<key>"``."""
     found = step_from_metadata(meta)
@@ -229,6 +241,10 @@ def _never(path: Path) -> bool:
 
 
 def _no_check(folder: Path) -> None:
+    return None
+
+
+def _not_left_out(path: Path) -> str | None:
     return None
 
 
@@ -260,6 +276,9 @@ class Format:
     # Whether a checkpoint of this format met while scanning a run's folder is one of the run's checkpoints (a model
     # folder there is one only when it is a Trainer's checkpoint-N).
     in_run: Callable[[Path], bool] = _always
+    # Why a checkpoint of this format met while scanning a run's folder is left out although it is one of the run's
+    # (NeMo 2's -last copy of the newest checkpoint), in a few words that discovery's skipped lines say; None: kept.
+    left_out: Callable[[Path], str | None] = _not_left_out
     # Whether a checkpoint of this format given as an input is also a run's folder, to be scanned (a Trainer's
     # output folder: its final model beside checkpoint-N folders).
     holds_run: Callable[[Path], bool] = _never

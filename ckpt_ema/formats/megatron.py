@@ -146,10 +146,17 @@ def megatron_step(path: Path, metadata: Mapping[str, Any]) -> tuple[int, str] | 
 
 def megatron_in_run(path: Path) -> bool:
     """A checkpoint of a run's folder once megatron-core has finished saving it (an asynchronous save writes
-    ``metadata.json`` minutes after the tensors; given alone, an unfinished one is refused), but for NeMo 2's
-    ``-last`` copy of a checkpoint that is there too (the same weights at the same step, saved twice)."""
+    ``metadata.json`` minutes after the tensors; given alone, an unfinished one is refused)."""
+    return megatron_is_complete(path)
+
+
+def nemo_last_copy(path: Path) -> str | None:
+    """Why NeMo 2's ``-last`` copy of a checkpoint that is in the run's folder too is left out of the run (the
+    same weights at the same step, saved twice); None for any other checkpoint."""
     twin = path.with_name(path.name.removesuffix(NEMO_LAST))
-    return megatron_is_complete(path) and not (twin != path and is_megatron_checkpoint(twin))
+    if twin == path or not is_megatron_checkpoint(twin):
+        return None
+    return f"NeMo 2's {NEMO_LAST} copy of {twin.name} (the same checkpoint saved twice), not averaged a second time"
 
 
 def check_tracker(folder: Path) -> None:
@@ -183,5 +190,6 @@ FORMAT = Format(
     is_complete=megatron_is_complete,
     step=megatron_step,
     in_run=megatron_in_run,
+    left_out=nemo_last_copy,
     check_run=check_tracker,
 )

@@ -1,4 +1,5 @@
-"""A Hugging Face Trainer's ``checkpoint-N/`` folder: where its global step is recorded (``trainer_state.json``).
+"""A Hugging Face Trainer's ``checkpoint-N/`` folder: where its global step (and the tokens it counted) are recorded
+(``trainer_state.json``).
 
 The Trainer saves the weights (a model folder, or DeepSpeed's tag folder under ``latest``) and beside them its own
 state, whose ``global_step`` is the step of the checkpoint. Formats whose checkpoints can be such a folder take
@@ -16,6 +17,7 @@ from ckpt_ema.formats.base import step_in_metadata
 
 TRAINER_STATE = "trainer_state.json"
 CHECKPOINT_PREFIX = "checkpoint-"  # the Trainer's checkpoint-N folders
+TOKENS_SEEN = "num_input_tokens_seen"  # TrainerState's count of input tokens (with include_num_input_tokens_seen)
 
 
 def is_trainer_folder(folder: Path) -> bool:
@@ -24,14 +26,20 @@ def is_trainer_folder(folder: Path) -> bool:
 
 
 def with_trainer_state(path: Path, meta: dict[str, Any]) -> dict[str, Any]:
-    """``meta`` plus the global step of a Trainer folder's trainer_state.json, if it has one."""
+    """``meta`` plus the global step of a Trainer folder's trainer_state.json, if it has one, and the tokens it
+    counted (``num_input_tokens_seen``). The Trainer writes that count always, 0 unless
+    ``include_num_input_tokens_seen`` is on: a 0 after step 0 is no count, and is left out."""
     state_file = path / TRAINER_STATE
     if not path.is_dir() or not state_file.is_file():
         return meta
     state = strict_json.read_json(state_file, "trainer state", floats=True)
-    step = state.get("global_step") if isinstance(state, dict) else None
+    if not isinstance(state, dict):
+        return meta
+    step, tokens = state.get("global_step"), state.get(TOKENS_SEEN)
     if isinstance(step, int) and not isinstance(step, bool):
         meta["global_step"] = step
+    if isinstance(tokens, int) and not isinstance(tokens, bool) and (tokens > 0 or step == 0):
+        meta[TOKENS_SEEN] = tokens
     return meta
 
 
