@@ -17,7 +17,7 @@ from typing import Any
 import click
 
 from ckpt_ema import __version__
-from ckpt_ema.cli_options import NumbersOption, averaging_options, follow_options, options_from
+from ckpt_ema.cli_options import COUNT, NumbersOption, averaging_options, follow_options, options_from
 from ckpt_ema.errors import CkptEmaError, OptionError
 from ckpt_ema.interrupts import Interrupted, signal_name, signals_as_interrupts
 from ckpt_ema.window_weights import WINDOW_SHAPES
@@ -128,7 +128,7 @@ def main() -> None:
                    "uniform mean of the window.  [default with a window: uniform]")
 @click.option("--window-steps", type=int, default=None, metavar="N",
               help="The window of --weights: the newest N training steps.")
-@click.option("--window-tokens", type=int, default=None, metavar="T",
+@click.option("--window-tokens", type=COUNT, default=None, metavar="T",
               help="The window of --weights in tokens: the steps that trained the newest T tokens (at "
                    "--tokens-per-step, or by the token counts the checkpoints record).")
 @averaging_options()
@@ -180,7 +180,7 @@ def average_command(inputs: tuple[str, ...], output: str | None, decay: float | 
               help="Window merges to try, each over every window: cosine 1-sqrt ...")
 @click.option("--window-steps", "windows", cls=NumbersOption, type=int, multiple=True,
               help="Windows, in steps, of the window merges (uniform without --weights): 1000 5000 ...")
-@click.option("--window-tokens", "token_windows", cls=NumbersOption, type=int, multiple=True,
+@click.option("--window-tokens", "token_windows", cls=NumbersOption, type=COUNT, multiple=True,
               help="Windows in tokens (by --tokens-per-step, or the checkpoints' own token counts).")
 @averaging_options()
 @click.option("--eval-cmd", default=None, metavar="CMD",

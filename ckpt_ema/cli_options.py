@@ -94,7 +94,7 @@ def averaging_options() -> Any:
                      help="The weights between two checkpoints: moving linearly (linear) or held at the newer (step)."),
         click.option("--from-step", type=int, default=d("from_step"), help="Use only checkpoints at this step or later."),
         click.option("--to-step", type=int, default=d("to_step"), help="Use only checkpoints at this step or earlier."),
-        click.option("--tokens-per-step", type=int, default=d("tokens_per_step"), metavar="N",
+        click.option("--tokens-per-step", type=COUNT, default=d("tokens_per_step"), metavar="N",
                      help="Tokens one optimizer step trains on (batch x sequence length), for --window-tokens "
                           "(without it: the token counts the checkpoints record)."),
         click.option("--per-checkpoint", is_flag=True, default=d("per_checkpoint"),
@@ -153,6 +153,30 @@ def options_from(params: dict[str, Any], **weights: Any) -> AverageOptions:
         rest["bias_correction"] = False
         return AverageOptions(**{name: weights[name]}, **rest)
     return AverageOptions.build(decay=weights.get("decay"), half_life=weights.get("half_life"), **shape, **rest)
+
+
+class Count(click.ParamType):
+    """A whole number, also written as a float literal that is one: ``8000000000``, ``8e9``, ``4_194_304``."""
+
+    name = "integer"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        try:
+            return int(str(value))
+        except ValueError:
+            pass
+        try:
+            number = float(str(value))
+        except ValueError:
+            self.fail(f"{value!r} is not a whole number", param, ctx)
+        if not number.is_integer():
+            self.fail(f"{value!r} is not a whole number", param, ctx)
+        return int(number)
+
+
+COUNT = Count()
 
 
 class NumbersOption(click.Option):

@@ -50,7 +50,7 @@ from ckpt_ema.formats.registry import format_of, open_checkpoint
 from ckpt_ema.formats.zip_records import ZipError, crc_fields, read_directory
 from ckpt_ema.output.atomic import create_temporary_folder, remove_stale_temporaries, umask
 
-# Read this many bytes at a time to copy a file or compute a CRC-32.
+# Read this many bytes at a time to compute a CRC-32.
 BLOCK_BYTES = 16 << 20
 # What the output's metadata file is called (DCP's), to find it without opening the folder.
 DCP_METADATA = ".metadata"
@@ -284,8 +284,10 @@ def _one_to_one(sizes: tuple[int, ...], stride: tuple[int, ...]) -> bool:
 
 
 def _copy(source: Path, target: Path) -> None:
-    with open(source, "rb") as src, open(target, "xb") as dst:
-        shutil.copyfileobj(src, dst, BLOCK_BYTES)
+    """A copy of the file ``source`` at the new path ``target``, by the kernel (no buffer of ours)."""
+    if target.exists():
+        raise FileExistsError(errno.EEXIST, "exists", str(target))
+    shutil.copyfile(source, target)
 
 
 def _fsync(path: Path, *, directory: bool = False) -> None:
