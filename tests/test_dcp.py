@@ -220,7 +220,8 @@ def mutate_metadata(folder: Path, change) -> None:  # noqa: ANN001 - a function 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("what", ["chunk outside", "chunks overlap", "dtype", "path escapes", "planner map"])
+@pytest.mark.parametrize("what", ["chunk outside", "chunks overlap", "items share bytes", "dtype", "path escapes",
+                                  "planner map"])
 def test_inconsistent_metadata_refused(runs: tuple[Path, Path], tmp_path: Path, what: str) -> None:
     run = copy_run(runs[0], tmp_path)
 
@@ -231,8 +232,12 @@ def test_inconsistent_metadata_refused(runs: tuple[Path, Path], tmp_path: Path, 
         elif what == "chunks overlap":
             entry.chunks[1].offsets, entry.chunks[1].sizes = torch.Size([18, 0]), torch.Size([18, 16])
             entry.chunks[0].sizes = torch.Size([19, 16])
-            info = next(v for k, v in md.storage_data.items() if k.fqn == "model.emb.weight" and k.offset[0] == 19)
-            md.storage_data[type(next(iter(md.storage_data)))("model.emb.weight", [18, 0])] = info
+            key = next(k for k in md.storage_data if k.fqn == "model.emb.weight" and k.offset[0] == 19)
+            md.storage_data[type(key)("model.emb.weight", [18, 0])] = md.storage_data.pop(key)
+        elif what == "items share bytes":  # one entry's record pointed at another's item (same shape and dtype)
+            model = next(k for k in md.storage_data if k.fqn == "model.l1.weight")
+            moment = next(k for k in md.storage_data if k.fqn == "optim.state.l1.weight.exp_avg" and k.offset == model.offset)
+            md.storage_data[model] = md.storage_data[moment]
         elif what == "dtype":
             entry.properties.dtype = torch.float16
         elif what == "planner map":
@@ -242,6 +247,7 @@ def test_inconsistent_metadata_refused(runs: tuple[Path, Path], tmp_path: Path, 
 
     mutate_metadata(run / "step-4", change)
     fragment = {"chunk outside": "outside its shape", "chunks overlap": "exactly once",
+                "items share bytes": "at overlapping bytes of",
                 "dtype": "the metadata says torch.float16", "path escapes": "not a file of this folder",
                 "planner map": "not the path its name joins"}[what]
     assert_refused([run], fragment, out=tmp_path / "ema.safetensors")

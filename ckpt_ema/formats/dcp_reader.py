@@ -12,8 +12,8 @@ training code, in any world size the run was saved with:
   paths (:class:`_MetadataUnpickler`): DCP's own ``FileSystemReader.read_metadata`` uses ``pickle.load``, which
   would run any code the file asks for;
 * every item's byte range is checked against its file's size, optimizer items included (a truncated or missing
-  ``.distcp`` is refused even when only optimizer bytes are gone, in a line saying which file and how); a chunk set
-  that does not tile its tensor exactly once is refused;
+  ``.distcp`` is refused even when only optimizer bytes are gone, in a line saying which file and how), and against
+  the others' (no two items share a byte); a chunk set that does not tile its tensor exactly once is refused;
 * before a tensor is first read, each of its items' ``torch.save`` header is read (``torch.load(map_location=
   "meta")``, weights-only, no data read) to find where its data lies; its shape and dtype must match the metadata
   and its strides stay inside its data;
@@ -313,6 +313,12 @@ def check_storage(metadata_file: Path, metadata: dcp_metadata.Metadata) -> dict[
         end = info.offset + info.length
         if end > ends.get(name, (0, ""))[0]:
             ends[name] = (end, index.fqn)
+    spans = sorted((info.relative_path, info.offset, info.offset + info.length, index.fqn)
+                   for index, info in metadata.storage_data.items())
+    for (name, _, end, fqn), (other, start, _, other_fqn) in zip(spans, spans[1:]):
+        if name == other and start < end:  # DCP writes each item at a range of its own
+            raise CkptEmaError(f"the DCP metadata stores {fqn!r} and {other_fqn!r} at overlapping bytes of {name}",
+                               metadata_file)
     for name, (end, fqn) in ends.items():
         if sizes[name] < end:
             raise CkptEmaError(f"holds {sizes[name]} bytes, the DCP metadata needs {end} (it stores {fqn!r} up to "

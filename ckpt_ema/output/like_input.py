@@ -45,7 +45,7 @@ import torch
 
 from ckpt_ema.errors import CkptEmaError, OptionError
 from ckpt_ema.formats.base import OWN_RECORD
-from ckpt_ema.formats.dcp_reader import Chunk, DcpCheckpoint, extent, chunk_tensor, flat_boxes, map_file, window
+from ckpt_ema.formats.dcp_reader import Chunk, DcpCheckpoint, chunk_tensor, flat_boxes, map_file, window
 from ckpt_ema.formats.registry import format_of, open_checkpoint
 from ckpt_ema.formats.zip_records import ZipError, crc_fields, read_directory
 from ckpt_ema.output.atomic import create_temporary_folder, remove_stale_temporaries, umask
@@ -139,8 +139,8 @@ class LikeInputOutput:
             self._places[name] = places
             self._filled[name] = 0
             self._numel[name] = math.prod(shape)
-        _check_disjoint([(c, dtype) for places in self._places.values() for _, dtype, chunks in places
-                         for c in chunks], self.source.metadata_file)
+        _check_writable([c for places in self._places.values() for _, _, chunks in places for c in chunks],
+                        self.source.metadata_file)
         self.notes += remove_stale_temporaries(self.path)
         try:
             self._tmp = create_temporary_folder(self.path)
@@ -257,18 +257,14 @@ class LikeInputOutput:
             self._tmp = None
 
 
-def _check_disjoint(chunks: list[tuple[Chunk, torch.dtype]], where: Path) -> None:
-    """Refuse to write chunks whose data would overlap each other's (a corrupt metadata could make two entries
-    share bytes, and writing one would change the other): every chunk's bytes, in every file, once."""
-    for c, _ in chunks:
+def _check_writable(chunks: list[Chunk], where: Path) -> None:
+    """Refuse to write a chunk whose strides put two elements in one place. (Its bytes are its own: every written
+    chunk lies inside its item, checked when it was located, and no two items share a byte, checked when the
+    metadata was read.)"""
+    for c in chunks:
         if not _one_to_one(c.sizes, c.stride):
             raise CkptEmaError(f"a chunk in {c.file} at byte {c.item_offset} has strides {list(c.stride)} that put "
                                "two elements in one place: the checkpoint cannot be written back", where)
-    spans = sorted((c.file, c.data_offset, c.data_offset + extent(c.sizes, c.stride, c.storage_offset) * d.itemsize)
-                   for c, d in chunks)
-    for (file, _, end), (other, start, _) in zip(spans, spans[1:]):
-        if file == other and start < end:
-            raise CkptEmaError(f"two tensors' data overlap in {file}: the checkpoint cannot be written back", where)
 
 
 def _one_to_one(sizes: tuple[int, ...], stride: tuple[int, ...]) -> bool:
