@@ -12,6 +12,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
+import ckpt_ema
 import ckpt_ema.formats.safetensors
 from ckpt_ema.cli import main
 from helpers import FUZZ_FORMATS, fuzz, mutate_checkpoint
@@ -65,3 +66,37 @@ def test_the_harness_catches_a_reader_that_trusts_its_header(tmp_path: Path, mon
 def _folder(path: Path) -> Path:
     path.mkdir(parents=True)
     return path
+
+
+@pytest.mark.parametrize("name", [pytest.param("dcp", marks=[pytest.mark.slow]), "megatron"])
+def test_a_mutant_written_back_like_the_input_is_refused_or_holds_what_was_read(tmp_path: Path, name: str) -> None:
+    """``--like-input`` from one mutated checkpoint: exit 2 with one line and nothing written (no output, no
+    temporary folder), or an output whose every file but the .distcp ones is the mutant's and whose model the
+    independent reader reads as it reads the mutant's (the average of one checkpoint is that checkpoint)."""
+    fmt = FUZZ_FORMATS[name]
+    original = fmt.make(_folder(tmp_path / "original"))
+    rng = random.Random(5)
+    seen = set()
+    for i in range(10):
+        path, kind = mutate_checkpoint(fmt, original, tmp_path / f"mutant_{i}", rng)
+        out = tmp_path / f"out_{i}"
+        result = CliRunner().invoke(main, ["average", str(path), "-o", str(out), "--like-input", "--no-state",
+                                           "--quiet", "--accum-dtype", "float64"])
+        assert "Traceback" not in result.output, (kind, result.output)
+        assert not list(tmp_path.glob(f".out_{i}.*")), kind
+        if result.exit_code == 2:
+            seen.add("refused")
+            lines = result.stderr.splitlines()
+            assert len(lines) == 1 and lines[0].startswith("ckpt-ema: error: "), (kind, result.stderr)
+            assert not out.exists(), kind
+            continue
+        assert result.exit_code == 0, (kind, result.output)
+        seen.add("written")
+        for file in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.endswith(".distcp")):
+            assert (out / file.relative_to(path)).read_bytes() == file.read_bytes(), (kind, file.name)
+        read, wrote = fmt.references[0](path), fmt.references[0](out)
+        if read is None:  # the independent reader refuses the mutant (an item no average reads): ckpt-ema's readings
+            read, wrote = ckpt_ema.load_state_dict(path)[0], ckpt_ema.load_state_dict(out)[0]
+        assert wrote is not None and sorted(wrote) == sorted(read), kind
+        assert all(torch.equal(wrote[k], v) for k, v in read.items()), kind
+    assert seen == {"refused", "written"}  # both kinds of mutant occur: the run tests something
