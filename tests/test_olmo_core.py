@@ -10,11 +10,11 @@ import pickle
 import shutil
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import pytest
 import torch
+from checkpoints import RUNS
 from helpers import FuzzFormat, assert_refused, fuzz, linear_reference, linear_weights, max_abs_diff, run_cli
 from safetensors.torch import load_file
 
@@ -23,18 +23,14 @@ from ckpt_ema.formats import dcp, olmo_core
 from ckpt_ema.formats.dcp_reader import DcpCheckpoint
 from ckpt_ema.formats.registry import format_of, is_complete, load_state_dict, open_checkpoint
 
-ARCHIVE = Path(__file__).resolve().parent / "fixtures" / "olmo_core" / "olmo_core_run.tar.xz"
 STEPS = (0, 2, 4)
 OLMO_STORAGE_INFO = b"olmo_core.distributed.checkpoint.filesystem"
 
 
 @pytest.fixture(scope="module")
-def unpacked(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The archive unpacked: ``run/step0..4`` as OLMo-core wrote them, and ``reference/``."""
-    folder = tmp_path_factory.mktemp("olmo_core")
-    with tarfile.open(ARCHIVE) as tar:
-        tar.extractall(folder, filter="data")
-    return folder
+def unpacked() -> Path:
+    """The fixture table's OLMo-core run, unpacked: ``run/step0..4`` as OLMo-core wrote them, and ``reference/``."""
+    return RUNS["olmo_core"].folder.parent
 
 
 @pytest.fixture

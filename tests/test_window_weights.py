@@ -9,11 +9,11 @@ import random
 import shutil
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import pytest
 import torch
+from checkpoints import RUNS
 from helpers import assert_refused, run_cli, write_run
 from safetensors.torch import load_file
 
@@ -166,7 +166,6 @@ def test_the_dry_run_shows_the_weights_and_the_cli_refuses_what_does_not_fit(tmp
 
 # ------------------------------------------------------------------------------------------------ windows in tokens
 
-OLMO_ARCHIVE = Path(__file__).resolve().parent / "fixtures" / "olmo_core" / "olmo_core_run.tar.xz"
 OLMO_STEPS = [0, 2, 4]  # 32 tokens per step: OLMo-core records global_train_tokens_seen = 32 * step
 
 
@@ -210,13 +209,10 @@ def test_at_a_constant_rate_the_records_give_what_tokens_per_step_gives() -> Non
 
 
 @pytest.fixture(scope="module")
-def olmo_unpacked(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The OLMo-core run (written by ai2-olmo-core 3.0.0 itself) with ``reference/stepN.safetensors``, what
-    OLMo-core's own loader loads."""
-    folder = tmp_path_factory.mktemp("olmo_core")
-    with tarfile.open(OLMO_ARCHIVE) as tar:
-        tar.extractall(folder, filter="data")
-    return folder
+def olmo_unpacked() -> Path:
+    """The OLMo-core run of the fixture table (``run/``, written by ai2-olmo-core 3.0.0 itself) with
+    ``reference/stepN.safetensors``, what OLMo-core's own loader loads."""
+    return RUNS["olmo_core"].folder.parent
 
 
 @pytest.fixture

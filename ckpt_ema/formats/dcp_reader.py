@@ -237,14 +237,8 @@ class DcpCheckpoint(PartedCheckpoint):
                     if view.is_contiguous():
                         return view.reshape(-1)
         out = torch.empty(max(stop - start, 0), dtype=dtype)
-        for at, lo, hi in boxes:
-            box = tuple(b - a for a, b in zip(lo, hi))
-            target = out[at - start : at - start + math.prod(box)].view(box)
-            for chunk in chunks:
-                low = tuple(max(a, o) for a, o in zip(lo, chunk.offsets))
-                high = tuple(min(b, o + n) for b, o, n in zip(hi, chunk.offsets, chunk.sizes))
-                if all(a < b for a, b in zip(low, high)):
-                    target[window(low, high, lo)].copy_(self._chunk_tensor(chunk, dtype)[window(low, high, chunk.offsets)])
+        for chunk, at, box, in_box, in_chunk in chunk_parts(shape, chunks, start, stop):
+            out[at : at + math.prod(box)].view(box)[in_box].copy_(self._chunk_tensor(chunk, dtype)[in_chunk])
         return out
 
     def _chunk_tensor(self, chunk: Chunk, dtype: torch.dtype) -> torch.Tensor:
@@ -527,6 +521,21 @@ def flat_boxes(shape: tuple[int, ...], start: int, stop: int) -> Iterator[tuple[
                 yield at, (last, *lo), (last + 1, *hi)
 
     yield from split(tuple(shape), start, stop, 0)
+
+
+def chunk_parts(shape: tuple[int, ...], chunks: list[Chunk], start: int, stop: int
+                ) -> Iterator[tuple[Chunk, int, tuple[int, ...], tuple[slice, ...], tuple[slice, ...]]]:
+    """Where elements [start, stop) of a row-major tensor of ``shape`` lie in its ``chunks``: for each box of them
+    that is contiguous in flat order (:func:`flat_boxes`: its first element's index counted from ``start``, and its
+    shape), each chunk that holds part of the box, with that part's window in the box and in the chunk. What a
+    reader gathers and a writer scatters."""
+    for at, lo, hi in flat_boxes(shape, start, stop):
+        box = tuple(b - a for a, b in zip(lo, hi))
+        for chunk in chunks:
+            low = tuple(max(a, o) for a, o in zip(lo, chunk.offsets))
+            high = tuple(min(b, o + n) for b, o, n in zip(hi, chunk.offsets, chunk.sizes))
+            if all(a < b for a, b in zip(low, high)):
+                yield chunk, at - start, box, window(low, high, lo), window(low, high, chunk.offsets)
 
 
 def holds(chunk: Chunk, lo: tuple[int, ...], hi: tuple[int, ...]) -> bool:

@@ -45,7 +45,7 @@ import torch
 
 from ckpt_ema.errors import CkptEmaError, OptionError
 from ckpt_ema.formats.base import OWN_RECORD
-from ckpt_ema.formats.dcp_reader import Chunk, DcpCheckpoint, chunk_tensor, flat_boxes, map_file, window
+from ckpt_ema.formats.dcp_reader import Chunk, DcpCheckpoint, chunk_parts, chunk_tensor, map_file
 from ckpt_ema.formats.registry import format_of, open_checkpoint
 from ckpt_ema.formats.zip_records import ZipError, crc_fields, read_directory
 from ckpt_ema.output.atomic import create_temporary_folder, remove_stale_temporaries, umask
@@ -162,15 +162,9 @@ class LikeInputOutput:
         stop = start + piece.numel()
         flat = piece.reshape(-1)
         for shape, dtype, chunks in self._places[name]:
-            for at, lo, hi in flat_boxes(shape, start, stop):
-                box = tuple(b - a for a, b in zip(lo, hi))
-                source = flat[at - start : at - start + math.prod(box)].view(box)
-                for chunk in chunks:
-                    low = tuple(max(a, o) for a, o in zip(lo, chunk.offsets))
-                    high = tuple(min(b, o + n) for b, o, n in zip(hi, chunk.offsets, chunk.sizes))
-                    if all(a < b for a, b in zip(low, high)):
-                        target = chunk_tensor(self._map(chunk.file), chunk, dtype)[window(low, high, chunk.offsets)]
-                        target.copy_(source[window(low, high, lo)])
+            for chunk, at, box, in_box, in_chunk in chunk_parts(shape, chunks, start, stop):
+                target = chunk_tensor(self._map(chunk.file), chunk, dtype)[in_chunk]
+                target.copy_(flat[at : at + math.prod(box)].view(box)[in_box])
         self._filled[name] = stop
 
     def _map(self, file: str) -> torch.UntypedStorage:
