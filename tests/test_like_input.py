@@ -277,3 +277,31 @@ def test_refusals_each_in_one_line(tmp_path: Path) -> None:
     res = run_cli("average", RUNS["torch_state_dict"].folder, "-o", tmp_path / "m2", "--like-input")
     assert res.exit_code == 2 and "--like-input writes checkpoints built on PyTorch Distributed Checkpoint" in res.stderr
     assert not (tmp_path / "m2").exists()
+
+
+KILLED_AT_RENAME = """
+import os, signal, sys
+from ckpt_ema.output.like_input import LikeInputOutput
+LikeInputOutput.publish_index = lambda self: os.kill(os.getpid(), signal.SIGKILL)
+from ckpt_ema.cli import main
+main(sys.argv[1:])
+"""
+
+
+def test_killed_after_the_states_commit_the_next_run_rewrites_the_output(tmp_path: Path) -> None:
+    """An append killed between the state's commit point (its manifest) and the output's rename: the output on disk
+    is not the one the state recorded, and the next run writes it again from the state."""
+    run = RUNS["megatron_lm"]
+    folder, out = tmp_path / "run", tmp_path / "merged"
+    copy_checkpoints(run, run.steps[:-1], folder)
+    args = ["average", str(folder), "--decay", str(DECAY), "-o", str(out), "--like-input"]
+    assert run_cli(*args).exit_code == 0
+    copy_checkpoints(run, run.steps[-1:], folder)
+    proc = subprocess.run([sys.executable, "-c", KILLED_AT_RENAME, *args], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    res = run_cli(*args)
+    assert res.exit_code == 0, res.output
+    assert "rewrote" in res.stderr and "removed" in res.stderr, res.stderr
+    assert_average(run, ckpt_ema.load_state_dict(out)[0], decay=DECAY)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged", "merged.ckpt-ema-state", "run"]
