@@ -188,6 +188,9 @@ class DcpCheckpoint(PartedCheckpoint):
         self.file_sizes = sizes
         self._shape: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
         self._chunks: dict[str, list[_Chunk]] = {}
+        # Each output tensor's flat keys: every entry holding a copy of it, the one read first (a writer of the
+        # run's own format writes the merge into each). One per tensor here; a layout with copies fills in more.
+        self.entries: dict[str, list[str]] = {}
         left_out = []
         for fqn, name in model.items():
             entry = metadata.state_dict_metadata[fqn]
@@ -198,6 +201,7 @@ class DcpCheckpoint(PartedCheckpoint):
             self.names.append(name)
             self._shape[name] = (shape, dtype)
             self._chunks[name] = chunks
+            self.entries[name] = [fqn]
         if not self.names:
             raise CkptEmaError(f"{taken} holds no tensors", folder)
         self.nbytes = sum(c.item_length for chunks in self._chunks.values() for c in chunks)
