@@ -305,3 +305,34 @@ def test_killed_after_the_states_commit_the_next_run_rewrites_the_output(tmp_pat
     assert "rewrote" in res.stderr and "removed" in res.stderr, res.stderr
     assert_average(run, ckpt_ema.load_state_dict(out)[0], decay=DECAY)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged", "merged.ckpt-ema-state", "run"]
+
+
+MASTERS = REPO / "tests" / "fixtures" / "megatron" / "masters"  # bfloat16 runs whose optimizer keeps fp32 masters
+
+
+@pytest.mark.parametrize(("run", "prefix"), [("float16", "optimizer.state.fp32_param."),
+                                             ("fully_reshardable", "optimizer.state.param.")])
+def test_fp32_masters_get_the_merge_and_the_bf16_model_its_rounding(tmp_path: Path, run: str, prefix: str) -> None:
+    """A resume of a mixed-precision Megatron run loads the fp32 masters over the model: both hold the merge, the
+    masters as averaged (from the masters), the bfloat16 model entries rounded from it."""
+    from safetensors.torch import load_file
+
+    from helpers import linear_reference
+
+    folder, out = MASTERS / run, tmp_path / "merged"
+    ckpt_ema.average(folder, out, like_input=True, keep_state=False, decay=0.6)
+    got = dcp_tensors(out)
+    merged = ckpt_ema.average(folder, decay=0.6).state_dict
+    want = linear_reference({s: load_file(REPO / "tests" / "fixtures" / "megatron" / "reference" /
+                                          f"masters-{run}-{s}.safetensors") for s in (2, 4)}, decay=0.6)
+    for name, t in merged.items():
+        assert got[prefix + name].dtype == torch.float32 and torch.equal(got[prefix + name], t), name
+        assert (got[prefix + name].double() - want[name]).abs().max() < 1e-6, name
+        assert got[name].dtype == torch.bfloat16 and torch.equal(got[name], t.to(torch.bfloat16)), name
+
+
+def test_masters_that_cannot_be_mapped_are_refused(tmp_path: Path) -> None:
+    """Megatron-LM's default distributed-optimizer layout keeps the masters in flat buckets ckpt-ema cannot map: a
+    resume would load the newest checkpoint's masters over the merge, so --like-input refuses, in one line."""
+    assert_refused([MASTERS / "dp_reshardable", "--like-input"], "fp32 master copies of the model that ckpt-ema "
+                   "cannot map", "--dist-ckpt-optim-fully-reshardable", out=tmp_path / "merged")

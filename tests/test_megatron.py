@@ -223,3 +223,133 @@ def test_an_unfinished_save_is_not_one_of_the_runs_checkpoints(tmp_path: Path) -
     (run / "iter_0000006" / megatron.CONFIG_FILE).unlink()
     (run / megatron.TRACKER_FILE).write_text("4")  # Megatron-LM updates its tracker after the save
     assert [s.step for s in ckpt_ema.plan(run, decay=0.9).sources] == [2, 4]
+
+
+# ---------------------------------------------------------------------------------------------------- fp32 masters
+
+MASTERS = FIXTURES / "masters"  # bfloat16 runs whose optimizer keeps fp32 masters (scripts/make_megatron_fixtures.py)
+MASTER_RUNS = {"float16": "optimizer.state.fp32_param.", "fully_reshardable": "optimizer.state.param."}
+MASTER_STEPS = (2, 4)
+
+
+def model_entries(path: Path, names: list[str]) -> dict[str, torch.Tensor]:
+    """The model's own (bfloat16) entries of a checkpoint, read through the DCP reader by their flat keys."""
+    def by_key(metadata: object, paths: object, key: object, folder: object) -> tuple[str, dict[str, str]]:
+        return "the model entries", {n: n for n in names}
+
+    ckpt = DcpCheckpoint(path, path / METADATA_FILE, choose=by_key)
+    return {n: ckpt.piece(n, 0, math.prod(ckpt._shape[n][0])).view(ckpt._shape[n][0]).clone() for n in names}
+
+
+@pytest.mark.parametrize("step", MASTER_STEPS)
+@pytest.mark.parametrize("run", sorted(MASTER_RUNS))
+def test_fp32_masters_are_read_in_place_of_the_model_entries(run: str, step: int) -> None:
+    """Where the optimizer names a master per parameter, the weights are the masters, bit for bit as megatron-core's
+    own loader returns them; the bfloat16 model entries are those masters rounded (so reading them would lose
+    what the masters hold), and both are listed in ``entries``, the master first."""
+    path = MASTERS / run / f"iter_{step:07d}"
+    ckpt = open_checkpoint(path)
+    assert isinstance(ckpt, DcpCheckpoint)
+    want = reference(f"masters-{run}", step)
+    assert sorted(ckpt.names) == sorted(want) and len(want) == 9
+    got, _ = load_state_dict(path)
+    for name, t in want.items():
+        assert t.dtype == torch.float32 and got[name].dtype == torch.float32 and torch.equal(got[name], t), name
+    prefix = MASTER_RUNS[run]
+    assert ckpt.weights_from is not None
+    assert ckpt.weights_from.startswith("the fp32 master weights in the optimizer state") and prefix in ckpt.weights_from
+    assert "for 9 of the model's 9 tensors; left out: 18 optimizer tensors (optimizer.*)" in ckpt.weights_from
+    assert ckpt.entries == {name: [prefix + name, name] for name in want}
+    model = model_entries(path, sorted(want))
+    for name, t in want.items():
+        assert model[name].dtype == torch.bfloat16 and torch.equal(model[name], t.to(torch.bfloat16)), name
+    rounded = sum(int((model[n].float() != t).sum()) for n, t in want.items())
+    assert rounded > 0.9 * sum(t.numel() for t in want.values())  # the masters hold more than bfloat16 does
+
+
+@pytest.mark.parametrize("run", sorted(MASTER_RUNS))
+def test_ema_of_the_masters_equals_the_float64_reference(run: str, tmp_path: Path) -> None:
+    out = tmp_path / "ema.safetensors"
+    res = run_cli("average", MASTERS / run, "--decay", "0.6", "-o", out)
+    assert res.exit_code == 0, res.output
+    assert "the fp32 master weights" in res.stderr
+    want = linear_reference({s: reference(f"masters-{run}", s) for s in MASTER_STEPS}, decay=0.6)
+    got = load_file(out)
+    assert sorted(got) == sorted(want)
+    for name, t in got.items():
+        assert t.dtype == torch.float32 and max_abs_diff(t, want[name]) < 1e-6, name
+
+
+def test_masters_in_the_distributed_optimizers_buckets_are_not_mapped_and_said() -> None:
+    """dp_reshardable (Megatron-LM's default for the distributed optimizer) keeps the masters in flat buckets that
+    name no parameter: the model's entries are read, bit-exact, and the run names the flag that saves mappable
+    masters."""
+    path = MASTERS / "dp_reshardable" / "iter_0000002"
+    ckpt = open_checkpoint(path)
+    assert isinstance(ckpt, DcpCheckpoint)
+    want = reference("masters-dp_reshardable", 2)
+    got, _ = load_state_dict(path)
+    assert sorted(got) == sorted(want)
+    for name, t in want.items():
+        assert t.dtype == torch.bfloat16 and torch.equal(got[name], t), name
+    bucket = "optimizer.distributed.dp_group_idx_0.gbuf_idx_0.dtype_(torch.bfloat16, torch.float32).bucket_idx_0.param"
+    assert ckpt.weights_from is not None and ckpt.weights_from.startswith(
+        "the model's entries of the megatron-core checkpoint; fp32 masters not read, in a layout ckpt-ema does not "
+        f"map to the parameters: 1 entries ({bucket}, ...; save with Megatron-LM's --dist-ckpt-optim-fully-reshardable")
+    assert ckpt.entries == {name: [name] for name in want}
+    assert megatron.unmapped_masters(read_metadata(path / METADATA_FILE), path) == [bucket]
+
+
+def test_entries_of_checkpoints_without_masters_are_their_own_keys() -> None:
+    """The default of every DCP checkpoint: each tensor's one flat key (NeMo 2's with its module. prefix)."""
+    assert open_checkpoint(RUN / "iter_0000002").entries == {n: [n] for n in reference("megatron", 2)}
+    assert open_checkpoint(nemo_checkpoint(2)).entries == {n: [f"module.{n}"] for n in reference("nemo", 2)}
+
+
+def copy_masters(tmp_path: Path, run: str = "float16", step: int = 4) -> Path:
+    folder = tmp_path / run / f"iter_{step:07d}"
+    shutil.copytree(MASTERS / run / folder.name, folder)
+    return folder
+
+
+def test_damaged_masters_are_refused_in_one_line(tmp_path: Path) -> None:
+    folder = copy_masters(tmp_path / "missing")
+    (folder / "__1_1.distcp").unlink()
+    assert_refused([folder], "__1_1.distcp is missing", out=tmp_path / "a.safetensors")
+
+    folder = copy_masters(tmp_path / "truncated", "fully_reshardable")
+    data = (folder / "__0_0.distcp").read_bytes()
+    (folder / "__0_0.distcp").write_bytes(data[:-7])
+    assert_refused([folder], "__0_0.distcp", "truncated", out=tmp_path / "b.safetensors")
+
+    name = "decoder.final_layernorm.weight"
+    folder = copy_masters(tmp_path / "twice")
+    metadata = read_metadata(folder / METADATA_FILE)
+    entries = metadata.state_dict_metadata
+    entries["optimizer.state.param." + name] = entries["optimizer.state.fp32_param." + name]
+    (folder / METADATA_FILE).write_bytes(pickle.dumps(metadata))
+    assert_refused([folder], f"two fp32 masters of '{name}'", out=tmp_path / "d.safetensors")
+
+
+@pytest.mark.parametrize(("field", "value"), [("size", torch.Size([1, 13])), ("dtype", torch.bfloat16)])
+def test_a_master_in_a_layout_not_mapped_leaves_its_model_entry_read_and_said(field: str, value: object,
+                                                                              tmp_path: Path) -> None:
+    """A per-parameter master of another shape (megatron-core before 0.14 saved the distributed optimizer's masters
+    flattened) or dtype is not read: its model entry is, the others' masters are, and the run says which."""
+    name = "decoder.final_layernorm.weight"
+    master = "optimizer.state.fp32_param." + name
+    folder = copy_masters(tmp_path)
+    metadata = read_metadata(folder / METADATA_FILE)
+    entry = metadata.state_dict_metadata[master]
+    setattr(entry.properties if field == "dtype" else entry, field, value)
+    (folder / METADATA_FILE).write_bytes(pickle.dumps(metadata))
+    ckpt = open_checkpoint(folder)
+    assert isinstance(ckpt, DcpCheckpoint) and ckpt.weights_from is not None
+    assert "for 8 of the model's 9 tensors (the other 1: the model's entries)" in ckpt.weights_from
+    assert f"1 entries ({master}, ...;" in ckpt.weights_from
+    assert ckpt.entries[name] == [name]
+    assert megatron.unmapped_masters(metadata, folder) == [master]
+    got, _ = load_state_dict(folder)
+    want = reference("masters-float16", 4)
+    assert torch.equal(got[name], want[name].to(torch.bfloat16))  # the model entry: the master rounded
+    assert all(torch.equal(got[n], t) for n, t in want.items() if n != name)

@@ -190,9 +190,13 @@ class DcpCheckpoint(PartedCheckpoint):
         self.metadata_file = metadata_file
         self._shape: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
         self._chunks: dict[str, list[Chunk]] = {}
-        # Every flat key that holds each tensor, the one it is read from first: what a writer of the run's own
-        # format (ckpt_ema.output.like_input) replaces with the average.
+        # Each output tensor's flat keys: every entry holding a copy of it, the one read first (a writer of the run's
+        # own format, ckpt_ema.output.like_input, writes the merge into each). One per tensor here; a layout with
+        # copies (Megatron's fp32 masters) fills in more.
         self.entries: dict[str, list[str]] = {}
+        # Entries holding copies of the model that no name maps to (Megatron's fp32 masters in flat buckets): a
+        # resume would load them over the merge, so a writer of the run's own format refuses such a checkpoint.
+        self.unwritable_copies: list[str] = []
         left_out = []
         for fqn, name in model.items():
             entry = metadata.state_dict_metadata[fqn]

@@ -14,11 +14,37 @@ admits), and last ``metadata.json`` (``{"sharded_backend": "torch_dist", ...}``)
 
 The DCP entries are named by the model's own keys, the layers of a block stacked on a leading dimension
 (``decoder.layers.self_attention.linear_qkv.weight`` of shape ``[layers, ...]``); NeMo 2 puts ``module.`` before
-them. Only the model's tensors are read: the entries under ``optimizer.`` (its state: ``optimizer.state.exp_avg.*``,
-fp32 master copies), ``_extra_state`` entries and the pickled values (``rng_state``, Transformer Engine's extra
-state) are left out, and the run says so. ``common.pt`` is not read: it pickles Megatron-LM's arguments with
-megatron-core's own classes, and the step is in the folder's name (``iter_0000010``, ``step=N``), as the trainers
-themselves find it.
+them. Only the model's tensors are read: the entries under ``optimizer.`` (its state: ``optimizer.state.exp_avg.*``),
+``_extra_state`` entries and the pickled values (``rng_state``, Transformer Engine's extra state) are left out, and
+the run says so. ``common.pt`` is not read: it pickles Megatron-LM's arguments with megatron-core's own classes,
+and the step is in the folder's name (``iter_0000010``, ``step=N``), as the trainers themselves find it.
+
+A run in bfloat16 or float16 whose optimizer keeps fp32 master copies of the parameters (megatron-core's
+mixed-precision optimizers) steps the masters and copies them, rounded, into the model; a resume loads the masters
+over the model's weights. The average is then made from the masters, as :mod:`ckpt_ema.formats.deepspeed` does
+from DeepSpeed's fp32 partitions. ``optimizer.sharded_state_dict`` names them (megatron-core 0.16.1):
+
+* per parameter, as the model entry's key after the optimizer's name, with the model entry's shape and sharding:
+  ``optimizer.state.fp32_param.KEY`` (``Float16OptimizerWithFloat16Params``; the ``DistributedOptimizer`` in its
+  ``fully_sharded_model_space`` format, which 0.16.1 cannot save, and which megatron-core before 0.14 saved
+  flattened, ``[fragments..., local elements]``) and ``optimizer.state.param.KEY`` (the ``DistributedOptimizer``
+  in its ``fully_reshardable`` format, Megatron-LM's ``--dist-ckpt-optim-fully-reshardable``). A master of
+  float32 and the model entry's shape is read in place of the model entry (:data:`PARAMETER_MASTERS`); one of
+  another dtype or shape (the flattened masters) is not mapped, as below;
+* in the ``DistributedOptimizer``'s flat buckets, which name no parameter: ``optimizer.distributed.dp_group_idx_N.
+  gbuf_idx_G.dtype_D.bucket_idx_B.param`` (its ``dp_reshardable`` format, Megatron-LM's default, and the
+  ``fully_sharded_bucket_space`` it replaced), or pickled whole in ``optimizer.distributed.dp_group_idx_N.
+  param_state`` (``dp_zero_gather_scatter``). Where the parameters sit in a bucket follows from the trainer's
+  bucketing and padding, which the checkpoint does not record.
+
+Masters that are not mapped are not read: the model's entries are, and the run says so, naming the flag that saves
+mappable masters. Refusing these runs would refuse most of Megatron-LM's (its default format keeps them in
+buckets); the model entries are the masters rounded once, so their average is within a rounding of the masters'
+average, and the run says which it averaged.
+
+:attr:`DcpCheckpoint.entries <ckpt_ema.formats.dcp_reader.DcpCheckpoint.entries>` lists, for each tensor, the
+master read and the model entry beside it (a writer of the run's own format writes the merge into both);
+:func:`unmapped_masters` the masters that are not read.
 """
 
 from __future__ import annotations
@@ -47,6 +73,18 @@ NEMO_STEP = re.compile(r"(?:^|-)step=(\d+)(?:-|$)")
 NEMO_LAST = "-last"  # ModelCheckpoint(save_last=True)'s copy of the newest checkpoint
 OPTIMIZER_PREFIX = "optimizer."
 EXTRA_STATE = "_extra_state"
+# The names megatron-core's optimizers put before a model entry's key for its fp32 master (module docstring).
+PARAMETER_MASTERS = (
+    ("optimizer.state.fp32_param.", "Float16OptimizerWithFloat16Params, or the DistributedOptimizer's "
+                                    "fully_sharded_model_space format"),
+    ("optimizer.state.param.", "the DistributedOptimizer's fully_reshardable format"),
+)
+MASTER_DTYPE = "float32"
+# The DistributedOptimizer's masters that name no parameter: in its flat buckets (dp_reshardable,
+# fully_sharded_bucket_space), or pickled with its whole state (dp_zero_gather_scatter: a ShardedObject's key).
+BUCKET_MASTERS = re.compile(r"optimizer\.distributed\.dp_group_idx_\d+\.(gbuf_idx_\d+\.dtype_.*\.bucket_idx_\d+\.param"
+                            r"|param_state(/shard_.*)?)")
+MAPPABLE_MASTERS_FLAG = "--dist-ckpt-optim-fully-reshardable"  # Megatron-LM's: the fully_reshardable format
 
 
 def is_torch_dist_folder(folder: Path) -> bool:
@@ -96,25 +134,84 @@ def choose_model_entries(metadata: Metadata, paths: dict[str, tuple[str, ...]], 
                          folder: Path) -> tuple[str, dict[str, str]]:
     """The model's tensors (a :data:`~ckpt_ema.formats.dcp_reader.ModelChoice`): every tensor entry outside
     ``optimizer.`` that is no ``_extra_state``, named without NeMo 2's ``module.`` (removed when every name has
-    it); the description says what was left out."""
+    it), each read from its fp32 master where the optimizer keeps one per parameter (:func:`find_masters`); the
+    description says where the weights come from and what was left out."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     entries = metadata.state_dict_metadata
     tensors = [k for k, e in entries.items() if isinstance(e, TensorStorageMetadata)]
-    optimizer = [k for k in tensors if k.startswith(OPTIMIZER_PREFIX)]
-    extra = [k for k in tensors if EXTRA_STATE in k.split(".")]
-    model = [k for k in tensors if k not in set(optimizer) | set(extra)]
+    model = model_entries(metadata)
     if not model:
         raise CkptEmaError(f"no model tensors: every tensor entry is under {OPTIMIZER_PREFIX!r} or an "
                            f"{EXTRA_STATE}", folder)
-    left_out = [f"{len(optimizer)} optimizer tensors ({OPTIMIZER_PREFIX}*)"] if optimizer else []
+    masters, optimizers, unmapped = find_masters(metadata, model, folder)
+    chosen = {masters.get(fqn, fqn): name for fqn, name in strip_wrapper_prefixes(model).items()}
+    optimizer = sum(k.startswith(OPTIMIZER_PREFIX) for k in tensors) - len(masters)
+    left_out = [f"{optimizer} optimizer tensors ({OPTIMIZER_PREFIX}*)"] if optimizer else []
+    extra = len(tensors) - len(model) - optimizer - len(masters)
     if extra:
-        left_out.append(f"{len(extra)} {EXTRA_STATE} tensors")
+        left_out.append(f"{extra} {EXTRA_STATE} tensors")
     values = len(entries) - len(tensors)
     if values:
         left_out.append(f"{values} pickled values (rng_state, {EXTRA_STATE}, ...)")
     said = f"; left out: {', '.join(left_out)}" if left_out else ""
-    return f"the model's entries of the megatron-core checkpoint{said}", strip_wrapper_prefixes(model)
+    taken = "the model's entries of the megatron-core checkpoint"
+    if masters:
+        where = "; ".join(optimizers)
+        rest = f" (the other {len(model) - len(masters)}: the model's entries)" if len(masters) < len(model) else ""
+        taken = (f"the fp32 master weights in the optimizer state of the megatron-core checkpoint ({where}) for "
+                 f"{len(masters)} of the model's {len(model)} tensors{rest}")
+    if unmapped:
+        taken += (f"; fp32 masters not read, in a layout ckpt-ema does not map to the parameters: {len(unmapped)} "
+                  f"entries ({unmapped[0]}, ...; save with Megatron-LM's {MAPPABLE_MASTERS_FLAG} to average the "
+                  "masters)")
+    return f"{taken}{said}", chosen
+
+
+def model_entries(metadata: Metadata) -> list[str]:
+    """The model's entries: every tensor entry outside ``optimizer.`` that is no ``_extra_state``."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    return [k for k, e in metadata.state_dict_metadata.items() if isinstance(e, TensorStorageMetadata)
+            and not k.startswith(OPTIMIZER_PREFIX) and EXTRA_STATE not in k.split(".")]
+
+
+def find_masters(metadata: Metadata, model: list[str], folder: Path) -> tuple[dict[str, str], list[str], list[str]]:
+    """The fp32 master of each model entry that has one, mappable (model key -> master key: an entry of
+    :data:`PARAMETER_MASTERS` ``+ key``, a float32 tensor of the model entry's shape), the optimizers that named
+    them, and the entries of masters that cannot be mapped: per parameter but of another dtype or shape
+    (megatron-core before 0.14 saved the ``fully_sharded_model_space`` masters flattened), or
+    :data:`BUCKET_MASTERS`. Two masters of one model entry are refused in one line."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    entries = metadata.state_dict_metadata
+    masters: dict[str, str] = {}
+    optimizers: list[str] = []
+    unmapped = sorted(k for k in entries if BUCKET_MASTERS.fullmatch(k))
+    found: dict[str, str] = {}
+    for prefix, optimizer in PARAMETER_MASTERS:
+        for fqn in model:
+            master = entries.get(prefix + fqn)
+            if master is None:
+                continue
+            if fqn in found:
+                raise CkptEmaError(f"two fp32 masters of {fqn!r} ({found[fqn]!r} and {prefix + fqn!r})", folder)
+            found[fqn] = prefix + fqn
+            shape, dtype = getattr(master, "size", None), getattr(getattr(master, "properties", None), "dtype", None)
+            if (not isinstance(master, TensorStorageMetadata) or shape != getattr(entries[fqn], "size", None)
+                    or str(dtype) != f"torch.{MASTER_DTYPE}"):
+                unmapped.append(prefix + fqn)
+                continue
+            masters[fqn] = prefix + fqn
+            if f"{prefix}*: {optimizer}" not in optimizers:
+                optimizers.append(f"{prefix}*: {optimizer}")
+    return masters, optimizers, unmapped
+
+
+def unmapped_masters(metadata: Metadata, folder: Path) -> list[str]:
+    """The entries of the checkpoint (``metadata``, of ``folder``) that hold fp32 masters which are not read
+    (:func:`find_masters`): a resume loads them over the model's entries."""
+    return find_masters(metadata, model_entries(metadata), folder)[2]
 
 
 def open_megatron(path: Path, key: str | None) -> Checkpoint:
@@ -128,7 +225,19 @@ def open_megatron(path: Path, key: str | None) -> Checkpoint:
     if folder is None:
         raise CkptEmaError(f"not a megatron-core checkpoint: no {METADATA_FILE} beside a {COMMON_FILE}", path)
     _check_backend(folder)
-    return DcpCheckpoint(path, folder / METADATA_FILE, choose=choose_model_entries)
+    ckpt = DcpCheckpoint(path, folder / METADATA_FILE, choose=choose_model_entries)
+    ckpt.entries = {name: [fqn, model_entry_of(fqn)] if model_entry_of(fqn) != fqn else [fqn]
+                    for name, (fqn,) in ckpt.entries.items()}
+    ckpt.unwritable_copies = unmapped_masters(ckpt.dcp_metadata, folder)
+    return ckpt
+
+
+def model_entry_of(fqn: str) -> str:
+    """The model entry whose fp32 master is the entry ``fqn`` (itself when ``fqn`` is no master)."""
+    for prefix, _ in PARAMETER_MASTERS:
+        if fqn.startswith(prefix):
+            return fqn.removeprefix(prefix)
+    return fqn
 
 
 def megatron_step(path: Path, metadata: Mapping[str, Any]) -> tuple[int, str] | None:

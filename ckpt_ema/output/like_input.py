@@ -108,6 +108,12 @@ class LikeInputOutput:
                                f"OLMo-core, Megatron, NeMo, FSDP); the newest checkpoint is "
                                f"{fmt.name if fmt else 'not one'}: write a .safetensors file or a model folder",
                                newest)
+        if ckpt.unwritable_copies:
+            raise CkptEmaError(f"the newest checkpoint keeps fp32 master copies of the model that ckpt-ema cannot map "
+                               f"to its tensors ({ckpt.unwritable_copies[0]!r}"
+                               f"{f' and {len(ckpt.unwritable_copies) - 1} more' if len(ckpt.unwritable_copies) > 1 else ''}"
+                               "): a resume would load them over the merge; save the run with Megatron-LM's "
+                               "--dist-ckpt-optim-fully-reshardable, or write a .safetensors file", newest)
         self.source = ckpt
         self._tmp: Path | None = None  # the copy being written, until it is renamed to path
         self._old: Path | None = None  # an earlier output, moved aside by the commit, to remove
