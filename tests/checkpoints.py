@@ -442,6 +442,19 @@ def nemo2_run() -> Run:
     return Run("nemo2", MEGATRON_FIXTURES / "nemo" / "checkpoints", entries, weights)
 
 
+def megatron_masters_run() -> Run:
+    """The committed bfloat16 Megatron-LM run whose optimizer (megatron-core's Float16OptimizerWithFloat16Params)
+    keeps an fp32 master per parameter (``tests/fixtures/megatron/masters/float16/``), with the masters as
+    megatron-core's own load_plain_tensors returned them (``reference/masters-float16-N.safetensors``): the weights
+    an average of the run is made from."""
+    from safetensors.torch import load_file
+
+    steps = (2, 4)
+    entries = {s: (f"iter_{s:07d}",) for s in steps}
+    weights = {s: load_file(MEGATRON_FIXTURES / "reference" / f"masters-float16-{s}.safetensors") for s in steps}
+    return Run("megatron_fp32_masters", MEGATRON_FIXTURES / "masters" / "float16", entries, weights)
+
+
 # ------------------------------------------------------------------------------------------- OLMo-core
 
 
@@ -474,7 +487,8 @@ MAKERS: dict[str, Callable[[Path], Run]] = {
     "olmo_core": make_olmo_core_run,
 }
 # Runs committed under tests/fixtures/ (written by libraries that do not run in a test session).
-COMMITTED: dict[str, Callable[[], Run]] = {"megatron_lm": megatron_lm_run, "nemo2": nemo2_run}
+COMMITTED: dict[str, Callable[[], Run]] = {"megatron_lm": megatron_lm_run, "nemo2": nemo2_run,
+                                           "megatron_fp32_masters": megatron_masters_run}
 FORMATS = [*MAKERS, *COMMITTED, *(f"deepspeed_{name}" for name in deepspeed_names())]
 
 

@@ -41,7 +41,7 @@ KNOWN_FAILURES: dict[tuple[str, str], tuple[str, type[BaseException]]] = {}
 # Formats whose runs a spawn of two ranks writes (seconds, once per session): outside the fast subset.
 SLOW_FORMATS = {"dcp_fsdp", "dcp_tp"}
 # The rows whose checkpoints are built on torch DCP: what --like-input writes.
-DCP_BASED = ("dcp_", "olmo_core", "megatron_lm", "nemo2")
+DCP_BASED = ("dcp_", "olmo_core", "megatron_", "nemo2")
 # A torchrun cell costs seconds: DeepSpeed's runs go through it once per ZeRO stage. The runs of one stage differ in
 # the optimizer's dtypes, which the other paths cover; under torchrun each rank reads its share with the same reader.
 TORCHRUN_DEEPSPEED = {"deepspeed_zero1-fp32", "deepspeed_zero2-bf16", "deepspeed_zero3-fp16"}
