@@ -7,8 +7,6 @@ import json
 import math
 import random
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -146,20 +144,22 @@ def test_a_sweep_compares_the_rules(tmp_path: Path) -> None:
 def test_the_dry_run_shows_the_weights_and_the_cli_refuses_what_does_not_fit(tmp_path: Path) -> None:
     write_run(tmp_path / "run", [0, 10, 20, 30])
 
-    def cli(*args: object) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "ckpt_ema", "average", tmp_path / "run", *map(str, args)],
-                              capture_output=True, text=True, timeout=120)
+    def cli(*args: object):  # noqa: ANN202 - a click Result
+        return run_cli("average", tmp_path / "run", *args)
 
     dry = cli("--weights", "1-sqrt", "--window-steps", "20", "--dry-run")
-    assert dry.returncode == 0, dry.stderr
+    assert dry.exit_code == 0, dry.stderr
     weights = window_weighting([0, 10, 20, 30], "1-sqrt", 20).weights
     assert [float(line.split()[2]) for line in dry.stdout.splitlines()[1:5]] == pytest.approx(weights, rel=1e-3)
+    tokens = cli("--weights", "cosine", "--window-tokens", "2e3", "--tokens-per-step", "1e2", "--dry-run")
+    assert tokens.exit_code == 0 and "over the newest 2000 tokens" in tokens.stdout, tokens.output  # 8e9 as typed
     for args, said in [(["--weights", "cosine"], "--weights cosine merges a window: give --window-steps"),
                        (["--window-tokens", "100"], "records no count of the tokens trained on"),
+                       (["--window-tokens", "2.5", "--tokens-per-step", "1"], "'2.5' is not a whole number"),
                        (["--weights", "cosine", "--window-steps", "5", "--warmup"], "cannot go with it"),
                        (["--window-steps", "0"], "--window-steps must be a whole number >= 1")]:
         done = cli(*args, "-o", tmp_path / "x.safetensors")
-        assert done.returncode == 2 and said in done.stderr and "Traceback" not in done.stderr, (args, done.stderr)
+        assert done.exit_code == 2 and said in done.stderr and "Traceback" not in done.output, (args, done.stderr)
     with pytest.raises(OptionError):
         ckpt_ema.AverageOptions.build(weights="cosine", window_steps=10, last=3)
 
