@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -55,7 +56,9 @@ def dcp_tensors(folder: Path) -> dict[str, torch.Tensor]:
     state = {fqn: torch.full(tuple(e.size), float("nan")).to(e.properties.dtype) if e.properties.dtype.is_floating_point
              else torch.zeros(tuple(e.size), dtype=e.properties.dtype)
              for fqn, e in entries.items() if isinstance(e, TensorStorageMetadata)}
-    dcp.load(state, checkpoint_id=str(folder), no_dist=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "assuming the intent is to load in a single process": it is
+        dcp.load(state, checkpoint_id=str(folder), no_dist=True)
     return state
 
 
