@@ -271,6 +271,7 @@ def test_refusals_each_in_one_line(tmp_path: Path) -> None:
     assert (mine / "notes.txt").exists()
     assert_refused([run.folder, "--like-input", "--out-dtype", "bfloat16"], "--out-dtype does not go with it",
                    out=tmp_path / "merged")
+    assert_refused([run.folder, "--like-input"], "names a file: give a folder", out=tmp_path / "m.safetensors")
     (tmp_path / "afile").write_text("x")
     assert_refused([run.folder, "--like-input"], "the output is a file", out=tmp_path / "afile")
     copy = tmp_path / "run"

@@ -62,6 +62,9 @@ def check_like_input_output(folder: Path) -> Path:
     folder = folder.expanduser()
     if folder.exists() and not folder.is_dir():
         raise CkptEmaError("the output is a file; --like-input writes a checkpoint folder", folder)
+    if folder.suffix in (".safetensors", ".pt", ".pth", ".bin") and not folder.exists():
+        raise CkptEmaError(f"--like-input writes a checkpoint folder, and {folder.name} names a file: give a folder "
+                           "(or leave --like-input out for a .safetensors file)", folder)
     if folder.is_dir() and any(folder.iterdir()) and not (folder / OWN_RECORD).is_file():
         raise CkptEmaError(f"the output folder exists and is not an earlier output of --like-input (it has no "
                            f"{OWN_RECORD}): writing it would replace what it holds; choose a new folder", folder)
