@@ -7,7 +7,8 @@ checkpoint's weights as that library's own loader returns them (the reference ev
 
 Rows (:data:`FORMATS`): torch.save state dicts and Lightning-style containers, safetensors files, Hugging Face
 Trainer ``checkpoint-N/`` folders of a tiny Llama (save_pretrained, whole and sharded with an index), a PEFT LoRA
-adapter, torch DCP folders from two gloo ranks (FSDP2, and torchtitan's tensor-parallel layout), and the committed
+adapter, torch DCP folders from two gloo ranks (FSDP2, and torchtitan's tensor-parallel layout), Lightning's sharded
+checkpoints written by its own Trainer on two gloo ranks (ModelParallelStrategy, FSDPStrategy), and the committed
 runs of OLMo-core (:func:`make_olmo_core_run`), DeepSpeed ZeRO (:func:`deepspeed_run`) and megatron-core in
 Megatron-LM's and NeMo 2's layouts (:func:`megatron_lm_run`, :func:`nemo2_run`). Nothing is downloaded; nothing
 imitates a layout by hand.
@@ -386,6 +387,54 @@ def _dcp_written(folder: Path) -> tuple[Path, Path]:
     return shared / "fsdp", shared / "tp"
 
 
+# ------------------------------------------------------------------------------------------- Lightning
+
+# Lightning's sharded strategies: the DCP entry holding the LightningModule's state dict.
+LIGHTNING_STRATEGIES = {"model_parallel": "state_dict", "fsdp": "model"}
+LIGHTNING_STEPS = (2, 4, 6)
+
+
+def make_lightning_runs(folder: Path) -> dict[str, Path]:
+    """The runs of tests/lightning_sharded_run.py, one per strategy of LIGHTNING_STRATEGIES, each a Trainer on two CPU
+    processes (started together, as independent commands): ``folder/STRATEGY``."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parent / "lightning_sharded_run.py"
+    started = {name: subprocess.Popen([sys.executable, str(script), name, str(folder / name)], cwd=folder.parent,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+               for name in LIGHTNING_STRATEGIES}
+    for name, proc in started.items():
+        output, _ = proc.communicate(timeout=600)
+        if proc.returncode != 0:
+            raise RuntimeError(f"the Lightning run {name} failed ({proc.returncode}):\n{output[-4000:]}")
+    return {name: folder / name for name in LIGHTNING_STRATEGIES}
+
+
+def _lightning_row(folder: Path, strategy: str) -> Run:
+    """The run of ``strategy`` (both made by one :func:`make_lightning_runs` into the table's ``lightning`` folder),
+    each checkpoint's model as PyTorch consolidates the DCP folder: the entry Lightning saves it under."""
+    shared = folder.parent / "lightning"
+    if not shared.exists():
+        make_lightning_runs(shared)
+    run = shared / strategy
+    entries = {s: (next(p.name for p in run.glob(f"epoch=*-step={s}.ckpt")),) for s in LIGHTNING_STEPS}
+    return Run(f"dcp_lightning_{strategy}", run, entries,
+               {s: dcp_model(run / names[0], LIGHTNING_STRATEGIES[strategy]) for s, names in entries.items()})
+
+
+def make_lightning_model_parallel_run(folder: Path) -> Run:
+    """Lightning's ModelParallelStrategy (FSDP2 in configure_model, a bfloat16 Linear), two gloo ranks: sharded
+    ``epoch=E-step=N.ckpt/`` folders with meta.pt, the model under ``state_dict``."""
+    return _lightning_row(folder, "model_parallel")
+
+
+def make_lightning_fsdp_run(folder: Path) -> Run:
+    """Lightning's FSDPStrategy(state_dict_type="sharded") in bf16-true precision (FSDP1), two gloo ranks: sharded
+    ``epoch=E-step=N.ckpt/`` folders with meta.pt, the model under ``model``."""
+    return _lightning_row(folder, "fsdp")
+
+
 # ------------------------------------------------------------------------------------------- DeepSpeed
 
 
@@ -484,6 +533,8 @@ MAKERS: dict[str, Callable[[Path], Run]] = {
     "peft_lora": make_peft_run,
     "dcp_fsdp": make_dcp_fsdp_run,
     "dcp_tp": make_dcp_tp_run,
+    "dcp_lightning_model_parallel": make_lightning_model_parallel_run,
+    "dcp_lightning_fsdp": make_lightning_fsdp_run,
     "olmo_core": make_olmo_core_run,
 }
 # Runs committed under tests/fixtures/ (written by libraries that do not run in a test session).

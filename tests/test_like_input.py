@@ -39,8 +39,10 @@ LAYOUTS = {
     "olmo_core": ("model_and_optim", "model."),
     "megatron_lm": ("", ""),
     "nemo2": ("weights", "module."),
+    "dcp_lightning_model_parallel": ("", "state_dict."),  # Lightning: {"state_dict": ..., "optimizer_0": ...}
+    "dcp_lightning_fsdp": ("", "model."),  # Lightning's FSDPStrategy: {"model": ..., "optimizer_0": ...}
 }
-SLOW = {"dcp_fsdp", "dcp_tp"}  # their runs are written by a spawn of two ranks
+SLOW = {"dcp_fsdp", "dcp_tp", "dcp_lightning_model_parallel", "dcp_lightning_fsdp"}  # written by two ranks each
 
 
 def rows() -> list:

@@ -38,8 +38,8 @@ WATCH_DEADLINE = 10.0  # seconds after which a watch still running is sent SIGTE
 # (path, format) -> (the defect, the exception it shows as) of the cells that fail today: none since the watcher's
 # completeness checks were fixed (safetensors raised NameError, DCP's .distcp files were taken for one zip).
 KNOWN_FAILURES: dict[tuple[str, str], tuple[str, type[BaseException]]] = {}
-# Formats whose runs a spawn of two ranks writes (seconds, once per session): outside the fast subset.
-SLOW_FORMATS = {"dcp_fsdp", "dcp_tp"}
+# Formats whose runs two ranks write (seconds, once per session: a spawn, or Lightning's Trainer): outside the fast subset.
+SLOW_FORMATS = {"dcp_fsdp", "dcp_tp", "dcp_lightning_model_parallel", "dcp_lightning_fsdp"}
 # The rows whose checkpoints are built on torch DCP: what --like-input writes.
 DCP_BASED = ("dcp_", "olmo_core", "megatron_", "nemo2")
 # A torchrun cell costs seconds: DeepSpeed's runs go through it once per ZeRO stage. The runs of one stage differ in
