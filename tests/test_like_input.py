@@ -25,6 +25,7 @@ from helpers import assert_average, assert_refused, run_cli
 import ckpt_ema
 from ckpt_ema.formats.base import OWN_RECORD
 from ckpt_ema.formats.dcp_reader import DcpCheckpoint, read_metadata
+from ckpt_ema.output import like_input as like_input_module
 from ckpt_ema.output.like_input import LikeInputOutput
 
 REPO = Path(__file__).resolve().parent.parent
@@ -182,7 +183,11 @@ def test_an_append_writes_the_merge_of_all_and_then_is_up_to_date(tmp_path: Path
     assert again is not None and again.action == "up to date"
 
 
-def test_an_earlier_output_is_replaced_whole(tmp_path: Path) -> None:
+@pytest.mark.parametrize("exchange", [True, False])
+def test_an_earlier_output_is_replaced_whole(tmp_path: Path, exchange: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In one step where the system swaps two folders (renameat2), else moved aside first; nothing left over."""
+    if not exchange:
+        monkeypatch.setattr(like_input_module, "_exchange", lambda a, b: False)
     run = RUNS["megatron_lm"]
     out = tmp_path / "merged"
     ckpt_ema.average(run.folder, out, like_input=True, keep_state=False, decay=0.5)
@@ -228,6 +233,7 @@ def test_a_failure_at_any_stage_leaves_the_earlier_output_and_nothing_else(
 
 KILLED_AT_PREPARE = """
 import os, signal, sys
+from ckpt_ema.output import like_input as like_input_module
 from ckpt_ema.output.like_input import LikeInputOutput
 prepare = LikeInputOutput.prepare
 def prepare_then_die(self):
@@ -287,6 +293,7 @@ def test_refusals_each_in_one_line(tmp_path: Path) -> None:
 
 KILLED_AT_RENAME = """
 import os, signal, sys
+from ckpt_ema.output import like_input as like_input_module
 from ckpt_ema.output.like_input import LikeInputOutput
 LikeInputOutput.publish_index = lambda self: os.kill(os.getpid(), signal.SIGKILL)
 from ckpt_ema.cli import main

@@ -230,7 +230,13 @@ class LikeInputOutput:
                 aside = create_temporary_folder(self.path)
                 os.replace(self.path, aside)
                 self._old = aside
-            os.replace(self._tmp, self.path)
+            try:
+                os.replace(self._tmp, self.path)
+            except OSError:
+                if self._old is not None:  # put the earlier output back: nothing changed
+                    os.replace(self._old, self.path)
+                    self._old = None
+                raise
             self._tmp = None
         except OSError as exc:
             raise CkptEmaError(f"cannot write the output: {exc.strerror or exc}", self.path) from None
