@@ -97,7 +97,9 @@ def test_dcp_load_reads_the_merge_and_the_newest_checkpoints_other_state(name: s
     run = RUNS[name]
     inner, prefix = LAYOUTS[name]
     newest = run.folder / run.entries[run.steps[-1]][0]
+    inputs = {p: p.read_bytes() for p in run.folder.rglob("*") if p.is_file()}
     out = like_input(name, tmp_path)
+    assert {p: p.read_bytes() for p in run.folder.rglob("*") if p.is_file()} == inputs  # no input changed
     load = every_entry if name == "olmo_core" else dcp_tensors
     got, before = load(out / inner), load(newest / inner)
     assert sorted(got) == sorted(before)

@@ -310,14 +310,8 @@ def test_opcodes_outside_the_allowed_set_and_hostile_memo_indices_are_refused_be
     assert peak < 16 << 20
 
 
-def test_a_state_dict_of_10000_tensors_loads_and_is_charged_at_most_16_kb_a_tensor(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Its memo passes 65,536 entries (their indices are checked one by one, the memo charged once for the largest):
-    it loads as it was saved, charged at most 16 KB a tensor (the default limit, 1 GiB, then admits some
-    65,000 tensors; what the charge bounds is test_the_unpickling_charge_bounds_the_memory_taken's)."""
-    state = {f"layers.{i}.weight": torch.full((2,), float(i)) for i in range(10_000)}
-    path = torch_file(tmp_path, state)
-    assert any(op.name == "LONG_BINPUT" and arg >= 1 << 16 for op, arg, _ in pickletools.genops(pickle_of(path)))
+def count_charges(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Count what the unpickler is charged from now on: the total, in the list's one element."""
     charged = [0]
 
     class Counting(unpickle._Budget):
@@ -326,6 +320,18 @@ def test_a_state_dict_of_10000_tensors_loads_and_is_charged_at_most_16_kb_a_tens
             super().charge(nbytes)
 
     monkeypatch.setattr(unpickle, "_Budget", Counting)
+    return charged
+
+
+def test_a_state_dict_of_10000_tensors_loads_and_is_charged_at_most_16_kb_a_tensor(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its memo passes 65,536 entries (their indices are checked one by one, the memo charged once for the largest):
+    it loads as it was saved, charged at most 16 KB a tensor (the default limit, 1 GiB, then admits some
+    65,000 tensors; what the charge bounds is test_the_unpickling_charge_bounds_the_memory_taken's)."""
+    state = {f"layers.{i}.weight": torch.full((2,), float(i)) for i in range(10_000)}
+    path = torch_file(tmp_path, state)
+    assert any(op.name == "LONG_BINPUT" and arg >= 1 << 16 for op, arg, _ in pickletools.genops(pickle_of(path)))
+    charged = count_charges(monkeypatch)
     assert_same_tensors(torch_load_safely(path), state)
     assert charged[0] <= 16_000 * len(state), charged[0]
 
@@ -392,14 +398,7 @@ def test_the_unpickling_charge_bounds_the_memory_taken(case: str, monkeypatch: p
     """What the unpickler holds (tracemalloc's peak) never exceeds what it was charged: a limit on the charge is a
     limit on the memory."""
     body = WORST_CASES[case]
-    charged = [0]
-
-    class Counting(unpickle._Budget):
-        def charge(self, nbytes: int) -> None:
-            charged[0] += nbytes
-            super().charge(nbytes)
-
-    monkeypatch.setattr(unpickle, "_Budget", Counting)
+    charged = count_charges(monkeypatch)
     tracemalloc.start()
     try:
         unpickle.unpickle(body, lambda pid: None, safe_globals=[], max_bytes=1 << 30)
