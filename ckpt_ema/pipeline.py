@@ -104,7 +104,8 @@ class Target:
             return MemoryOutput()
         newest = plan.sources[-1].path
         if self.like_input:
-            return LikeInputOutput(self.output, newest, self.options.key, self.options.strip_prefix, metadata)
+            return LikeInputOutput(self.output, newest, self.options.key, self.options.strip_prefix, metadata,
+                                   opened=plan.sources[-1].opened)
         if self.folder:
             return FolderOutput(self.output, model_files_of(newest), metadata, self.options.max_shard_size)
         return SafetensorsOutput(self.output, metadata, self.options.max_shard_size)

@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 
 from ckpt_ema.errors import CkptEmaError, OptionError
-from ckpt_ema.formats.base import OWN_RECORD
+from ckpt_ema.formats.base import OWN_RECORD, Checkpoint
 from ckpt_ema.formats.dcp_reader import Chunk, DcpCheckpoint, chunk_parts, chunk_tensor, map_file
 from ckpt_ema.formats.registry import format_of, open_checkpoint
 from ckpt_ema.formats.zip_records import ZipError, crc_fields, read_directory
@@ -93,10 +93,10 @@ def metadata_file_of(folder: Path) -> Path | None:
 class LikeInputOutput:
     """A sink that writes the average into a copy of the newest checkpoint ``newest`` at ``path`` (see the module
     docstring); ``key`` and ``strip_prefix`` as the average read the checkpoints, ``metadata`` recorded in
-    ``ckpt-ema.json``. Committed like :class:`~ckpt_ema.output.sinks.SafetensorsOutput`: prepare, then the rename."""
+    ``ckpt-ema.json``; ``opened``: the newest checkpoint as discovery opened it, if it did. Committed like :class:`~ckpt_ema.output.sinks.SafetensorsOutput`: prepare, then the rename."""
 
     def __init__(self, path: Path, newest: Path, key: str | None, strip_prefix: str | None,
-                 metadata: Mapping[str, str]) -> None:
+                 metadata: Mapping[str, str], opened: Checkpoint | None = None) -> None:
         self.path = path
         self.newest = newest
         self.metadata = dict(metadata)
@@ -104,7 +104,7 @@ class LikeInputOutput:
         self.prefix = strip_prefix or ""
         if not newest.exists():
             raise CkptEmaError("--like-input copies the newest checkpoint, which is gone", newest)
-        ckpt = open_checkpoint(newest, key)
+        ckpt = opened if isinstance(opened, DcpCheckpoint) else open_checkpoint(newest, key)  # (as discovery did)
         if not isinstance(ckpt, DcpCheckpoint):
             fmt = format_of(newest)
             raise CkptEmaError(f"--like-input writes checkpoints built on PyTorch Distributed Checkpoint (torchtitan, "
